@@ -1,0 +1,8 @@
+"""Model adapters: one description per transformer family (see ``base.ModelAdapter``)."""
+
+from .base import (ADAPTERS, BlockInfo, ModelAdapter, TokenLayout, get_adapter, register_adapter,
+                   supported_classes)
+from .families import TIER1
+
+__all__ = ["ADAPTERS", "BlockInfo", "ModelAdapter", "TIER1", "TokenLayout", "get_adapter", "register_adapter",
+           "supported_classes"]

@@ -1,0 +1,173 @@
+"""What an algorithm may ask about a model: the ``ModelAdapter`` interface and its registry.
+
+An adapter says, for one transformer family: the block groups in execution order and how each
+block returns (hidden / encoder-hidden states, from diffusers' ``TransformerBlockRegistry``
+where it knows the block class), the timestep-modulated input of the first block (the quantity
+TeaCache-style gates watch), the token layout of a call (text tokens, their place in attention,
+the image/video token grid) and the CFG layout of the family's pipelines.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+
+from ..config import PolicyError
+
+TEXT_POSITIONS = ("joint_first", "joint_last", "cross", "none")
+CFG_LAYOUTS = ("batched", "separate", "none")
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """One transformer block: its qualified name, the module and how it takes/returns states."""
+
+    index: int
+    name: str
+    module: torch.nn.Module
+    meta: TransformerBlockMetadata
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Token layout of one transformer call: ``grid`` is (frames, height, width) in tokens."""
+
+    text_tokens: int
+    text_position: str
+    grid: tuple[int, int, int]
+
+    @property
+    def visual_tokens(self) -> int:
+        f, h, w = self.grid
+        return f * h * w
+
+
+def block_metadata(block: torch.nn.Module) -> TransformerBlockMetadata | None:
+    """diffusers' metadata for a block class (or one of its bases), if diffusers registered it."""
+    for cls in type(block).__mro__:
+        try:
+            return TransformerBlockRegistry.get(cls)
+        except ValueError:
+            continue
+    return None
+
+
+def metadata_from_returns(block_cls: type, returns: Sequence[str]) -> TransformerBlockMetadata:
+    """Metadata for a block whose forward returns ``returns`` (e.g. ("hidden",) or ("encoder", "hidden"))."""
+    allowed = {"hidden", "encoder"}
+    if not returns or any(r not in allowed for r in returns) or "hidden" not in returns:
+        raise PolicyError(f"block_returns: {list(returns)!r} must name the outputs in order, from {sorted(allowed)}, "
+                          "and include 'hidden'")
+    meta = TransformerBlockMetadata(
+        return_hidden_states_index=returns.index("hidden") if len(returns) > 1 else 0,
+        return_encoder_hidden_states_index=returns.index("encoder") if "encoder" in returns else None)
+    meta._cls = block_cls
+    return meta
+
+
+def call_argument(meta: TransformerBlockMetadata, name: str, args: tuple, kwargs: dict, default: Any = None) -> Any:
+    """The argument ``name`` of a block call, whether passed by keyword or position."""
+    if name in kwargs:
+        return kwargs[name]
+    if meta._cached_parameter_indices is None:
+        params = list(inspect.signature(meta._cls.forward).parameters)[1:]
+        meta._cached_parameter_indices = {p: i for i, p in enumerate(params)}
+    index = meta._cached_parameter_indices.get(name)
+    if index is None or index >= len(args):
+        return default
+    return args[index]
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """Describes one transformer family to the algorithms (see module docstring)."""
+
+    family: str
+    model_classes: tuple[str, ...]
+    block_groups: tuple[str, ...]
+    text_position: str
+    cfg_layout: str
+    attention_module: str = "attn1"
+    block_returns: tuple[str, ...] | None = None
+    modulated_input_fn: Callable[[torch.nn.Module, TransformerBlockMetadata, tuple, dict], torch.Tensor] | None = None
+    grid_fn: Callable[[torch.nn.Module, tuple, dict], tuple[int, int, int]] | None = None
+    notes: str = field(default="", compare=False)
+
+    def blocks(self, transformer: torch.nn.Module) -> list[BlockInfo]:
+        """The transformer's blocks in execution order, flattened across groups."""
+        out: list[BlockInfo] = []
+        for group in self.block_groups:
+            modules = transformer
+            for part in group.split("."):
+                modules = getattr(modules, part, None)
+            if not isinstance(modules, torch.nn.ModuleList):
+                raise PolicyError(f"{type(transformer).__name__} has no block list {group!r} "
+                                  f"(expected a torch.nn.ModuleList for the {self.family} adapter)")
+            for i, block in enumerate(modules):
+                if self.block_returns is not None:
+                    meta = metadata_from_returns(type(block), self.block_returns)
+                else:
+                    meta = block_metadata(block)
+                    if meta is None:
+                        raise PolicyError(
+                            f"block class {type(block).__name__} ({group}.{i}) is not in diffusers' "
+                            "TransformerBlockRegistry; name its outputs with block_returns=('hidden',) or "
+                            "('encoder', 'hidden') etc.")
+                out.append(BlockInfo(len(out), f"{group}.{i}", block, meta))
+        if not out:
+            raise PolicyError(f"{type(transformer).__name__}: the block groups {list(self.block_groups)} are empty")
+        return out
+
+    def modulated_input(self, block: BlockInfo, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The timestep-modulated input that ``block``'s attention sees, computed without running the block."""
+        if self.modulated_input_fn is None:
+            raise PolicyError(f"the {self.family} adapter cannot compute the modulated input of a block")
+        return self.modulated_input_fn(block.module, block.meta, args, kwargs)
+
+    def token_layout(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> TokenLayout:
+        """Text tokens, their place in attention, and the (frames, height, width) token grid of a call."""
+        enc = kwargs.get("encoder_hidden_states")
+        text = 0 if enc is None or self.text_position == "none" else int(enc.shape[1])
+        if self.grid_fn is None:
+            raise PolicyError(f"the {self.family} adapter does not know the token grid")
+        return TokenLayout(text, self.text_position, self.grid_fn(transformer, args, kwargs))
+
+
+ADAPTERS: dict[str, ModelAdapter] = {}
+
+
+def register_adapter(adapter: ModelAdapter) -> ModelAdapter:
+    for name in adapter.model_classes:
+        ADAPTERS[name] = adapter
+    return adapter
+
+
+def supported_classes() -> list[str]:
+    return sorted(ADAPTERS)
+
+
+def get_adapter(transformer: torch.nn.Module, blocks: Sequence[str] | None = None,
+                block_returns: Sequence[str] | None = None) -> ModelAdapter:
+    """The adapter for ``transformer``; ``blocks`` names the block lists by hand (generic adapter)."""
+    if blocks is not None:
+        if isinstance(blocks, str) or not all(isinstance(b, str) for b in blocks) or not blocks:
+            raise PolicyError(f"blocks: expected a list of attribute names of block lists, got {blocks!r}")
+        known = next((ADAPTERS[c.__name__] for c in type(transformer).__mro__ if c.__name__ in ADAPTERS), None)
+        return ModelAdapter(family=known.family if known else "generic", model_classes=(),
+                            block_groups=tuple(blocks), text_position=known.text_position if known else "none",
+                            cfg_layout=known.cfg_layout if known else "none",
+                            block_returns=tuple(block_returns) if block_returns else None,
+                            modulated_input_fn=known.modulated_input_fn if known else None,
+                            grid_fn=known.grid_fn if known else None)
+    for cls in type(transformer).__mro__:
+        if cls.__name__ in ADAPTERS:
+            return ADAPTERS[cls.__name__]
+    raise PolicyError(
+        f"{type(transformer).__name__} is not a supported transformer. Supported classes: "
+        f"{', '.join(supported_classes())}. For another model, name its block lists by hand: "
+        "dit_accel.accelerate(model, policy, blocks=['transformer_blocks'], block_returns=('hidden',)) — "
+        "block_returns gives the order of each block's outputs, e.g. ('encoder', 'hidden') for Flux-style blocks.")

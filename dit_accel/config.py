@@ -1,0 +1,114 @@
+"""Validated, serialisable configuration dataclasses.
+
+Every recipe section (a caching method's settings, the policy itself) is a frozen dataclass
+whose fields carry their own constraints in ``field(metadata=...)``. ``from_dict`` rejects
+unknown keys, wrong types and out-of-range values with an error that names the field and
+what is allowed, so a typo in a YAML file never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from typing import Any, ClassVar, Mapping
+
+
+class PolicyError(ValueError):
+    """A policy, preset or adapter request that cannot be honoured (the message says why)."""
+
+
+def option(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+           choices: tuple | None = None, doc: str = "") -> Any:
+    """A dataclass field with validation constraints (``ge``/``gt``/``le`` bounds, ``choices``)."""
+    return dataclasses.field(default=default,
+                             metadata={"ge": ge, "gt": gt, "le": le, "choices": choices, "doc": doc})
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _check_type(where: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against a simple annotation (int, float, bool, str, X | None); return it coerced."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return _check_type(where, value, a)
+            except PolicyError as e:
+                errors.append(str(e))
+        raise PolicyError(errors[0])
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise PolicyError(f"{where}: expected a boolean (true/false), got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PolicyError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PolicyError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise PolicyError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def unknown_key_error(where: str, key: str, allowed: list[str]) -> PolicyError:
+    hint = difflib.get_close_matches(key, allowed, n=1)
+    did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+    return PolicyError(f"{where}: unknown key {key!r}{did_you_mean}; allowed keys: {', '.join(sorted(allowed))}")
+
+
+class ConfigBase:
+    """Mixin for frozen dataclasses: ``from_dict`` with validation, ``to_dict``, ``validate``."""
+
+    section: ClassVar[str] = "config"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            where = f"{self.section}.{f.name}"
+            value = getattr(self, f.name)
+            coerced = _check_type(where, value, hints[f.name])
+            if coerced is not value:
+                object.__setattr__(self, f.name, coerced)
+                value = coerced
+            if value is None:
+                continue
+            m = f.metadata
+            if m.get("choices") is not None and value not in m["choices"]:
+                raise PolicyError(f"{where}: {value!r} is not allowed; choose one of {list(m['choices'])}")
+            if m.get("ge") is not None and value < m["ge"]:
+                raise PolicyError(f"{where}: {value!r} is out of range; must be >= {m['ge']}")
+            if m.get("gt") is not None and value <= m["gt"]:
+                raise PolicyError(f"{where}: {value!r} is out of range; must be > {m['gt']}")
+            if m.get("le") is not None and value > m["le"]:
+                raise PolicyError(f"{where}: {value!r} is out of range; must be <= {m['le']}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, where: str | None = None):
+        where = where or cls.section
+        data = dict(data or {})
+        if not isinstance(data, dict):
+            raise PolicyError(f"{where}: expected a mapping, got {type(data).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in names:
+                raise unknown_key_error(where, key, names)
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -1,0 +1,107 @@
+"""The interface every caching algorithm implements, and the per-branch state it works on.
+
+A caching method never sees a model class: the runtime (``dit_accel.hooks``) hands it the
+flat list of transformer blocks as indices, the hidden/encoder-hidden states at the block
+inputs and outputs it asked to watch, and asks it, at the start of each cacheable block
+range, whether to reuse the range's cached residual for this step.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..config import ConfigBase, PolicyError
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """Which block ranges are cacheable and which block inputs/outputs the method watches.
+
+    ``ranges`` are half-open ``(start, end)`` index pairs into the flat block list; when a range
+    is reused every block in it is skipped and its cached residual (output − input) is added to
+    the range's input at the last block.
+    """
+
+    ranges: tuple[tuple[int, int], ...]
+    watch_inputs: frozenset[int] = frozenset()
+    watch_outputs: frozenset[int] = frozenset()
+
+
+@dataclass
+class BranchState:
+    """Everything cached for one (generation, CFG branch, input shape): reset at every new call."""
+
+    key: tuple
+    step: int = 0
+    clone_inputs: bool = False
+    residuals: dict[int, tuple] = field(default_factory=dict)
+    reuse: dict[int, bool] = field(default_factory=dict)
+    method: dict[str, Any] = field(default_factory=dict)
+
+    def cache_bytes(self) -> int:
+        total = 0
+        for tensors in list(self.residuals.values()) + list(self.method.values()):
+            for t in tensors if isinstance(tensors, (tuple, list)) else (tensors,):
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+        return total
+
+
+class CacheMethod(ABC):
+    """A caching algorithm bound to one transformer with ``num_blocks`` blocks."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[ConfigBase]]
+
+    def __init__(self, config: ConfigBase, num_blocks: int) -> None:
+        self.config = config
+        self.num_blocks = num_blocks
+        self.plan = self.make_plan(num_blocks)
+        for start, end in self.plan.ranges:
+            if not 0 <= start < end <= num_blocks:
+                raise PolicyError(f"cache: block range ({start}, {end}) is outside the model's {num_blocks} blocks")
+
+    @abstractmethod
+    def make_plan(self, num_blocks: int) -> CachePlan:
+        """Return the cacheable ranges and watched points for a model with ``num_blocks`` blocks."""
+
+    @abstractmethod
+    def should_reuse(self, range_id: int, state: BranchState) -> bool:
+        """Decide, at the start of range ``range_id``, whether to reuse its cached residual."""
+
+    def on_input(self, index: int, hidden: torch.Tensor, encoder: torch.Tensor | None, state: BranchState) -> None:
+        """Called with the inputs of each block in ``plan.watch_inputs`` (before it runs)."""
+
+    def on_output(self, index: int, hidden: torch.Tensor, encoder: torch.Tensor | None, state: BranchState) -> None:
+        """Called with the outputs of each block in ``plan.watch_outputs`` (after it ran)."""
+
+    def describe(self) -> str:
+        return f"{self.name}({', '.join(f'{k}={v}' for k, v in self.config.to_dict().items())})"
+
+
+def keep(state: BranchState, name: str, tensor: torch.Tensor | None) -> None:
+    """Remember ``tensor`` under ``name`` for a later residual, with its in-place version counter.
+
+    Blocks that modify their input in place would otherwise turn ``output − input`` into zero;
+    ``take`` notices through the version counter, and the runtime clones inputs from then on.
+    """
+    if tensor is None:
+        state.method[name] = None
+        return
+    state.method[name] = (tensor.clone() if state.clone_inputs else tensor, tensor._version)
+
+
+def take(state: BranchState, name: str) -> torch.Tensor | None:
+    """Return what ``keep`` stored, or None (and flag the state) if a block modified it in place since."""
+    kept = state.method.pop(name, None)
+    if kept is None:
+        return None
+    tensor, version = kept
+    if tensor._version != version:
+        state.method["modified_inplace"] = True
+        return None
+    return tensor

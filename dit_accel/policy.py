@@ -1,0 +1,109 @@
+"""Policy: a validated, serialisable acceleration recipe, and the loaders for presets and YAML.
+
+A policy is built from a shipped preset name (``dit_accel/presets/NAME.yaml``), a YAML path,
+a dict, or given directly. ``Policy.to_dict()`` / ``Policy.from_dict()`` round-trip exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+import yaml
+
+from .config import ConfigBase, PolicyError, unknown_key_error
+from .policies import ALIASES, CACHE_METHODS
+
+PolicyLike = Union["Policy", str, Path, Mapping[str, Any], None]
+
+
+def _cache_config_from_dict(data: Mapping[str, Any]) -> ConfigBase:
+    if not isinstance(data, Mapping):
+        raise PolicyError(f"cache: expected a mapping with a 'method' key, got {data!r}")
+    data = dict(data)
+    method = data.pop("method", None)
+    allowed = sorted([*CACHE_METHODS, *ALIASES])
+    if method is None:
+        raise PolicyError(f"cache.method is required; choose one of {allowed}")
+    if method in ALIASES:
+        method, defaults = ALIASES[method]
+        data = {**defaults, **data}
+    if method not in CACHE_METHODS:
+        raise PolicyError(f"cache.method: {method!r} is not a known caching method; choose one of {allowed}")
+    return CACHE_METHODS[method].config_cls.from_dict({"method": method, **data}, where="cache")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What to accelerate and how. ``cache=None`` means no caching (outputs stay bit-exact)."""
+
+    name: str = "custom"
+    cache: ConfigBase | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise PolicyError(f"name: expected a non-empty string, got {self.name!r}")
+        if self.cache is not None and not isinstance(self.cache, ConfigBase):
+            object.__setattr__(self, "cache", _cache_config_from_dict(self.cache))
+
+    @property
+    def is_empty(self) -> bool:
+        return self.cache is None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Policy":
+        if not isinstance(data, Mapping):
+            raise PolicyError(f"policy: expected a mapping, got {type(data).__name__}")
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in allowed:
+                raise unknown_key_error("policy", key, allowed)
+        cache = data.get("cache")
+        return cls(name=data.get("name", "custom"), cache=None if cache is None else _cache_config_from_dict(cache))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "cache": None if self.cache is None else self.cache.to_dict()}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+    def replace(self, **cache_changes: Any) -> "Policy":
+        """A copy with some cache fields changed, validated again: ``policy.replace(threshold=0.2)``."""
+        if self.cache is None:
+            raise PolicyError("policy has no cache section to change")
+        return Policy(name=self.name, cache=_cache_config_from_dict({**self.cache.to_dict(), **cache_changes}))
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped inside the package."""
+    return sorted(p.name[:-5] for p in resources.files("dit_accel.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_policy(spec: PolicyLike) -> Policy:
+    """Resolve a preset name, YAML path, dict, ``Policy`` or ``None`` (no acceleration) into a Policy."""
+    if spec is None:
+        return Policy(name="none")
+    if isinstance(spec, Policy):
+        return spec
+    if isinstance(spec, Mapping):
+        return Policy.from_dict(spec)
+    if isinstance(spec, (str, Path)):
+        path = Path(spec)
+        if path.suffix in (".yaml", ".yml") or path.exists():
+            if not path.exists():
+                raise PolicyError(f"policy file {str(path)!r} does not exist")
+            data = yaml.safe_load(path.read_text()) or {}
+            return Policy.from_dict(data)
+        name = str(spec)
+        if name in preset_names():
+            data = yaml.safe_load(resources.files("dit_accel.presets").joinpath(f"{name}.yaml").read_text())
+            return Policy.from_dict(data)
+        raise PolicyError(f"unknown preset {name!r}; shipped presets: {', '.join(preset_names())} "
+                          "(or pass a YAML path, a dict or a dit_accel.Policy)")
+    raise PolicyError(f"cannot build a policy from {type(spec).__name__}; pass a preset name, YAML path, dict or Policy")

@@ -1,0 +1,59 @@
+"""Per-call statistics: steps, blocks computed/reused, share of block evaluations saved."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Stats:
+    """What the last pipeline call (generation) did. Block counts are transformer calls × blocks."""
+
+    policy: str
+    family: str
+    method: str
+    block_names: list[str]
+    num_inference_steps: int | None
+    calls_per_branch: dict[str, int]
+    computed: list[int]
+    reused: list[int]
+    mixed_batch_decisions: int = 0
+    cache_bytes: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def transformer_calls(self) -> int:
+        return sum(self.calls_per_branch.values())
+
+    @property
+    def blocks_computed(self) -> int:
+        return sum(self.computed)
+
+    @property
+    def blocks_reused(self) -> int:
+        return sum(self.reused)
+
+    @property
+    def saved_share(self) -> float:
+        """Share of block evaluations skipped (0 = nothing saved)."""
+        total = self.blocks_computed + self.blocks_reused
+        return self.blocks_reused / total if total else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(transformer_calls=self.transformer_calls, blocks_computed=self.blocks_computed,
+                 blocks_reused=self.blocks_reused, saved_share=self.saved_share)
+        return d
+
+    def summary(self) -> str:
+        lines = [f"policy {self.policy} [{self.method}] on {self.family}: {self.transformer_calls} transformer calls "
+                 f"({', '.join(f'{k}={v}' for k, v in self.calls_per_branch.items()) or 'none'}), "
+                 f"steps={self.num_inference_steps}",
+                 f"blocks computed {self.blocks_computed}, reused {self.blocks_reused} "
+                 f"({100 * self.saved_share:.1f}% saved), cache {self.cache_bytes / 2**20:.1f} MiB"]
+        if self.mixed_batch_decisions:
+            lines.append(f"{self.mixed_batch_decisions} gate decisions where samples disagreed (computed)")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
