@@ -2,9 +2,10 @@
 
 Three pieces, none of which patches a class:
 
-* ``StepHook`` — a stateful ``ModelHook`` on the transformer. diffusers' ``cache_context`` sets
-  the CFG branch name on it ("cond"/"uncond"; "default" for pipelines that batch CFG); each
-  call picks the ``BranchState`` of (branch, input shape) and advances that branch's step.
+* ``StepTracker`` + ``ContextHook`` — torch forward pre/post hooks on the transformer pick, per
+  call, the ``BranchState`` of (branch, input shape) and advance that branch's step; the branch
+  name ("cond"/"uncond"; "default" where pipelines batch CFG) comes from diffusers'
+  ``cache_context`` through a stateful ``ModelHook`` on the first block.
 * ``BlockHook`` — a ``ModelHook`` on each transformer block the policy touches: it skips the
   block when its range is reused, adds the cached residual at the range's last block, stores
   fresh residuals, and hands watched inputs/outputs to the caching method.
@@ -33,7 +34,7 @@ from .stats import Stats
 
 logger = logging.getLogger("dit_accel")
 
-STEP_HOOK = "dit_accel.step"
+CONTEXT_HOOK = "dit_accel.context"
 BLOCK_HOOK = "dit_accel.block"
 
 
@@ -68,7 +69,16 @@ class Runtime:
         self.num_inference_steps = num_inference_steps
         self.calls: dict[str, int] = {}
         self.range_reused = [0] * (len(self.method.plan.ranges) if self.method else 0)
+        self.mixed_batch_decisions = 0
+        self.released_bytes = 0
         self._last_timestep: dict[str, float] = {}
+
+    def release(self) -> None:
+        """Free cached tensors (end of a pipeline call) but keep the call's statistics."""
+        self.released_bytes = sum(s.cache_bytes() for s in self.states.values())
+        self.mixed_batch_decisions += sum(s.method.get("mixed_batch", 0) for s in self.states.values())
+        self.states = {}
+        self.current = None
 
     def begin_call(self, branch: str, args: tuple, kwargs: dict) -> None:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
@@ -81,6 +91,7 @@ class Runtime:
         if state is None:
             state = self.states[key] = BranchState(key=key)
         state.clone_inputs = self.clone_inputs
+        state.clone_unverifiable = not self.adapter.inplace_safe
         self.current = state
         self.calls[branch] = self.calls.get(branch, 0) + 1
 
@@ -112,37 +123,64 @@ class Runtime:
         for (start, end), n in zip(ranges, self.range_reused):
             for i in range(start, end):
                 reused[i] += n
-        mixed = sum(s.method.get("mixed_batch", 0) for s in self.states.values())
+        mixed = self.mixed_batch_decisions + sum(s.method.get("mixed_batch", 0) for s in self.states.values())
+        held = sum(s.cache_bytes() for s in self.states.values()) if self.states else self.released_bytes
         return Stats(policy=self.policy.name, family=self.adapter.family,
                      method=self.method.describe() if self.method else "none",
                      block_names=[b.name for b in self.blocks], num_inference_steps=self.num_inference_steps,
                      calls_per_branch=dict(self.calls),
                      computed=[total_calls - r for r in reused], reused=reused,
                      mixed_batch_decisions=mixed,
-                     cache_bytes=sum(s.cache_bytes() for s in self.states.values()))
+                     cache_bytes=held)
 
 
-class StepHook(ModelHook):
-    """Transformer-level hook: branch from ``cache_context``, state per (branch, shape), step counting."""
+class ContextHook(ModelHook):
+    """Stateful passthrough hook on the first block: diffusers' ``cache_context`` writes the CFG
+    branch name into its ``StateManager``, and diffusers' end-of-call reset reaches it."""
 
     _is_stateful = True
 
     def __init__(self, runtime: Runtime) -> None:
         super().__init__()
         self.runtime = runtime
-        self.context = StateManager(_NoState)  # diffusers' cache_context writes the branch name here
+        self.context = StateManager(_NoState)
 
-    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+    def branch(self) -> str:
         ctx = self.context._context
-        self.runtime.begin_call(ctx.name if ctx is not None else "default", args, kwargs)
-        try:
-            return self.fn_ref.original_forward(*args, **kwargs)
-        finally:
-            self.runtime.end_call()
+        return ctx.name if ctx is not None else "default"
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.runtime.new_generation()
+        # diffusers pipelines call this at the end of every __call__ (maybe_free_model_hooks):
+        # free the cached tensors, keep the statistics of the call that just ended.
+        self.runtime.release()
         return module
+
+
+class StepTracker:
+    """Transformer-level step tracking with torch's own forward pre/post hooks.
+
+    Not a diffusers ``ModelHook`` on purpose: ``enable_model_cpu_offload`` re-wraps the
+    transformer's ``forward`` at the end of every pipeline call, which silently cuts any
+    forward wrapper installed in between; torch's hook dicts survive that in any order.
+    """
+
+    def __init__(self, runtime: Runtime, context: ContextHook) -> None:
+        self.runtime = runtime
+        self.context = context
+        module = runtime.transformer
+        self.handles = [module.register_forward_pre_hook(self.pre, with_kwargs=True),
+                        module.register_forward_hook(self.post, always_call=True)]
+
+    def pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self.runtime.begin_call(self.context.branch(), args, kwargs)
+
+    def post(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        self.runtime.end_call()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
 
 
 class BlockHook(ModelHook):
@@ -267,8 +305,11 @@ def attach(runtime: Runtime) -> None:
     """Register the step hook and the block hooks the runtime's method needs (all or nothing)."""
     transformer = runtime.transformer
     registered: list[tuple[torch.nn.Module, str]] = []
+    runtime.tracker = None
     try:
-        _register(transformer, StepHook(runtime), STEP_HOOK, registered)
+        context = ContextHook(runtime)
+        _register(runtime.blocks[0].module, context, CONTEXT_HOOK, registered)
+        runtime.tracker = StepTracker(runtime, context)
         method = runtime.method
         if method is not None:
             plan = method.plan
@@ -286,6 +327,8 @@ def attach(runtime: Runtime) -> None:
     except Exception:
         for module, name in reversed(registered):
             _unregister(module, name)
+        if runtime.tracker is not None:
+            runtime.tracker.remove()
         raise
     runtime.registered = registered
 
@@ -295,6 +338,9 @@ def detach(runtime: Runtime) -> None:
     for module, name in reversed(getattr(runtime, "registered", [])):
         _unregister(module, name)
     runtime.registered = []
+    if getattr(runtime, "tracker", None) is not None:
+        runtime.tracker.remove()
+        runtime.tracker = None
     if runtime.scheduler_watch is not None:
         runtime.scheduler_watch.detach()
         runtime.scheduler_watch = None

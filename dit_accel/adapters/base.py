@@ -84,7 +84,11 @@ def call_argument(meta: TransformerBlockMetadata, name: str, args: tuple, kwargs
 
 @dataclass(frozen=True)
 class ModelAdapter:
-    """Describes one transformer family to the algorithms (see module docstring)."""
+    """Describes one transformer family to the algorithms (see module docstring).
+
+    ``inplace_safe``: the family's blocks never modify their inputs in place (checked for the
+    tier-1 diffusers blocks), so inputs made under ``torch.inference_mode`` need no defensive copy.
+    """
 
     family: str
     model_classes: tuple[str, ...]
@@ -95,6 +99,7 @@ class ModelAdapter:
     block_returns: tuple[str, ...] | None = None
     modulated_input_fn: Callable[[torch.nn.Module, TransformerBlockMetadata, tuple, dict], torch.Tensor] | None = None
     grid_fn: Callable[[torch.nn.Module, tuple, dict], tuple[int, int, int]] | None = None
+    inplace_safe: bool = True
     notes: str = field(default="", compare=False)
 
     def blocks(self, transformer: torch.nn.Module) -> list[BlockInfo]:
@@ -162,7 +167,7 @@ def get_adapter(transformer: torch.nn.Module, blocks: Sequence[str] | None = Non
                             cfg_layout=known.cfg_layout if known else "none",
                             block_returns=tuple(block_returns) if block_returns else None,
                             modulated_input_fn=known.modulated_input_fn if known else None,
-                            grid_fn=known.grid_fn if known else None)
+                            grid_fn=known.grid_fn if known else None, inplace_safe=known is not None)
     for cls in type(transformer).__mro__:
         if cls.__name__ in ADAPTERS:
             return ADAPTERS[cls.__name__]

@@ -38,6 +38,7 @@ class BranchState:
     key: tuple
     step: int = 0
     clone_inputs: bool = False
+    clone_unverifiable: bool = False
     residuals: dict[int, tuple] = field(default_factory=dict)
     reuse: dict[int, bool] = field(default_factory=dict)
     method: dict[str, Any] = field(default_factory=dict)
@@ -88,11 +89,16 @@ def keep(state: BranchState, name: str, tensor: torch.Tensor | None) -> None:
 
     Blocks that modify their input in place would otherwise turn ``output − input`` into zero;
     ``take`` notices through the version counter, and the runtime clones inputs from then on.
+    Tensors made under ``torch.inference_mode`` have no version counter: they are cloned when
+    the blocks are not known to be in-place safe (``clone_unverifiable``, the generic adapter).
     """
     if tensor is None:
         state.method[name] = None
         return
-    state.method[name] = (tensor.clone() if state.clone_inputs else tensor, tensor._version)
+    if tensor.is_inference():
+        state.method[name] = (tensor.clone() if state.clone_inputs or state.clone_unverifiable else tensor, None)
+    else:
+        state.method[name] = (tensor.clone() if state.clone_inputs else tensor, tensor._version)
 
 
 def take(state: BranchState, name: str) -> torch.Tensor | None:
@@ -101,7 +107,7 @@ def take(state: BranchState, name: str) -> torch.Tensor | None:
     if kept is None:
         return None
     tensor, version = kept
-    if tensor._version != version:
+    if version is not None and tensor._version != version:
         state.method["modified_inplace"] = True
         return None
     return tensor

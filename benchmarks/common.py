@@ -1,0 +1,64 @@
+"""Shared helpers for the GPU benchmarks: environment record, CUDA-event timing, result files."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def environment() -> dict:
+    """GPU, library versions and the command line, written beside every result."""
+    import diffusers
+
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+           "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+           "cuda": torch.version.cuda}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def time_call(fn: Callable[[], object]) -> float:
+    """Milliseconds of one call, timed with CUDA events (host clock on CPU)."""
+    if torch.cuda.is_available():
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    import time
+
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def median_spread(values: list[float]) -> tuple[float, float]:
+    """Median and half the min-max range, in the units given."""
+    return statistics.median(values), (max(values) - min(values)) / 2
+
+
+def write_results(name: str, payload: dict, markdown: str) -> None:
+    """Write ``name``.json and ``name``.md under $OUT (device runs) or benchmarks/results/."""
+    out = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    (out / f"{name}.md").write_text(markdown)
+    print(markdown)
