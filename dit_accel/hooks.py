@@ -323,7 +323,7 @@ def attach(runtime: Runtime) -> None:
                 hook = BlockHook(runtime, block, watch_in=i in plan.watch_inputs, watch_out=i in plan.watch_outputs,
                                  **role)
                 _register(block.module, hook, BLOCK_HOOK, registered)
-        HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
+        _invalidate_registry_cache(transformer)
     except Exception:
         for module, name in reversed(registered):
             _unregister(module, name)
@@ -344,8 +344,13 @@ def detach(runtime: Runtime) -> None:
     if runtime.scheduler_watch is not None:
         runtime.scheduler_watch.detach()
         runtime.scheduler_watch = None
-    if hasattr(runtime.transformer, "_diffusers_hook"):
-        runtime.transformer._diffusers_hook.invalidate_child_registries_cache()
+    _invalidate_registry_cache(runtime.transformer)
+
+
+def _invalidate_registry_cache(transformer: torch.nn.Module) -> None:
+    """diffusers caches which submodules carry registries (for ``cache_context``): refresh it."""
+    if hasattr(transformer, "_diffusers_hook"):
+        transformer._diffusers_hook.invalidate_child_registries_cache()
 
 
 def _register(module: torch.nn.Module, hook: ModelHook, name: str, registered: list) -> None:

@@ -98,7 +98,8 @@ def keep(state: BranchState, name: str, tensor: torch.Tensor | None) -> None:
     if tensor.is_inference():
         state.method[name] = (tensor.clone() if state.clone_inputs or state.clone_unverifiable else tensor, None)
     else:
-        state.method[name] = (tensor.clone() if state.clone_inputs else tensor, tensor._version)
+        kept = tensor.clone() if state.clone_inputs else tensor
+        state.method[name] = (kept, kept._version)
 
 
 def take(state: BranchState, name: str) -> torch.Tensor | None:

@@ -1,0 +1,171 @@
+"""A small pixel-space, class-conditional diffusion pipeline for the project's reference models.
+
+Runs fully offline: no VAE, no text encoder, nothing downloaded. The transformer is a
+``diffusers.DiTTransformer2DModel`` trained with rectified flow (velocity prediction, see
+``configs.py``); the scheduler is ``FlowMatchEulerDiscreteScheduler``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+
+class ClassConditionalPipeline(DiffusionPipeline):
+    r"""Class-conditional pixel-space generation with classifier-free guidance.
+
+    Args:
+        transformer: a class-conditional ``DiTTransformer2DModel`` (``num_embeds_ada_norm`` = number of classes;
+            index ``num_classes`` is the "null" label used for the unconditional branch).
+        scheduler: a ``FlowMatchEulerDiscreteScheduler`` (the network predicts the flow velocity).
+        labels: class names, in label-index order.
+
+    Classifier-free guidance is batched: one transformer call per step on ``[uncond, cond]``
+    (the first half of the batch carries the null label), as in ``diffusers.DiTPipeline``.
+    """
+
+    model_cpu_offload_seq = "transformer"
+
+    def __init__(
+        self,
+        transformer: DiTTransformer2DModel,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        labels: Sequence[str] | None = None,
+        null_class_id: int | None = None,
+    ):
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler)
+        n = int(transformer.config.num_embeds_ada_norm)
+        names = list(labels) if labels is not None else [str(i) for i in range(n)]
+        if len(names) != n:
+            raise ValueError(f"{len(names)} labels given for a model with {n} classes")
+        self.id2label = dict(enumerate(names))
+        # name -> id, like DiTPipeline.labels
+        self.labels = {name: i for i, name in enumerate(names)}
+        self.null_class_id = n if null_class_id is None else int(null_class_id)
+        self.defaults = {"num_inference_steps": 50, "guidance_scale": 1.5}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.id2label)
+
+    def get_label_ids(self, label: str | Sequence[str]) -> list[int]:
+        """Map class names (e.g. ``"cat"``) to label ids."""
+        if isinstance(label, str):
+            label = [label]
+        out = []
+        for name in label:
+            if name not in self.labels:
+                raise ValueError(f"{name!r} is not a class of this model; classes: {list(self.labels)}")
+            out.append(self.labels[name])
+        return out
+
+    def _label_tensor(self, class_labels, device) -> torch.Tensor:
+        if isinstance(class_labels, (int, str)):
+            class_labels = [class_labels]
+        if isinstance(class_labels, torch.Tensor):
+            ids = class_labels.reshape(-1).to(device=device, dtype=torch.long)
+        else:
+            ids = [self.labels[c] if isinstance(c, str) else int(c) for c in class_labels]
+            ids = torch.tensor(ids, device=device, dtype=torch.long)
+        if ids.numel() == 0:
+            raise ValueError("class_labels is empty")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.num_classes:
+            raise ValueError(f"class labels must be in [0, {self.num_classes - 1}]")
+        return ids
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | str | Sequence[int | str] | torch.Tensor,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        r"""Generate one image per entry of ``class_labels``.
+
+        Args:
+            class_labels: label ids or class names (see ``pipe.labels``).
+            num_inference_steps: Euler steps of the flow-matching sampler (default: ``pipe.defaults``, else 50).
+            guidance_scale: classifier-free guidance scale ``w``: ``v = v_u + w (v_c - v_u)``;
+                ``w <= 1`` runs the conditional branch alone (default: ``pipe.defaults``, else 1.5).
+            generator: ``torch.Generator`` (or list, one per image) for the initial noise.
+            latents: initial noise ``(B, C, H, W)``; drawn from ``generator`` if ``None``.
+            output_type: ``"pil"`` (list of PIL images), ``"np"`` (``B x H x W x C`` float in [0, 1]),
+                ``"pt"`` (``B x C x H x W`` float tensor in [0, 1]) or ``"raw"`` (model space, about [-1, 1]).
+            callback_on_step_end: optional ``fn(pipe, step_index, timestep, {"latents": x}) -> dict``.
+        """
+        defaults = getattr(self, "defaults", None) or {}
+        if num_inference_steps is None:
+            num_inference_steps = int(defaults.get("num_inference_steps", 50))
+        if guidance_scale is None:
+            guidance_scale = float(defaults.get("guidance_scale", 1.5))
+        device = self._execution_device
+        tr = self.transformer
+        dtype = tr.dtype
+        labels = self._label_tensor(class_labels, device)
+        batch = labels.shape[0]
+        size = int(tr.config.sample_size)
+        channels = int(tr.config.in_channels)
+        shape = (batch, channels, size, size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+            latents = latents.to(device=device, dtype=dtype)
+
+        do_cfg = guidance_scale > 1.0
+        if do_cfg:
+            null = torch.full_like(labels, self.null_class_id)
+            labels_in = torch.cat([null, labels], 0)
+        else:
+            labels_in = labels
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        self._guidance_scale = guidance_scale
+
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            x_in = torch.cat([latents, latents], 0) if do_cfg else latents
+            t_in = t.expand(x_in.shape[0]).to(device=device)
+            v = tr(x_in, timestep=t_in, class_labels=labels_in, return_dict=False)[0]
+            if do_cfg:
+                v_u, v_c = v.chunk(2, dim=0)
+                v = v_u + guidance_scale * (v_c - v_u)
+            latents = self.scheduler.step(v, t, latents, return_dict=False)[0]
+            if callback_on_step_end is not None:
+                out = callback_on_step_end(self, i, t, {"latents": latents}) or {}
+                latents = out.get("latents", latents)
+
+        self.maybe_free_model_hooks()
+        images = self.postprocess(latents, output_type)
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    @staticmethod
+    def postprocess(x: torch.Tensor, output_type: str = "pil"):
+        if output_type == "raw":
+            return x
+        x = (x.float() / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return x
+        arr = x.permute(0, 2, 3, 1).cpu().numpy()
+        if output_type == "np":
+            return arr
+        if output_type == "pil":
+            from PIL import Image
+
+            return [Image.fromarray(a) for a in (arr * 255).round().astype(np.uint8)]
+        raise ValueError(f"unknown output_type {output_type!r} (pil, np, pt, raw)")
