@@ -57,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="print a policy (preset, YAML path) as validated YAML")
     show.add_argument("policy")
     show.set_defaults(func=_show)
+
+    try:  # eval / sweep / report live with the evaluation harness
+        from .eval.cli import register_commands
+    except ModuleNotFoundError as err:
+        if err.name != "dit_accel.eval.cli":
+            raise
+    else:
+        register_commands(sub)
     return parser
 
 

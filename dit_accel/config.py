@@ -53,7 +53,7 @@ def _check_type(where: str, value: Any, tp: Any) -> Any:
             raise PolicyError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
             raise PolicyError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
@@ -63,8 +63,8 @@ def _check_type(where: str, value: Any, tp: Any) -> Any:
     return value
 
 
-def unknown_key_error(where: str, key: str, allowed: list[str]) -> PolicyError:
-    hint = difflib.get_close_matches(key, allowed, n=1)
+def unknown_key_error(where: str, key: Any, allowed: list[str]) -> PolicyError:
+    hint = difflib.get_close_matches(key, allowed, n=1) if isinstance(key, str) else []
     did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
     return PolicyError(f"{where}: unknown key {key!r}{did_you_mean}; allowed keys: {', '.join(sorted(allowed))}")
 
@@ -101,9 +101,11 @@ class ConfigBase:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, where: str | None = None):
         where = where or cls.section
-        data = dict(data or {})
-        if not isinstance(data, dict):
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
             raise PolicyError(f"{where}: expected a mapping, got {type(data).__name__}")
+        data = dict(data)
         names = [f.name for f in dataclasses.fields(cls)]
         for key in data:
             if key not in names:

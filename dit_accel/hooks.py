@@ -28,7 +28,7 @@ from diffusers.hooks.hooks import BaseState, StateManager
 
 from .adapters.base import BlockInfo, ModelAdapter, call_argument
 from .policies import CACHE_METHODS
-from .policies.base import BranchState, CacheMethod, keep, take
+from .policies.base import BlockCall, BranchState, CacheMethod, keep, take
 from .policy import Policy
 from .stats import Stats
 
@@ -54,7 +54,7 @@ class Runtime:
         self.blocks = blocks
         self.method: CacheMethod | None = None
         if policy.cache is not None:
-            self.method = CACHE_METHODS[policy.cache.method](policy.cache, len(blocks))
+            self.method = CACHE_METHODS[policy.cache.method](policy.cache, blocks, adapter)
         self.clone_inputs = False
         self.pipeline_driven = False
         self.scheduler_watch: SchedulerWatch | None = None
@@ -91,6 +91,7 @@ class Runtime:
         if state is None:
             state = self.states[key] = BranchState(key=key)
         state.clone_inputs = self.clone_inputs
+        state.num_steps = self.num_inference_steps
         state.clone_unverifiable = not self.adapter.inplace_safe
         self.current = state
         self.calls[branch] = self.calls.get(branch, 0) + 1
@@ -190,6 +191,7 @@ class BlockHook(ModelHook):
                  watch_in: bool, watch_out: bool) -> None:
         super().__init__()
         self.runtime = runtime
+        self.block = block
         self.index = block.index
         self.meta = block.meta
         self.has_encoder = block.meta.return_encoder_hidden_states_index is not None
@@ -223,9 +225,12 @@ class BlockHook(ModelHook):
         if state is None:  # called outside a transformer forward: leave it alone
             return forward(*args, **kwargs)
         rid = self.range_id
+        method = rt.method
+        if self.watch_in:
+            method.on_input(BlockCall(self.block, args, kwargs), state)
         if rid is not None:
             if self.is_start:
-                reuse = rt.method.should_reuse(rid, state)
+                reuse = method.should_reuse(rid, state)
                 state.reuse[rid] = reuse
                 if reuse:
                     rt.range_reused[rid] += 1
@@ -236,12 +241,8 @@ class BlockHook(ModelHook):
             if state.reuse[rid]:
                 hidden, encoder = self._inputs(args, kwargs)
                 if self.is_end:
-                    res_h, res_e, enc_none = state.residuals[rid]
-                    hidden = hidden + res_h
-                    encoder = None if enc_none else (encoder + res_e if res_e is not None else encoder)
+                    hidden, encoder = method.reused_output(rid, hidden, encoder, state)
                 return self._pack(hidden, encoder)
-        if self.watch_in:
-            rt.method.on_input(self.index, *self._inputs(args, kwargs), state)
         output = forward(*args, **kwargs)
         if self.is_end or self.watch_out:
             out_h, out_e = self._outputs(output)
@@ -252,9 +253,9 @@ class BlockHook(ModelHook):
                     state.residuals.pop(rid, None)
                 else:
                     res_e = out_e - in_e if (out_e is not None and in_e is not None) else None
-                    state.residuals[rid] = (out_h - in_h, res_e, out_e is None)
+                    method.on_range_computed(rid, out_h - in_h, res_e, out_e is None, state)
             if self.watch_out:
-                rt.method.on_output(self.index, out_h, out_e, state)
+                method.on_output(self.index, out_h, out_e, state)
         return output
 
 

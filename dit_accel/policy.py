@@ -28,6 +28,8 @@ def _cache_config_from_dict(data: Mapping[str, Any]) -> ConfigBase:
     allowed = sorted([*CACHE_METHODS, *ALIASES])
     if method is None:
         raise PolicyError(f"cache.method is required; choose one of {allowed}")
+    if not isinstance(method, str):
+        raise PolicyError(f"cache.method: expected a string, got {method!r}; choose one of {allowed}")
     if method in ALIASES:
         method, defaults = ALIASES[method]
         data = {**defaults, **data}
@@ -94,16 +96,19 @@ def load_policy(spec: PolicyLike) -> Policy:
     if isinstance(spec, Mapping):
         return Policy.from_dict(spec)
     if isinstance(spec, (str, Path)):
-        path = Path(spec)
-        if path.suffix in (".yaml", ".yml") or path.exists():
-            if not path.exists():
-                raise PolicyError(f"policy file {str(path)!r} does not exist")
-            data = yaml.safe_load(path.read_text()) or {}
-            return Policy.from_dict(data)
         name = str(spec)
-        if name in preset_names():
+        if isinstance(spec, str) and name in preset_names():
             data = yaml.safe_load(resources.files("dit_accel.presets").joinpath(f"{name}.yaml").read_text())
             return Policy.from_dict(data)
+        path = Path(spec)
+        if path.suffix.lower() in (".yaml", ".yml") or path.is_file():
+            if not path.is_file():
+                raise PolicyError(f"policy file {str(path)!r} does not exist")
+            try:
+                data = yaml.safe_load(path.read_text())
+            except yaml.YAMLError as err:
+                raise PolicyError(f"policy file {str(path)!r} is not valid YAML: {err}") from None
+            return Policy.from_dict({} if data is None else data)
         raise PolicyError(f"unknown preset {name!r}; shipped presets: {', '.join(preset_names())} "
                           "(or pass a YAML path, a dict or a dit_accel.Policy)")
     raise PolicyError(f"cannot build a policy from {type(spec).__name__}; pass a preset name, YAML path, dict or Policy")

@@ -159,8 +159,10 @@ def get_adapter(transformer: torch.nn.Module, blocks: Sequence[str] | None = Non
                 block_returns: Sequence[str] | None = None) -> ModelAdapter:
     """The adapter for ``transformer``; ``blocks`` names the block lists by hand (generic adapter)."""
     if blocks is not None:
-        if isinstance(blocks, str) or not all(isinstance(b, str) for b in blocks) or not blocks:
+        if isinstance(blocks, str) or not blocks or not all(isinstance(b, str) for b in blocks):
             raise PolicyError(f"blocks: expected a list of attribute names of block lists, got {blocks!r}")
+        if len(set(blocks)) != len(blocks):
+            raise PolicyError(f"blocks: {list(blocks)!r} names a block list more than once")
         known = next((ADAPTERS[c.__name__] for c in type(transformer).__mro__ if c.__name__ in ADAPTERS), None)
         return ModelAdapter(family=known.family if known else "generic", model_classes=(),
                             block_groups=tuple(blocks), text_position=known.text_position if known else "none",

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..adapters.base import BlockInfo, ModelAdapter, call_argument
 from ..config import ConfigBase, PolicyError
 
 
@@ -32,11 +33,37 @@ class CachePlan:
 
 
 @dataclass
+class BlockCall:
+    """One call of a watched block: the block, its arguments, and its hidden/encoder inputs."""
+
+    block: BlockInfo
+    args: tuple
+    kwargs: dict
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        meta = self.block.meta
+        return call_argument(meta, meta.hidden_states_argument_name, self.args, self.kwargs)
+
+    @property
+    def encoder(self) -> torch.Tensor | None:
+        meta = self.block.meta
+        if meta.return_encoder_hidden_states_index is None:
+            return None
+        return call_argument(meta, meta.encoder_hidden_states_argument_name, self.args, self.kwargs)
+
+
+@dataclass
 class BranchState:
-    """Everything cached for one (generation, CFG branch, input shape): reset at every new call."""
+    """Everything cached for one (generation, CFG branch, input shape): reset at every new call.
+
+    ``step`` counts this branch's transformer calls in the generation; ``num_steps`` is the
+    pipeline's ``num_inference_steps`` when known (None in custom loops).
+    """
 
     key: tuple
     step: int = 0
+    num_steps: int | None = None
     clone_inputs: bool = False
     clone_unverifiable: bool = False
     residuals: dict[int, tuple] = field(default_factory=dict)
@@ -58,9 +85,11 @@ class CacheMethod(ABC):
     name: ClassVar[str]
     config_cls: ClassVar[type[ConfigBase]]
 
-    def __init__(self, config: ConfigBase, num_blocks: int) -> None:
+    def __init__(self, config: ConfigBase, blocks: list[BlockInfo], adapter: ModelAdapter) -> None:
         self.config = config
-        self.num_blocks = num_blocks
+        self.blocks = blocks
+        self.adapter = adapter
+        self.num_blocks = num_blocks = len(blocks)
         self.plan = self.make_plan(num_blocks)
         for start, end in self.plan.ranges:
             if not 0 <= start < end <= num_blocks:
@@ -74,11 +103,24 @@ class CacheMethod(ABC):
     def should_reuse(self, range_id: int, state: BranchState) -> bool:
         """Decide, at the start of range ``range_id``, whether to reuse its cached residual."""
 
-    def on_input(self, index: int, hidden: torch.Tensor, encoder: torch.Tensor | None, state: BranchState) -> None:
-        """Called with the inputs of each block in ``plan.watch_inputs`` (before it runs)."""
+    def on_input(self, call: BlockCall, state: BranchState) -> None:
+        """Called before each block in ``plan.watch_inputs`` runs — at a range start, before ``should_reuse``."""
 
     def on_output(self, index: int, hidden: torch.Tensor, encoder: torch.Tensor | None, state: BranchState) -> None:
         """Called with the outputs of each block in ``plan.watch_outputs`` (after it ran)."""
+
+    def on_range_computed(self, range_id: int, residual: torch.Tensor, encoder_residual: torch.Tensor | None,
+                          encoder_out_is_none: bool, state: BranchState) -> None:
+        """A range was computed: its residual (output − input). Default: cache it for reuse."""
+        state.residuals[range_id] = (residual, encoder_residual, encoder_out_is_none)
+
+    def reused_output(self, range_id: int, hidden: torch.Tensor, encoder: torch.Tensor | None,
+                      state: BranchState) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The range's output when it is skipped, from its input. Default: input + cached residual."""
+        res_h, res_e, enc_none = state.residuals[range_id]
+        if enc_none:
+            return hidden + res_h, None
+        return hidden + res_h, (encoder + res_e if res_e is not None else encoder)
 
     def describe(self) -> str:
         return f"{self.name}({', '.join(f'{k}={v}' for k, v in self.config.to_dict().items())})"

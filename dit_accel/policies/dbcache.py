@@ -73,8 +73,8 @@ class DBCache(CacheMethod):
         return CachePlan(ranges=((c.fn_compute + c.gate_lag, num_blocks - c.bn_compute),),
                          watch_inputs=frozenset({0}), watch_outputs=frozenset({c.fn_compute - 1}))
 
-    def on_input(self, index, hidden, encoder, state: BranchState) -> None:
-        keep(state, "probe_in", hidden)
+    def on_input(self, call, state: BranchState) -> None:
+        keep(state, "probe_in", call.hidden)
 
     def on_output(self, index, hidden, encoder, state: BranchState) -> None:
         probe_in = take(state, "probe_in")
