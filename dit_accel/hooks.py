@@ -27,7 +27,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
 from .adapters.base import BlockInfo, ModelAdapter, call_argument
-from .policies import CACHE_METHODS
+from .policies import get_method
 from .policies.base import BlockCall, BranchState, CacheMethod, keep, take
 from .policy import Policy
 from .stats import Stats
@@ -54,7 +54,7 @@ class Runtime:
         self.blocks = blocks
         self.method: CacheMethod | None = None
         if policy.cache is not None:
-            self.method = CACHE_METHODS[policy.cache.method](policy.cache, blocks, adapter)
+            self.method = get_method(policy.cache.method)(policy.cache, blocks, adapter)
         self.clone_inputs = False
         self.pipeline_driven = False
         self.scheduler_watch: SchedulerWatch | None = None

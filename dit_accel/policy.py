@@ -15,7 +15,7 @@ from typing import Any, Mapping, Union
 import yaml
 
 from .config import ConfigBase, PolicyError, unknown_key_error
-from .policies import ALIASES, CACHE_METHODS
+from .policies import ALIASES, get_method, method_names
 
 PolicyLike = Union["Policy", str, Path, Mapping[str, Any], None]
 
@@ -25,7 +25,7 @@ def _cache_config_from_dict(data: Mapping[str, Any]) -> ConfigBase:
         raise PolicyError(f"cache: expected a mapping with a 'method' key, got {data!r}")
     data = dict(data)
     method = data.pop("method", None)
-    allowed = sorted([*CACHE_METHODS, *ALIASES])
+    allowed = sorted([*method_names(), *ALIASES])
     if method is None:
         raise PolicyError(f"cache.method is required; choose one of {allowed}")
     if not isinstance(method, str):
@@ -33,9 +33,7 @@ def _cache_config_from_dict(data: Mapping[str, Any]) -> ConfigBase:
     if method in ALIASES:
         method, defaults = ALIASES[method]
         data = {**defaults, **data}
-    if method not in CACHE_METHODS:
-        raise PolicyError(f"cache.method: {method!r} is not a known caching method; choose one of {allowed}")
-    return CACHE_METHODS[method].config_cls.from_dict({"method": method, **data}, where="cache")
+    return get_method(method).config_cls.from_dict({"method": method, **data}, where="cache")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ import yaml
 
 import dit_accel
 from dit_accel import Policy, PolicyError, load_policy, preset_names
-from dit_accel.policies import DBCacheConfig, FORAConfig
+from dit_accel.policies.dbcache import DBCacheConfig
+from dit_accel.policies.fora import FORAConfig
 from dit_accel.testing import tiny_pipeline, tiny_transformer
 
 DBCACHE_KEYS = ("batch_decision", "bn_compute", "fn_compute", "gate_lag", "max_consecutive_reuse", "method",
@@ -211,7 +212,7 @@ BAD_SPECS = {
     # bad choices, methods
     "batch_decision-choice": (cache(method="dbcache", batch_decision="any"),
                               ["cache.batch_decision", "'any'", "'strict'", "'mean'"]),
-    "unknown-method": (cache(method="teacache"), ["cache.method", "'teacache'", *KNOWN_METHODS]),
+    "unknown-method": (cache(method="nosuchcache"), ["cache.method", "'nosuchcache'", *KNOWN_METHODS]),
     "missing-method": (cache(threshold=0.1), ["cache.method", "required", *KNOWN_METHODS]),
     # not a mapping
     "int": (42, ["int", "preset name", "dict"]),
