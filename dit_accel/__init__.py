@@ -8,11 +8,13 @@
 """
 
 from .api import accelerate, accelerated, is_accelerated, policy_of, remove, reset, stats
+from .calibrate import calibrate
 from .config import PolicyError
 from .policy import Policy, load_policy, preset_names
 from .stats import Stats
 
 __version__ = "0.1.0"
 
-__all__ = ["Policy", "PolicyError", "Stats", "accelerate", "accelerated", "is_accelerated", "load_policy",
+__all__ = ["Policy", "PolicyError", "Stats", "accelerate", "accelerated", "calibrate", "is_accelerated",
+           "load_policy",
            "policy_of", "preset_names", "remove", "reset", "stats", "__version__"]

@@ -1,0 +1,93 @@
+"""MagCache — Ma et al., 2025, "MagCache: Fast Video Generation with Magnitude-Aware Cache".
+
+The magnitude ratio of successive block-stack residuals, γ_t = mean over tokens of
+‖r_t‖ / ‖r_{t−1}‖, follows a stable per-model curve (calibrated once by
+``dit_accel.calibrate``). While steps are skipped the error of reusing a residual is
+estimated from that curve alone: the ratio accumulates multiplicatively, the error as
+Σ|1 − Π γ|. A step is skipped while that error stays ≤ ``threshold`` and at most ``max_skips``
+steps in a row were skipped; the first ``retention_ratio`` of the steps are always computed.
+Defaults are the paper's Wan 2.1 settings (threshold 0.12, K = 2, retention 0.2).
+
+The decision reads only the calibrated table, so it needs no host sync. Ratios are stored per
+CFG branch; a call with another step count reads the curve by linear interpolation over the
+relative step position (MagCache uses nearest-neighbour interpolation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..config import ConfigBase, PolicyError, option
+from .base import BranchState, CacheMethod, CachePlan
+
+
+@dataclass(frozen=True)
+class MagCacheConfig(ConfigBase):
+    section: ClassVar[str] = "cache"
+    method: str = option("magcache", choices=("magcache",))
+    threshold: float = option(0.12, ge=0.0, le=100.0, doc="accumulated magnitude error under which a step is skipped")
+    max_skips: int = option(2, ge=1, doc="K: at most this many consecutive skipped steps")
+    retention_ratio: float = option(0.2, ge=0.0, le=1.0, doc="leading share of the steps always computed")
+    mag_ratios: dict | None = option(None, doc="calibrated ratio curve per CFG branch {branch: [γ_0, γ_1, ...]}")
+
+    def validate(self) -> None:
+        if self.mag_ratios is not None:
+            if not isinstance(self.mag_ratios, dict) or not self.mag_ratios:
+                raise PolicyError("cache.mag_ratios: expected a mapping {branch: [ratios...]} (run dit_accel.calibrate)")
+            for branch, ratios in self.mag_ratios.items():
+                if not isinstance(ratios, (list, tuple)) or len(ratios) < 2 or not all(
+                        isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in ratios):
+                    raise PolicyError(f"cache.mag_ratios[{branch!r}]: expected at least 2 positive numbers")
+        super().validate()
+
+
+def interpolate(curve: list[float], position: float) -> float:
+    """Value of ``curve`` at relative position in [0, 1] (linear)."""
+    x = min(max(position, 0.0), 1.0) * (len(curve) - 1)
+    lo = int(x)
+    hi = min(lo + 1, len(curve) - 1)
+    return curve[lo] + (curve[hi] - curve[lo]) * (x - lo)
+
+
+class MagCache(CacheMethod):
+    name = "magcache"
+    config_cls = MagCacheConfig
+
+    def __init__(self, config: MagCacheConfig, blocks, adapter) -> None:
+        super().__init__(config, blocks, adapter)
+        if config.mag_ratios is None:
+            raise PolicyError("cache.mag_ratios is required: run dit_accel.calibrate(pipe, prompts, policy) first")
+
+    def make_plan(self, num_blocks: int) -> CachePlan:
+        return CachePlan(ranges=((0, num_blocks),))
+
+    def ratio(self, state: BranchState) -> float:
+        ratios = self.config.mag_ratios
+        curve = ratios.get(state.key[0]) or next(iter(ratios.values()))
+        steps = state.num_steps or len(curve)
+        if steps == len(curve):
+            return float(curve[min(state.step, len(curve) - 1)])
+        return interpolate(list(curve), state.step / max(steps - 1, 1))
+
+    def should_reuse(self, range_id: int, state: BranchState) -> bool:
+        c = self.config
+        m = state.method
+        steps = state.num_steps or len(next(iter(c.mag_ratios.values())))
+        if state.step >= int(c.retention_ratio * steps) and range_id in state.residuals:
+            ratio = m.get("ratio", 1.0) * self.ratio(state)
+            error = m.get("error", 0.0) + abs(1.0 - ratio)
+            skips = m.get("skips", 0) + 1
+            if error <= c.threshold and skips <= c.max_skips:
+                m.update(ratio=ratio, error=error, skips=skips)
+                return True
+        m.update(ratio=1.0, error=0.0, skips=0)
+        return False
+
+    @staticmethod
+    def calibrated(config: MagCacheConfig, records: list[dict], family: str) -> MagCacheConfig:
+        """The mean magnitude-ratio curve per branch; step 0 (no previous residual) gets 1.0."""
+        from ..calibrate import per_branch_mean
+
+        curves = {branch: [1.0, *ratios] for branch, ratios in per_branch_mean(records, "mag_ratio").items()}
+        return MagCacheConfig(**{**config.to_dict(), "mag_ratios": curves})
