@@ -172,9 +172,11 @@ class StepTracker:
         self.handles = [module.register_forward_pre_hook(self.pre, with_kwargs=True),
                         module.register_forward_hook(self.post, always_call=True)]
 
+    @torch.compiler.disable
     def pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         self.runtime.begin_call(self.context.branch(), args, kwargs)
 
+    @torch.compiler.disable
     def post(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
         self.runtime.end_call()
 
@@ -218,7 +220,10 @@ class BlockHook(ModelHook):
         out[self.meta.return_encoder_hidden_states_index] = encoder
         return tuple(out)
 
+    @torch.compiler.disable(recursive=False)
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        # Per-step decisions run eagerly; the block's own forward is still compiled (as its own
+        # frame), so a compiled transformer does not recompile as the step changes.
         rt = self.runtime
         state = rt.current
         forward = self.fn_ref.original_forward

@@ -79,11 +79,24 @@ class BranchState:
         return total
 
 
+_HOOK_POINTS = ("should_reuse", "on_input", "on_output", "on_range_computed", "reused_output")
+
+
 class CacheMethod(ABC):
-    """A caching algorithm bound to one transformer with ``num_blocks`` blocks."""
+    """A caching algorithm bound to one transformer with ``num_blocks`` blocks.
+
+    The hook points run outside ``torch.compile`` (per-step Python decisions would otherwise
+    become guards and recompile every step); the blocks' own forwards stay compiled.
+    """
 
     name: ClassVar[str]
     config_cls: ClassVar[type[ConfigBase]]
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        for point in _HOOK_POINTS:
+            if point in cls.__dict__:
+                setattr(cls, point, torch.compiler.disable(cls.__dict__[point]))
 
     def __init__(self, config: ConfigBase, blocks: list[BlockInfo], adapter: ModelAdapter) -> None:
         self.config = config
@@ -126,6 +139,11 @@ class CacheMethod(ABC):
         return f"{self.name}({', '.join(f'{k}={v}' for k, v in self.config.to_dict().items())})"
 
 
+for _point in _HOOK_POINTS[1:]:  # the base class's own defaults (should_reuse is abstract)
+    setattr(CacheMethod, _point, torch.compiler.disable(getattr(CacheMethod, _point)))
+
+
+@torch.compiler.disable
 def keep(state: BranchState, name: str, tensor: torch.Tensor | None) -> None:
     """Remember ``tensor`` under ``name`` for a later residual, with its in-place version counter.
 
@@ -144,6 +162,7 @@ def keep(state: BranchState, name: str, tensor: torch.Tensor | None) -> None:
         state.method[name] = (kept, kept._version)
 
 
+@torch.compiler.disable
 def take(state: BranchState, name: str) -> torch.Tensor | None:
     """Return what ``keep`` stored, or None (and flag the state) if a block modified it in place since."""
     kept = state.method.pop(name, None)
