@@ -57,7 +57,7 @@ MODEL_CONFIGS: dict[str, dict] = {
         "channels": 3,
         "classes": list(CIFAR10_CLASSES),
         "null_class_id": 10,
-        "defaults": {"num_inference_steps": 50, "guidance_scale": 1.5},
+        "defaults": {"num_inference_steps": 50, "guidance_scale": 2.0},
         "train": {
             "batch_size": 512,
             "lr": 5e-4,

@@ -48,7 +48,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         # name -> id, like DiTPipeline.labels
         self.labels = {name: i for i, name in enumerate(names)}
         self.null_class_id = n if null_class_id is None else int(null_class_id)
-        self.defaults = {"num_inference_steps": 50, "guidance_scale": 1.5}
+        self.defaults = {"num_inference_steps": 50, "guidance_scale": 2.0}
 
     @property
     def num_classes(self) -> int:
@@ -97,7 +97,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
             class_labels: label ids or class names (see ``pipe.labels``).
             num_inference_steps: Euler steps of the flow-matching sampler (default: ``pipe.defaults``, else 50).
             guidance_scale: classifier-free guidance scale ``w``: ``v = v_u + w (v_c - v_u)``;
-                ``w <= 1`` runs the conditional branch alone (default: ``pipe.defaults``, else 1.5).
+                ``w <= 1`` runs the conditional branch alone (default: ``pipe.defaults``, else 2.0).
             generator: ``torch.Generator`` (or list, one per image) for the initial noise.
             latents: initial noise ``(B, C, H, W)``; drawn from ``generator`` if ``None``.
             output_type: ``"pil"`` (list of PIL images), ``"np"`` (``B x H x W x C`` float in [0, 1]),
@@ -108,7 +108,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         if num_inference_steps is None:
             num_inference_steps = int(defaults.get("num_inference_steps", 50))
         if guidance_scale is None:
-            guidance_scale = float(defaults.get("guidance_scale", 1.5))
+            guidance_scale = float(defaults.get("guidance_scale", 2.0))
         device = self._execution_device
         tr = self.transformer
         dtype = tr.dtype

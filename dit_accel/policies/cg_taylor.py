@@ -1,0 +1,155 @@
+"""Confidence-gated Taylor forecasting of the last block's output — CG-Taylor (Guan et al., 2025,
+"Forecasting When to Forecast: Accelerating Diffusion Models with Confidence-Gated Taylor",
+arXiv:2508.02240).
+
+Instead of TaylorSeer's per-module forecasts, one finite-difference Taylor series is kept for the
+*last* block's output (hidden and encoder states) and one for the *first* block's output. Block 0
+always runs; its true output is compared with its own Taylor forecast (relative L1 error,
+``mean|forecast − true| / mean|true|``). If the error is below ``threshold`` the forecast is
+trusted: blocks 1 … N−1 are skipped and the last block's forecast is the range's output.
+Otherwise every block runs and both series are updated at this step (so both are always expanded
+around the same nodes: the first block's error measures how far the shared nodes can be trusted).
+
+Defaults: ``threshold=0.13``, ``order=1`` (last block), ``probe_order=1`` (first block) — the
+authors' FLUX.1-dev setting (README: "confidence gate=0.13/0.03, first block order=1, last block
+order=1"; 0.03 is their quality setting; Wan2.1 uses 0.36 with first-block order 3).
+``warmup_steps=6`` and ``final_steps=1`` follow their code (the gate is evaluated from the 7th
+step on; the first and last steps are always computed). Memory: ``order + 1`` copies of the last
+block's output (+ encoder states) and ``probe_order + 1`` of the first block's hidden output per
+branch, whatever the depth of the model.
+
+Where we depart: the gate decides per sample and reuses only if every sample agrees
+(``batch_decision: strict``, the project's rule for batched CFG; ``mean`` pools the batch as the
+reference does); with separate CFG calls each branch gates on its own first block (the reference
+lets the uncond pass follow the cond decision). The first-block series is updated at every fully
+computed step, including forced ones. ``max_consecutive_forecast`` caps forecasts in a row (off in
+the paper); ``metric: l2`` uses the relative L2 error instead. ``expansion: newton`` as in
+``taylorseer``. ``final_steps`` needs the number of steps (a pipeline call, or
+``dit_accel.reset(model, num_inference_steps=N)``); it is ignored in custom loops without it.
+The gate reads one number per step on the host (like FBCache).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..config import ConfigBase, PolicyError, option
+from . import _taylor
+from .base import BranchState, CacheMethod, CachePlan
+
+
+@dataclass(frozen=True)
+class CGTaylorConfig(ConfigBase):
+    section: ClassVar[str] = "cache"
+    method: str = option("cg_taylor", choices=("cg_taylor",))
+    threshold: float = option(0.13, ge=0.0, le=10.0,
+                              doc="relative error of the first block's forecast under which the last "
+                                  "block's forecast is trusted")
+    order: int = option(1, ge=0, le=8, doc="Taylor order of the last block's output")
+    probe_order: int = option(1, ge=0, le=8, doc="Taylor order of the first block's output (the gate's probe)")
+    warmup_steps: int = option(6, ge=0, doc="steps always computed at the start of each call")
+    final_steps: int = option(1, ge=0, doc="steps always computed at the end (needs the number of steps)")
+    max_consecutive_forecast: int | None = option(None, ge=1, doc="forecast at most this many steps in a row")
+    metric: str = option("l1", choices=("l1", "l2"), doc="relative L1 (the paper) or L2 error of the probe forecast")
+    expansion: str = option("taylor", choices=_taylor.EXPANSIONS,
+                            doc="taylor: the paper's series; newton: divided differences, exact for polynomials")
+    batch_decision: str = option("strict", choices=("strict", "mean"),
+                                 doc="strict: forecast only if every sample agrees; mean: one pooled decision")
+
+
+def relative_error(current: torch.Tensor, reference: torch.Tensor, per_sample: bool, ord: int) -> torch.Tensor:
+    """‖current − reference‖ / ‖reference‖ (L1 or L2) per sample (dim 0) or pooled, at least in float32.
+
+    For L1 this is ``mean|current − reference| / mean|reference|``, the reference's error.
+    """
+    dims = tuple(range(1, current.ndim)) if per_sample else tuple(range(current.ndim))
+    dtype = torch.promote_types(current.dtype, torch.float32)  # no narrowing of float64 features
+    norm = torch.linalg.vector_norm(reference, ord=ord, dim=dims, dtype=dtype)
+    diff = torch.linalg.vector_norm(current - reference, ord=ord, dim=dims, dtype=dtype)
+    return diff / norm.clamp_min(torch.finfo(dtype).tiny)
+
+
+class CGTaylor(CacheMethod):
+    name = "cg_taylor"
+    config_cls = CGTaylorConfig
+
+    def make_plan(self, num_blocks: int) -> CachePlan:
+        if num_blocks < 2:
+            raise PolicyError(f"cache.method cg_taylor needs at least 2 blocks (a first block to gate on and blocks "
+                              f"to skip); the model has {num_blocks}")
+        return CachePlan(ranges=((1, num_blocks),), watch_outputs=frozenset({0, num_blocks - 1}))
+
+    @property
+    def per_sample(self) -> bool:
+        return self.config.batch_decision == "strict"
+
+    def _keep(self, tensor: torch.Tensor, state: BranchState) -> torch.Tensor:
+        # factor 0 aliases a tensor the model keeps using; clone where in-place writes can't be seen
+        return tensor.clone() if state.clone_inputs or (state.clone_unverifiable and tensor.is_inference()) else tensor
+
+    def _forced_full(self, state: BranchState) -> bool:
+        c = self.config
+        if state.step < c.warmup_steps:
+            return True
+        return state.num_steps is not None and state.step >= state.num_steps - c.final_steps
+
+    # ---- the probe: block 0 -------------------------------------------------------------------
+    def on_output(self, index: int, hidden: torch.Tensor, encoder: torch.Tensor | None, state: BranchState) -> None:
+        m, c = state.method, self.config
+        if index == 0:
+            m["cg_probe_out"] = hidden
+            m["cg_error"] = None
+            probe = m.get("cg_probe")
+            if probe is not None and probe.intact() and probe[0].shape == hidden.shape and not self._forced_full(state):
+                predicted = _taylor.forecast(probe, state.step, c.expansion)
+                # launched now, read at the range start: no host sync here
+                m["cg_error"] = relative_error(predicted, hidden, self.per_sample, 1 if c.metric == "l1" else 2)
+        if index == self.num_blocks - 1:  # the last block ran: a full step
+            step = state.step
+            m["cg_last_h"] = _taylor.update(m.get("cg_last_h"), self._keep(hidden, state), step, c.order, c.expansion,
+                                            track_version=True)
+            m["cg_last_enone"] = encoder is None
+            if encoder is None:
+                m.pop("cg_last_e", None)
+            else:
+                m["cg_last_e"] = _taylor.update(m.get("cg_last_e"), self._keep(encoder, state), step, c.order,
+                                                c.expansion, track_version=True)
+
+    # ---- the gate ----------------------------------------------------------------------------
+    def should_reuse(self, range_id: int, state: BranchState) -> bool:
+        c, m = self.config, state.method
+        error = m.pop("cg_error", None)
+        probe_out = m.pop("cg_probe_out", None)
+        streak = m.get("cg_streak", 0)
+        last = m.get("cg_last_h")
+        reuse = False
+        if error is not None and last is not None and last.intact() and not self._forced_full(state) \
+                and (c.max_consecutive_forecast is None or streak < c.max_consecutive_forecast):
+            agree = int((error < c.threshold).sum())  # the one host sync per step
+            reuse = agree == error.numel()
+            if 0 < agree < error.numel():
+                m["mixed_batch"] = m.get("mixed_batch", 0) + 1
+        if reuse:
+            m["cg_streak"] = streak + 1
+        else:
+            m["cg_streak"] = 0
+            if probe_out is not None:
+                m["cg_probe"] = _taylor.update(m.get("cg_probe"), self._keep(probe_out, state), state.step,
+                                               c.probe_order, c.expansion, track_version=True)
+        return reuse
+
+    def on_range_computed(self, range_id, residual, encoder_residual, encoder_out_is_none, state) -> None:
+        """Nothing to cache: the last block's output is taken in ``on_output``."""
+
+    def reused_output(self, range_id: int, hidden: torch.Tensor, encoder: torch.Tensor | None,
+                      state: BranchState) -> tuple[torch.Tensor, torch.Tensor | None]:
+        m, step, expansion = state.method, state.step, self.config.expansion
+        out_h = _taylor.forecast(m["cg_last_h"], step, expansion)
+        if m.get("cg_last_enone", False):
+            return out_h, None
+        series_e = m.get("cg_last_e")
+        out_e = _taylor.forecast(series_e, step, expansion) if series_e is not None and series_e.intact() else encoder
+        return out_h, out_e

@@ -1,0 +1,128 @@
+"""Stage-adaptive Δ-Cache — Δ-DiT (Chen et al., 2024, "Δ-DiT: A Training-Free Acceleration Method
+Tailored for Diffusion Transformers", arXiv:2406.01125).
+
+The paper finds that the front blocks of a DiT shape the outline of the image and the rear blocks
+its details. Δ-Cache caches the *delta* of a block range (its output − its input) and adds it to
+the range's fresh input when the range is skipped, so the skipped range still sees the current
+step's input ("considers the inputs of the previous sampling image and reduces the bias").
+Δ-DiT applies it stage-adaptively around a boundary step ``b``:
+
+* outline stage (``step < b``): the *rear* ``cached_blocks`` blocks are cached — the front blocks
+  that draw the outline always run;
+* detail stage (``step ≥ b``): the *front* ``cached_blocks`` blocks are cached — the rear blocks
+  that refine details always run.
+
+Within each stage the cached range is recomputed every ``interval`` (N) steps, counted from the
+stage's first step (so each stage starts with a full step), and its delta is reused in between.
+
+Defaults, for PixArt-α (28 blocks, 20 DPM-Solver steps) in the paper: the boundary ``b = 12`` is
+the paper's (its Table 1 reports "Ours (b = 12)"). We could not re-check the paper's text for the
+cache interval and the number of cached blocks: ``interval=2`` with ``cached_fraction=0.75`` (21 of
+PixArt's 28 blocks) is our reconstruction — caching 21 of 28 blocks every other step gives exactly
+the reported 1.6× (1 / (1 − ½ · 21/28)) — not a quote. The boundary is stored as a fraction of the
+call's steps, ``boundary_fraction=0.6`` (12 of 20), read as "the first 12 of 20 steps are the outline
+stage"; whether the paper's ``b`` counts steps from the start or its descending timestep index is
+not verified (``boundary: 8`` gives the other reading at 20 steps).
+
+Where we depart: ``boundary`` (an absolute step) and ``cached_blocks`` (a block count) override the
+fractions when set, so one preset fits models of any depth and step count. A fractional boundary
+needs the number of steps: pipelines give it; in a custom loop call
+``dit_accel.reset(model, num_inference_steps=N)`` before each generation (the count lasts for the
+generation ``reset`` starts) or set ``boundary``, else a PolicyError is raised at the first step.
+When more than half the blocks are cached the two stages' ranges overlap; the runtime's ranges are
+disjoint, so the blocks are split at both range edges and a stage reuses its consecutive segments —
+the sum of their deltas is the delta of their union. Blocks no stage caches get no hook.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..config import ConfigBase, PolicyError, option
+from .base import BranchState, CacheMethod, CachePlan
+
+
+@dataclass(frozen=True)
+class DeltaDiTConfig(ConfigBase):
+    section: ClassVar[str] = "cache"
+    method: str = option("delta_dit", choices=("delta_dit",))
+    boundary: int | None = option(None, ge=0,
+                                  doc="outline/detail boundary step b (steps < b cache rear blocks); overrides "
+                                      "boundary_fraction")
+    boundary_fraction: float = option(0.6, ge=0.0, le=1.0,
+                                      doc="b as a share of the call's steps (rounded), when boundary is not set")
+    interval: int = option(2, ge=1, le=1000, doc="N: the cached range is recomputed every N-th step of each stage")
+    cached_blocks: int | None = option(None, ge=1,
+                                       doc="number of blocks cached in each stage; overrides cached_fraction")
+    cached_fraction: float = option(0.75, gt=0.0, le=1.0,
+                                    doc="share of the blocks cached in each stage (rounded, at least 1), when "
+                                        "cached_blocks is not set")
+
+
+class DeltaDiT(CacheMethod):
+    name = "delta_dit"
+    config_cls = DeltaDiTConfig
+
+    def make_plan(self, num_blocks: int) -> CachePlan:
+        c = self.config
+        if c.cached_blocks is not None:
+            if c.cached_blocks > num_blocks:
+                raise PolicyError(f"cache.cached_blocks ({c.cached_blocks}) must be at most the model's number of "
+                                  f"blocks ({num_blocks})")
+            n = c.cached_blocks
+        else:
+            n = min(num_blocks, max(1, math.floor(c.cached_fraction * num_blocks + 0.5)))
+        self.n_cached = n
+        cuts = sorted({0, n, num_blocks - n, num_blocks})
+        # segments between the edges of both stages' ranges; a middle segment no stage caches is left out
+        ranges = tuple((a, b) for a, b in zip(cuts, cuts[1:]) if a >= num_blocks - n or b <= n)
+        # outline stage caches the rear n blocks, detail stage the front n blocks
+        self.rear = frozenset(i for i, (a, _) in enumerate(ranges) if a >= num_blocks - n)
+        self.front = frozenset(i for i, (_, b) in enumerate(ranges) if b <= n)
+        return CachePlan(ranges=ranges)
+
+    def boundary(self, state: BranchState) -> int:
+        c = self.config
+        if c.boundary is not None:
+            return c.boundary
+        if state.num_steps is None:
+            raise PolicyError(
+                "cache.boundary_fraction needs the number of inference steps, which a custom sampling loop does not "
+                "give: set cache.boundary (an absolute step) or call dit_accel.reset(model, num_inference_steps=N) "
+                "before the loop")
+        return math.floor(c.boundary_fraction * state.num_steps + 0.5)
+
+    def stage(self, step: int, boundary: int) -> tuple[str, int, frozenset[int]]:
+        """(stage name, its first step, the range ids it caches) at ``step``."""
+        if step < boundary:
+            return "outline", 0, self.rear
+        return "detail", boundary, self.front
+
+    def is_compute_step(self, step: int, boundary: int) -> bool:
+        _, start, _ = self.stage(step, boundary)
+        return (step - start) % self.config.interval == 0
+
+    def cached_blocks_at(self, step: int, boundary: int) -> list[int]:
+        """The blocks skipped at ``step`` (the schedule, for tests and docs)."""
+        if self.is_compute_step(step, boundary):
+            return []
+        _, _, cached = self.stage(step, boundary)
+        return [i for rid in sorted(cached) for i in range(*self.plan.ranges[rid])]
+
+    def should_reuse(self, range_id: int, state: BranchState) -> bool:
+        b = self.boundary(state)
+        _, _, cached = self.stage(state.step, b)
+        if range_id not in cached:
+            state.residuals.pop(range_id, None)  # a delta from the other stage is never used again
+            return False
+        return not self.is_compute_step(state.step, b) and range_id in state.residuals
+
+    def on_range_computed(self, range_id: int, residual: torch.Tensor, encoder_residual: torch.Tensor | None,
+                          encoder_out_is_none: bool, state: BranchState) -> None:
+        _, _, cached = self.stage(state.step, self.boundary(state))
+        if range_id in cached:  # keep only deltas this stage can reuse
+            state.residuals[range_id] = (residual, encoder_residual, encoder_out_is_none)
