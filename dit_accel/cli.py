@@ -42,11 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="cifar10_dit (the trained reference model; default when installed) or tiny-FAMILY "
                            "(random weights: tiny-flux, tiny-sd3, tiny-pixart, tiny-dit, tiny-wan, "
                            "tiny-hunyuan_video, tiny-cogvideox)")
-    demo.add_argument("--policies", nargs="+", default=["fbcache", "fora"],
-                      help="presets or YAML files to compare with the baseline (default: fbcache fora)")
+    demo.add_argument("--policies", nargs="+", default=None,
+                      help="presets or YAML files to compare with the baseline (default: fbcache, fora, and for "
+                           "the reference model its calibrated teacache/magcache presets)")
     demo.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's own)")
-    demo.add_argument("--repeats", type=int, default=3, help="timed calls per variant after one warm-up (median)")
-    demo.add_argument("--batch", type=int, default=8, help="images per call for the reference model")
+    demo.add_argument("--repeats", type=int, default=1, help="timed calls per variant (median)")
+    demo.add_argument("--batch", type=int, default=4, help="images per call for the reference model")
     demo.add_argument("--out", default="dit_accel_demo", help="folder for demo_grid.png")
     demo.add_argument("--no-images", action="store_true", help="do not write the image grid")
     demo.set_defaults(func=_demo)

@@ -17,15 +17,16 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import api
-from .policy import load_policy
+from .policy import load_policy, preset_names
 
 
 @dataclass
 class DemoModel:
     name: str
     pipe: Any
-    call: Callable[[], torch.Tensor]  # one generation; returns images/latents as a float tensor
+    call: Callable[..., torch.Tensor]  # one generation (steps=None: the model's); images/latents as floats
     is_image: bool
+    policies: tuple[str, ...]  # what the demo compares by default
 
 
 def _zoo_model(name: str, steps: int | None, batch: int) -> DemoModel:
@@ -35,10 +36,11 @@ def _zoo_model(name: str, steps: int | None, batch: int) -> DemoModel:
     pipe.set_progress_bar_config(disable=True)
     labels = [i % 10 for i in range(batch)]
 
-    def call() -> torch.Tensor:
-        return pipe(class_labels=labels, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
-                    output_type="pt").images
-    return DemoModel(name, pipe, call, is_image=True)
+    def call(override: int | None = None) -> torch.Tensor:
+        return pipe(class_labels=labels, num_inference_steps=override or steps,
+                    generator=torch.Generator().manual_seed(0), output_type="pt").images
+    calibrated = tuple(p for p in (f"{name}-teacache", f"{name}-magcache") if p in preset_names())
+    return DemoModel(name, pipe, call, is_image=True, policies=("fbcache", "fora", *calibrated))
 
 
 def _tiny_model(family: str, steps: int | None) -> DemoModel:
@@ -49,11 +51,11 @@ def _tiny_model(family: str, steps: int | None) -> DemoModel:
     pipe = tiny_pipeline(family)
     kwargs = tiny_call_kwargs(family, **({"num_inference_steps": steps} if steps else {}))
 
-    def call() -> torch.Tensor:
-        kwargs["generator"] = torch.Generator().manual_seed(0)
-        out = pipe(**kwargs)
+    def call(override: int | None = None) -> torch.Tensor:
+        out = pipe(**{**kwargs, "generator": torch.Generator().manual_seed(0),
+                      **({"num_inference_steps": override} if override else {})})
         return (out.frames if hasattr(out, "frames") else out.images).float()
-    return DemoModel(f"tiny-{family} (random weights)", pipe, call, is_image=False)
+    return DemoModel(f"tiny-{family} (random weights)", pipe, call, is_image=False, policies=("fbcache", "fora"))
 
 
 def default_model_name() -> str:
@@ -67,7 +69,7 @@ def default_model_name() -> str:
     return "tiny-dit"
 
 
-def load_demo_model(name: str, steps: int | None = None, batch: int = 8) -> DemoModel:
+def load_demo_model(name: str, steps: int | None = None, batch: int = 4) -> DemoModel:
     """``cifar10_dit`` (or another zoo name) or ``tiny-FAMILY`` (e.g. ``tiny-flux``)."""
     if name.startswith("tiny-"):
         return _tiny_model(name[len("tiny-"):], steps)
@@ -85,20 +87,27 @@ def psnr(output: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def _timed(call: Callable[[], torch.Tensor], repeats: int) -> tuple[torch.Tensor, float]:
-    out = call()  # warm-up, and the output compared
-    times = []
+    """The output of the first call and the median time of ``repeats`` calls."""
+    times, out = [], None
     for _ in range(repeats):
         t0 = time.perf_counter()
-        call()
+        result = call()
         times.append(time.perf_counter() - t0)
+        out = result if out is None else out
     return out, statistics.median(times)
 
 
-def run_demo(model: str | None = None, policies: Sequence[str] = ("fbcache", "fora"), steps: int | None = None,
-             repeats: int = 3, out_dir: str | Path | None = "dit_accel_demo", batch: int = 8) -> list[dict]:
-    """Run the demo and return one row per variant (also printed as a table)."""
+def run_demo(model: str | None = None, policies: Sequence[str] | None = None, steps: int | None = None,
+             repeats: int = 1, out_dir: str | Path | None = "dit_accel_demo", batch: int = 4) -> list[dict]:
+    """Run the demo and return one row per variant (also printed as a table).
+
+    ``policies`` default to the model's comparison set (for the reference model: FBCache, FORA
+    and the TeaCache/MagCache presets calibrated for it). A 2-step call warms up first.
+    """
     demo = load_demo_model(model or default_model_name(), steps, batch)
+    policies = demo.policies if policies is None else policies
     print(f"model: {demo.name}")
+    demo.call(2)
     reference, base_time = _timed(demo.call, repeats)
     rows = [{"policy": "baseline", "seconds": base_time, "speedup": 1.0, "psnr_db": float("inf"),
              "blocks_saved": 0.0}]
@@ -119,9 +128,10 @@ def run_demo(model: str | None = None, policies: Sequence[str] = ("fbcache", "fo
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'policy':<16} {'time (s)':>9} {'speedup':>8} {'PSNR vs base (dB)':>18} {'blocks saved':>13}"]
+    width = max(16, *(len(r["policy"]) for r in rows))
+    lines = [f"{'policy':<{width}} {'time (s)':>9} {'speedup':>8} {'PSNR vs base (dB)':>18} {'blocks saved':>13}"]
     for r in rows:
-        lines.append(f"{r['policy']:<16} {r['seconds']:>9.3f} {r['speedup']:>7.2f}x {r['psnr_db']:>18.2f} "
+        lines.append(f"{r['policy']:<{width}} {r['seconds']:>9.3f} {r['speedup']:>7.2f}x {r['psnr_db']:>18.2f} "
                      f"{100 * r['blocks_saved']:>12.1f}%")
     return "\n".join(lines)
 

@@ -113,7 +113,7 @@ class Runtime:
         t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
         last = self._last_timestep.get(branch)
         if last is not None and t > last:
-            self.new_generation()
+            self.new_generation(self.num_inference_steps)  # a custom loop keeps the step count it gave reset()
         self._last_timestep[branch] = t
 
     # ---- statistics --------------------------------------------------------------------------

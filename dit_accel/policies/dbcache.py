@@ -49,7 +49,7 @@ class DBCacheConfig(ConfigBase):
 def l1(x: torch.Tensor, per_sample: bool) -> torch.Tensor:
     """Sum of |x| in float32 without a float32 copy: per sample (dim 0) or pooled."""
     dims = tuple(range(1, x.ndim)) if per_sample else tuple(range(x.ndim))
-    return torch.linalg.vector_norm(x, ord=1, dim=dims, dtype=torch.float32)
+    return torch.linalg.vector_norm(x, ord=1, dim=dims, dtype=torch.promote_types(x.dtype, torch.float32))
 
 
 def relative_l1(current: torch.Tensor, previous: torch.Tensor, per_sample: bool,
