@@ -44,17 +44,15 @@ def _zoo_model(name: str, steps: int | None, batch: int) -> DemoModel:
 
 
 def _tiny_model(family: str, steps: int | None) -> DemoModel:
-    from .testing import tiny_call_kwargs, tiny_pipeline
+    from .testing import tiny_generate, tiny_pipeline
 
     # millisecond-sized ops: a second CPU thread only adds hand-off stalls (seen: 17 ms -> 0.7 s)
     torch.set_num_threads(1)
     pipe = tiny_pipeline(family)
-    kwargs = tiny_call_kwargs(family, **({"num_inference_steps": steps} if steps else {}))
 
     def call(override: int | None = None) -> torch.Tensor:
-        out = pipe(**{**kwargs, "generator": torch.Generator().manual_seed(0),
-                      **({"num_inference_steps": override} if override else {})})
-        return (out.frames if hasattr(out, "frames") else out.images).float()
+        chosen = override or steps
+        return tiny_generate(pipe, family, **({"num_inference_steps": chosen} if chosen else {}))
     return DemoModel(f"tiny-{family} (random weights)", pipe, call, is_image=False, policies=("fbcache", "fora"))
 
 

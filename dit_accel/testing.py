@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from diffusers import DiffusionPipeline
     from transformers import PreTrainedTokenizerFast
 
-__all__ = ["FAMILIES", "CFG_LAYOUT", "tiny_transformer", "tiny_pipeline", "tiny_call_kwargs"]
+__all__ = ["FAMILIES", "CFG_LAYOUT", "tiny_transformer", "tiny_pipeline", "tiny_call_kwargs", "tiny_generate"]
 
 FAMILIES: tuple[str, ...] = ("flux", "sd3", "pixart", "dit", "wan", "hunyuan_video", "cogvideox")
 
@@ -628,3 +628,9 @@ def tiny_call_kwargs(family: str, seed: int = 0, **overrides: Any) -> dict[str, 
         kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * len(prompt)
     kwargs.update(overrides)
     return kwargs
+
+
+def tiny_generate(pipe: "DiffusionPipeline", family: str, seed: int = 0, **overrides: Any) -> torch.Tensor:
+    """One call of a tiny pipeline with ``tiny_call_kwargs``; the images, latents or frames as a float tensor."""
+    out = pipe(**tiny_call_kwargs(family, seed=seed, **overrides))
+    return (out.frames if hasattr(out, "frames") else out.images).float()

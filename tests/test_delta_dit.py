@@ -13,7 +13,7 @@ from torch import nn
 import dit_accel
 from dit_accel import Policy, PolicyError, load_policy
 from dit_accel.policies.delta_dit import DeltaDiTConfig
-from dit_accel.testing import tiny_call_kwargs, tiny_pipeline
+from dit_accel.testing import tiny_generate, tiny_pipeline
 
 
 class Block(nn.Module):
@@ -172,8 +172,7 @@ def pipeline(family: str):
 
 
 def generate(pipe, family: str) -> torch.Tensor:
-    out = pipe(**tiny_call_kwargs(family))
-    return out.frames if hasattr(out, "frames") else out.images
+    return tiny_generate(pipe, family)
 
 
 @pytest.mark.parametrize("family", ["flux", "pixart"])

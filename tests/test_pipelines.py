@@ -11,15 +11,14 @@ import pytest
 import torch
 
 import dit_accel
-from dit_accel.testing import CFG_LAYOUT, FAMILIES, tiny_call_kwargs, tiny_pipeline
+from dit_accel.testing import CFG_LAYOUT, FAMILIES, tiny_call_kwargs, tiny_generate, tiny_pipeline
 
 LOOSE = {"name": "loose", "cache": {"method": "fbcache", "threshold": 10.0}}
 NEVER = {"name": "never", "cache": {"method": "fbcache", "threshold": 0.0}}
 
 
 def generate(pipe, family, **overrides) -> torch.Tensor:
-    out = pipe(**tiny_call_kwargs(family, **overrides))
-    return out.frames if hasattr(out, "frames") else out.images
+    return tiny_generate(pipe, family, **overrides)
 
 
 def hook_footprint(pipe) -> list:

@@ -15,7 +15,7 @@ import dit_accel
 from dit_accel import Policy, PolicyError, load_policy
 from dit_accel.policies import _taylor
 from dit_accel.policies.taylorseer import TaylorSeerConfig, is_full_step
-from dit_accel.testing import tiny_call_kwargs, tiny_pipeline
+from dit_accel.testing import tiny_generate, tiny_pipeline
 
 T0 = 100.0  # timestep of step 0; step s runs at timestep T0 - s (a decreasing timestep, as samplers do)
 
@@ -359,8 +359,7 @@ def pipeline(family: str):
 
 
 def generate(pipe, family: str) -> torch.Tensor:
-    out = pipe(**tiny_call_kwargs(family))
-    return out.frames if hasattr(out, "frames") else out.images
+    return tiny_generate(pipe, family)
 
 
 @pytest.mark.parametrize("family", ["flux", "pixart"])

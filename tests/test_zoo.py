@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 
 import numpy as np
 import pytest
@@ -53,13 +52,8 @@ def test_json_config_matches_code():
     assert meta["defaults"]["num_inference_steps"] > 0 and meta["defaults"]["guidance_scale"] >= 1.0
 
 
-def test_load_offline_and_fast(no_network):
-    from diffusers import DiTTransformer2DModel  # noqa: F401  (import time is not load time)
-
-    t = time.perf_counter()
+def test_load_offline(no_network):
     p = zoo.load(NAME, device="cpu", dtype=torch.float32)
-    elapsed = time.perf_counter() - t
-    assert elapsed < 2.0, f"zoo.load took {elapsed:.2f}s"
     tr = p.transformer
     assert type(tr).__name__ == "DiTTransformer2DModel"
     assert not tr.training, "transformer must be in eval mode (LabelEmbedding drops labels in training mode)"

@@ -139,6 +139,26 @@ class CacheMethod(ABC):
         return f"{self.name}({', '.join(f'{k}={v}' for k, v in self.config.to_dict().items())})"
 
 
+def per_block_ranges(num_blocks: int, fn_compute: int, bn_compute: int) -> tuple[tuple[int, int], ...]:
+    """One cacheable range per block, leaving the first ``fn_compute`` and last ``bn_compute`` blocks out."""
+    if fn_compute + bn_compute >= num_blocks:
+        raise PolicyError(f"cache.fn_compute ({fn_compute}) + cache.bn_compute ({bn_compute}) must be less than the "
+                          f"model's number of blocks ({num_blocks})")
+    return tuple((i, i + 1) for i in range(fn_compute, num_blocks - bn_compute))
+
+
+def batch_agrees(below: torch.Tensor, state: BranchState) -> bool:
+    """True if every sample's gate says reuse (``below`` is a bool tensor, one per sample or pooled).
+
+    The one host sync of a residual gate. A batch whose samples disagree is computed, and
+    counted in ``state.method["mixed_batch"]`` (reported by ``dit_accel.stats``).
+    """
+    agree = int(below.sum())
+    if 0 < agree < below.numel():
+        state.method["mixed_batch"] = state.method.get("mixed_batch", 0) + 1
+    return agree == below.numel()
+
+
 for _point in _HOOK_POINTS[1:]:  # the base class's own defaults (should_reuse is abstract)
     setattr(CacheMethod, _point, torch.compiler.disable(getattr(CacheMethod, _point)))
 

@@ -38,7 +38,7 @@ import torch
 
 from ..config import ConfigBase, PolicyError, option
 from . import _taylor
-from .base import BranchState, CacheMethod, CachePlan
+from .base import BranchState, CacheMethod, CachePlan, batch_agrees
 
 
 @dataclass(frozen=True)
@@ -128,10 +128,7 @@ class CGTaylor(CacheMethod):
         reuse = False
         if error is not None and last is not None and last.intact() and not self._forced_full(state) \
                 and (c.max_consecutive_forecast is None or streak < c.max_consecutive_forecast):
-            agree = int((error < c.threshold).sum())  # the one host sync per step
-            reuse = agree == error.numel()
-            if 0 < agree < error.numel():
-                m["mixed_batch"] = m.get("mixed_batch", 0) + 1
+            reuse = batch_agrees(error < c.threshold, state)
         if reuse:
             m["cg_streak"] = streak + 1
         else:

@@ -28,7 +28,7 @@ from typing import ClassVar
 import torch
 
 from ..config import ConfigBase, PolicyError, option
-from .base import BranchState, CacheMethod, CachePlan, keep, take
+from .base import BranchState, CacheMethod, CachePlan, batch_agrees, keep, take
 
 
 @dataclass(frozen=True)
@@ -98,10 +98,7 @@ class DBCache(CacheMethod):
         reuse = False
         if change is not None and state.step >= c.warmup_steps and range_id in state.residuals \
                 and (c.max_consecutive_reuse is None or streak < c.max_consecutive_reuse):
-            agree = int((change < c.threshold).sum())  # the one host sync per step (README: "cost")
-            reuse = agree == change.numel()
-            if 0 < agree < change.numel():
-                m["mixed_batch"] = m.get("mixed_batch", 0) + 1
+            reuse = batch_agrees(change < c.threshold, state)
         if reuse:
             m["streak"] = streak + 1
         else:

@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..config import ConfigBase, PolicyError, option
-from .base import BranchState, CacheMethod, CachePlan
+from ..config import ConfigBase, option
+from .base import BranchState, CacheMethod, CachePlan, per_block_ranges
 
 
 @dataclass(frozen=True)
@@ -36,12 +36,7 @@ class FORA(CacheMethod):
     config_cls = FORAConfig
 
     def make_plan(self, num_blocks: int) -> CachePlan:
-        c = self.config
-        if c.fn_compute + c.bn_compute >= num_blocks:
-            raise PolicyError(
-                f"cache.fn_compute ({c.fn_compute}) + cache.bn_compute ({c.bn_compute}) must be less than the "
-                f"model's number of blocks ({num_blocks})")
-        return CachePlan(ranges=tuple((i, i + 1) for i in range(c.fn_compute, num_blocks - c.bn_compute)))
+        return CachePlan(ranges=per_block_ranges(num_blocks, self.config.fn_compute, self.config.bn_compute))
 
     def is_compute_step(self, step: int) -> bool:
         c = self.config

@@ -46,9 +46,9 @@ from typing import ClassVar
 
 import torch
 
-from ..config import ConfigBase, PolicyError, option
+from ..config import ConfigBase, option
 from . import _taylor
-from .base import BranchState, CacheMethod, CachePlan
+from .base import BranchState, CacheMethod, CachePlan, per_block_ranges
 
 
 @dataclass(frozen=True)
@@ -75,12 +75,7 @@ class TaylorSeer(CacheMethod):
     config_cls = TaylorSeerConfig
 
     def make_plan(self, num_blocks: int) -> CachePlan:
-        c = self.config
-        if c.fn_compute + c.bn_compute >= num_blocks:
-            raise PolicyError(
-                f"cache.fn_compute ({c.fn_compute}) + cache.bn_compute ({c.bn_compute}) must be less than the "
-                f"model's number of blocks ({num_blocks})")
-        return CachePlan(ranges=tuple((i, i + 1) for i in range(c.fn_compute, num_blocks - c.bn_compute)))
+        return CachePlan(ranges=per_block_ranges(num_blocks, self.config.fn_compute, self.config.bn_compute))
 
     def is_full_step(self, step: int) -> bool:
         return is_full_step(step, self.config.warmup_steps, self.config.interval)
