@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     try:  # eval / sweep / report live with the evaluation harness
         from .eval.cli import register_commands
     except ModuleNotFoundError as err:
-        if err.name != "dit_accel.eval.cli":
+        if err.name not in ("dit_accel.eval", "dit_accel.eval.cli"):
             raise
     else:
         register_commands(sub)
