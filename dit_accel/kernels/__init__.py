@@ -1,0 +1,31 @@
+"""Triton kernels, each with a plain-PyTorch reference (the CPU path and the test oracle).
+
+GPU code paths are chosen at run time: the Triton kernel runs on CUDA tensors (or on CPU
+tensors under ``TRITON_INTERPRET=1``); everywhere else the reference runs. Importing this
+package never imports Triton.
+
+Modules: ``block_sparse`` (block-sparse attention API, block tables, reference) and
+``_block_sparse_triton`` (the Triton kernel, imported on first use).
+"""
+
+from .block_sparse import (
+    SUPPORTED_BLOCK_SIZES,
+    SUPPORTED_HEAD_DIMS,
+    block_sparse_attention,
+    block_sparse_attention_reference,
+    block_table_to_mask,
+    dense_block_table,
+    mask_to_block_table,
+    triton_available,
+)
+
+__all__ = [
+    "SUPPORTED_BLOCK_SIZES",
+    "SUPPORTED_HEAD_DIMS",
+    "block_sparse_attention",
+    "block_sparse_attention_reference",
+    "block_table_to_mask",
+    "dense_block_table",
+    "mask_to_block_table",
+    "triton_available",
+]

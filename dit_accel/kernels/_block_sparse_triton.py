@@ -1,0 +1,236 @@
+"""Triton block-sparse FlashAttention forward (imported only when Triton is used).
+
+One program computes ``BLOCK_M`` query rows of one (batch, head): it reads the block-table row
+of the q-block those rows belong to and walks its kv-blocks, ``BLOCK_N`` keys at a time, with an
+online softmax in float32 (``exp2``, ``sm_scale * log2(e)`` folded into ``qk_scale``).
+
+Tiles versus table blocks: the kernel tile (``BLOCK_M`` x ``BLOCK_N``, autotuned on CUDA) divides
+the table block (``TABLE_BM`` x ``TABLE_BN``, the user's ``block_m``/``block_n``): several programs
+share one table row when ``BLOCK_M < TABLE_BM``, and each kv-block is walked in
+``TABLE_BN // BLOCK_N`` sub-tiles. The (kv-block, sub-tile) loop is flattened into one loop so the
+software pipeliner (``num_stages``) sees a single loop whose K/V loads it can prefetch.
+
+Masking: only when ``S`` is not a multiple of the table block (constexpr ``EVEN_M``/``EVEN_N``):
+query rows past ``S`` are loaded as zeros and not stored, keys past ``S`` are not loaded and get
+a score of ``-inf``. The running max starts at a large finite negative value (not ``-inf``) so a
+sub-tile lying wholly past ``S`` cannot produce ``-inf - -inf = nan``.
+
+The kernel is jitted lazily (:func:`_kernel`), so whether Triton interprets it is decided by
+``TRITON_INTERPRET`` when it is first needed, not when this module is imported.
+
+Hopper (sm_90), checked ahead of time without a GPU (:func:`aot_compile`, Triton 3.9; not yet
+timed): both ``tl.dot`` become ``wgmma`` (SASS ``HGMMA.64x128x16.F32.BF16``), K/V tiles are
+prefetched with 16-byte ``cp.async`` (``LDGSTS.E.BYPASS.128``) ``num_stages`` deep — only when
+the pointers and row strides are 16-divisible, which the JIT specialises for contiguous
+``[B, H, S, D]`` inputs with D in {64, 128} — and there is no local-memory traffic. ptxas, D=128:
+128x128 tiles with 8 warps use 203 registers (255 with tail masking) and no spills; 128-row tiles
+with 4 warps spill (36 bytes), hence :func:`_prune` drops them for D=128. 128x128x3 stages with
+tail masking takes 224 KiB of shared memory, just under the 227 KiB limit. Not done yet:
+tensor-memory-accelerator (TMA) descriptor loads, warp specialisation / ping-pong of two
+softmax warpgroups (FlashAttention-3), a persistent grid ordered heaviest q-block first (rows
+with more kv-blocks finish last), FP8.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LN2 = 0.6931471805599453
+#: tile used under the interpreter: small (numpy is slow) and below the test tables' 32 so that
+#: the sub-tile and shared-row paths are exercised.
+INTERPRET_BLOCK = 16
+
+
+def _bsa_fwd_kernel(
+    Q, K, V, O, LSE, KV_IDX, KV_CNT,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_os, stride_od,
+    stride_ib, stride_ih, stride_iq, stride_ik,
+    stride_cb, stride_ch, stride_cq,
+    H, S, qk_scale,
+    HEAD_DIM: tl.constexpr, TABLE_BM: tl.constexpr, TABLE_BN: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    SUB: tl.constexpr = TABLE_BN // BLOCK_N
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    qb = start_m // TABLE_BM
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd
+    if EVEN_M:
+        q = tl.load(q_ptrs)
+    else:
+        q = tl.load(q_ptrs, mask=offs_m[:, None] < S, other=0.0)
+    if DOT_F32:  # interpreter only: its tl.dot mishandles bfloat16 (Triton 3.9)
+        q = q.to(tl.float32)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    idx_base = KV_IDX + b * stride_ib + h * stride_ih + qb * stride_iq
+    count = tl.load(KV_CNT + b * stride_cb + h * stride_ch + qb * stride_cq)
+
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    for t in range(0, count * SUB):
+        kb = tl.load(idx_base + (t // SUB) * stride_ik)
+        start_n = kb * TABLE_BN + (t % SUB) * BLOCK_N
+        cols = start_n + offs_n
+        k_ptrs = k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd      # K^T tile [D, BLOCK_N]
+        v_ptrs = v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd      # V tile [BLOCK_N, D]
+        if EVEN_N:
+            k = tl.load(k_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=cols[None, :] < S, other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+        if not EVEN_N:
+            qk = tl.where(cols[None, :] < S, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if EVEN_N:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=cols[:, None] < S, other=0.0)
+        if DOT_F32:
+            v = v.to(tl.float32)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # Rows with no kv-block (count == 0): l_i == 0 -> output 0, lse -inf.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od
+    if EVEN_M:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty))
+    else:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < S)
+    if STORE_LSE:
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        lse_ptrs = LSE + pid_bh.to(tl.int64) * S + offs_m
+        if EVEN_M:
+            tl.store(lse_ptrs, lse)
+        else:
+            tl.store(lse_ptrs, lse, mask=offs_m < S)
+
+
+def hopper_configs() -> list[triton.Config]:
+    """Autotune space on CUDA: tiles 64/128, 4/8 warps, 2/3 pipeline stages (pruned per table)."""
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for s in (2, 3)]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep tiles that divide the table blocks; a table block below 64 gets a tile of its size."""
+    tbm, tbn, d = kwargs["TABLE_BM"], kwargs["TABLE_BN"], kwargs["HEAD_DIM"]
+    kept = [c for c in configs if tbm % c.kwargs["BLOCK_M"] == 0 and tbn % c.kwargs["BLOCK_N"] == 0]
+    if d >= 128:  # 128x128 tiles with D=128 need 8 warps to keep the fp32 accumulator in registers
+        kept = [c for c in kept if not (c.kwargs["BLOCK_M"] == 128 and c.num_warps == 4)] or kept
+    if not kept:
+        bm, bn = min(tbm, 64), min(tbn, 64)
+        kept = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=s) for s in (2, 3)]
+    return kept
+
+
+_KERNELS: dict[str, object] = {}
+
+
+def interpreter_ready() -> bool:
+    """Whether Triton was imported in interpreter mode (TRITON_INTERPRET=1 set before its import):
+    only then are the ``triton.language`` helpers (``tl.zeros``, ``tl.sum``...) interpretable."""
+    from triton.runtime.jit import JITFunction
+
+    return bool(triton.knobs.runtime.interpret) and not isinstance(tl.zeros, JITFunction)
+
+
+def _kernel(interpret: bool):
+    """The jitted kernel: autotuned on CUDA, plain (fixed tiles) under the interpreter."""
+    key = "interpret" if interpret else "cuda"
+    if key not in _KERNELS:
+        if interpret and not interpreter_ready():
+            raise RuntimeError(
+                "block_sparse_attention: TRITON_INTERPRET=1 must be set before triton is first imported "
+                "(diffusers and torch._dynamo import it): triton.language was loaded in compiled mode, so "
+                "the interpreter cannot run the kernel on CPU tensors. Set it at process start, or unset it "
+                "to use the PyTorch reference on CPU.")
+        jitted = triton.jit(_bsa_fwd_kernel)
+        if not interpret:
+            jitted = triton.autotune(configs=hopper_configs(), key=["S", "HEAD_DIM", "TABLE_BM", "TABLE_BN"],
+                                     prune_configs_by={"early_config_prune": _prune})(jitted)
+        _KERNELS[key] = jitted
+    return _KERNELS[key]
+
+
+def block_sparse_attention_triton(q, k, v, kv_indices, kv_counts, *, block_m: int, block_n: int,
+                                  qk_scale: float, interpret: bool, return_lse: bool):
+    """Launch the kernel; inputs are assumed checked (see ``block_sparse_attention``)."""
+    B, H, S, D = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty((B, H, S) if return_lse else (1,), dtype=torch.float32, device=q.device)
+    common = dict(HEAD_DIM=D, TABLE_BM=block_m, TABLE_BN=block_n, EVEN_M=S % block_m == 0,
+                  EVEN_N=S % block_n == 0, STORE_LSE=return_lse,
+                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                  # The interpreter's tl.dot is wrong on bfloat16 (Triton 3.9): upcast there only.
+                  DOT_F32=interpret and q.dtype == torch.bfloat16)
+    args = (q, k, v, out, lse, kv_indices, kv_counts,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            *kv_indices.stride(), *kv_counts.stride(), H, S, qk_scale)
+    kernel = _kernel(interpret)
+    if interpret:
+        bm, bn = min(block_m, INTERPRET_BLOCK), min(block_n, INTERPRET_BLOCK)
+        grid = (triton.cdiv(S, bm), B * H)
+        kernel[grid](*args, **common, BLOCK_M=bm, BLOCK_N=bn)
+    else:
+        def grid(meta):
+            return (triton.cdiv(S, meta["BLOCK_M"]), B * H)
+
+        with torch.cuda.device(q.device):
+            kernel[grid](*args, **common)
+    return out, (lse if return_lse else None)
+
+
+def aot_compile(*, dtype: str = "bf16", head_dim: int = 128, block_m: int = 128, block_n: int = 128,
+                table_block: int = 128, num_warps: int = 8, num_stages: int = 3, even: bool = False,
+                arch: int = 90):
+    """Compile the kernel ahead of time for ``sm_<arch>`` without a GPU (for inspection and tests).
+
+    Mirrors what the JIT specialises for contiguous ``[B, H, S, D]`` inputs (unit inner strides,
+    16-divisible pointers and strides — without the latter the pipeliner does not issue async
+    copies). Returns the compiled kernel: ``.asm["ttgir"]``, ``.asm["ptx"]``, ``.asm["cubin"]``,
+    ``.metadata.shared``. Needs Triton imported in compiled mode (``TRITON_INTERPRET`` unset).
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = triton.runtime.jit.JITFunction(_bsa_fwd_kernel)
+    names = fn.arg_names
+    unit = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_ik", "stride_cq")
+    constexprs = dict(HEAD_DIM=head_dim, TABLE_BM=table_block, TABLE_BN=table_block, EVEN_M=even, EVEN_N=even,
+                      STORE_LSE=True, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", DOT_F32=False,
+                      BLOCK_M=block_m, BLOCK_N=block_n, **{n: 1 for n in unit})
+    pointers = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "O": f"*{dtype}", "LSE": "*fp32",
+                "KV_IDX": "*i32", "KV_CNT": "*i32"}
+    signature = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n == "qk_scale" else "i32")
+                 for n in names}
+    aligned = [n for n in names if n in pointers or (n.startswith("stride") and n not in unit)]
+    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
