@@ -46,7 +46,9 @@ def accelerate(target: Any, policy: PolicyLike = "fbcache", *, blocks: Sequence[
     runtimes: dict[str, Runtime] = {}
     for name, module in modules.items():
         adapter = get_adapter(module, blocks=blocks, block_returns=block_returns)
-        runtimes[name] = Runtime(module, adapter, policy, adapter.blocks(module))  # validates the plan
+        pipeline = None if isinstance(target, torch.nn.Module) else target
+        runtimes[name] = Runtime(module, adapter, policy, adapter.blocks(module),  # validates the plan
+                                 pipeline=pipeline, component=name)
     done: list[Runtime] = []
     try:
         for rt in runtimes.values():

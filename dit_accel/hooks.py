@@ -13,6 +13,13 @@ Three pieces, none of which patches a class:
   pipeline calls it once at the start of ``__call__``): that is where a new generation starts,
   all state is dropped and ``num_inference_steps`` is learnt. A bare transformer (custom loop)
   has no scheduler: a timestep that goes up starts a new generation, or call ``dit_accel.reset``.
+
+With a ``guidance`` section (Adaptive Guidance, :mod:`dit_accel.policies.adaptive_guidance`) the
+transformer-level hooks also compare the conditional and guided predictions after each step and,
+once the unconditional branch is dropped, either cut a batched CFG call to its conditional rows
+(the pre hook slices the arguments, the post hook completes the output with the conditional rows
+in both halves) or turn a separate "uncond" call into a passthrough of every block whose output
+is replaced by the same step's conditional output.
 """
 
 from __future__ import annotations
@@ -27,8 +34,12 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
 from .adapters.base import BlockInfo, ModelAdapter, call_argument
+from .config import PolicyError
 from .policies import get_method
-from .policies.base import BlockCall, BranchState, CacheMethod, keep, take
+from .policies.adaptive_guidance import (COND, UNCOND, AdaptiveGuidance, cfg_order_for, output_sample,
+                                         pipeline_guidance_scale, pipeline_runs_cfg, replace_sample,
+                                         slice_batched)
+from .policies.base import BlockCall, BranchState, CacheMethod, CachePlan, keep, take
 from .policy import Policy
 from .stats import Stats
 
@@ -47,7 +58,7 @@ class Runtime:
     """All acceleration state of one transformer under one policy."""
 
     def __init__(self, transformer: torch.nn.Module, adapter: ModelAdapter, policy: Policy,
-                 blocks: list[BlockInfo]) -> None:
+                 blocks: list[BlockInfo], pipeline: Any | None = None, component: str = "transformer") -> None:
         self.transformer = transformer
         self.adapter = adapter
         self.policy = policy
@@ -55,6 +66,21 @@ class Runtime:
         self.method: CacheMethod | None = None
         if policy.cache is not None:
             self.method = get_method(policy.cache.method)(policy.cache, blocks, adapter)
+        self.guidance: AdaptiveGuidance | None = None
+        self.pipeline_ref = weakref.ref(pipeline) if pipeline is not None else None
+        self.component = component
+        if policy.guidance is not None:
+            config = policy.guidance
+            if adapter.cfg_layout == "none":
+                raise PolicyError(f"guidance: the {adapter.family} adapter runs no classifier-free guidance "
+                                  "(cfg_layout 'none'); remove the guidance section")
+            if pipeline is None and config.guidance_scale is None:
+                raise PolicyError("guidance.guidance_scale is required for a bare transformer (there is no "
+                                  "pipeline to read the guidance scale from)")
+            self.guidance = AdaptiveGuidance(config, adapter.cfg_layout,
+                                             cfg_order_for(pipeline, config, adapter.cfg_layout))
+        self.skipping = False
+        self._warned_no_scale = False
         self.clone_inputs = False
         self.pipeline_driven = False
         self.scheduler_watch: SchedulerWatch | None = None
@@ -72,6 +98,14 @@ class Runtime:
         self.mixed_batch_decisions = 0
         self.released_bytes = 0
         self._last_timestep: dict[str, float] = {}
+        # Adaptive Guidance, per generation
+        self.guidance_switched: dict[str, bool] = {}
+        self.guidance_switch_step: dict[str, int] = {}
+        self.guidance_skipped = 0
+        self.guidance_active: bool | None = None  # batched CFG on in this generation (guidance scale > 1)
+        self._pending_cond: tuple | None = None  # (cond prediction, timestep, hidden shape) of separate CFG
+        self._call: tuple | None = None  # what the guidance does with the call in progress
+        self.skipping = False
 
     def release(self) -> None:
         """Free cached tensors (end of a pipeline call) but keep the call's statistics."""
@@ -79,6 +113,120 @@ class Runtime:
         self.mixed_batch_decisions += sum(s.method.get("mixed_batch", 0) for s in self.states.values())
         self.states = {}
         self.current = None
+        self._pending_cond = None
+        self._call = None
+        self.skipping = False
+
+    # ---- Adaptive Guidance -------------------------------------------------------------------
+    def _guidance_scale(self) -> tuple[float | None, float | None]:
+        """(w for the guided prediction, the pipeline's own CFG scale) of the call in progress."""
+        pipe = self.pipeline_ref() if self.pipeline_ref is not None else None
+        own = pipeline_guidance_scale(pipe, self.component) if pipe is not None else None
+        w = self.guidance.config.guidance_scale
+        w = own if w is None else w
+        if w is None and not self._warned_no_scale:
+            self._warned_no_scale = True
+            logger.warning("dit_accel: adaptive guidance cannot find the guidance scale of %s; set "
+                           "guidance.guidance_scale in the policy (the unconditional branch is kept)",
+                           type(pipe).__name__)
+        return w, own
+
+    def before_call(self, branch: str, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Pre-hook work: the guidance's decision for this call, then the cache state. Returns replaced
+        (args, kwargs) when a batched call runs on its conditional rows only."""
+        self._call = None
+        replaced = None
+        if self.guidance is not None:
+            replaced = self._guidance_before(branch, args, kwargs)
+            if self._call is not None and self._call[0] == "skip":
+                self.skipping = True
+                self.current = None
+                self.guidance_skipped += 1
+                return None
+            if replaced is not None:
+                args, kwargs = replaced
+        self.begin_call(branch, args, kwargs)
+        return replaced
+
+    def _guidance_before(self, branch: str, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if not isinstance(hidden, torch.Tensor) or hidden.ndim == 0:
+            return None
+        timestep = kwargs.get("timestep")
+        if branch == COND:
+            self._call = ("cond", timestep, tuple(hidden.shape))
+            return None
+        if branch == UNCOND:
+            pending, self._pending_cond = self._pending_cond, None
+            if pending is None or pending[2] != tuple(hidden.shape) or not _same_timestep(pending[1], timestep):
+                return None  # no conditional prediction of this very step: run as usual
+            self._call = ("skip" if self.guidance_switched.get(UNCOND) else "uncond", pending[0])
+            return None
+        if self.guidance.cfg_layout != "batched":
+            return None
+        batch = hidden.shape[0]
+        if batch % 2:
+            return None
+        if self.guidance_switched.get(branch):
+            self._call = ("half", batch)
+            self.guidance_skipped += 1
+            return self.guidance.slice_call(args, kwargs, batch)
+        w, own = self._guidance_scale()
+        if self.guidance_active is None:  # once per generation: does this pipeline call batch CFG at all?
+            pipe = self.pipeline_ref() if self.pipeline_ref is not None else None
+            active = pipeline_runs_cfg(pipe, own) if pipe is not None else None
+            self.guidance_active = True if active is None else active  # bare transformer: the policy says so
+        if self.guidance_active and w is not None:
+            self._call = ("full", batch, w)
+        return None
+
+    def after_call(self, output: Any) -> Any:
+        """Post-hook work: close the cache state, then complete / replace the output or check the switch."""
+        call, self._call = self._call, None
+        if call is not None and call[0] == "skip":
+            self.skipping = False
+            sample = output_sample(output)
+            if sample is None:
+                return None
+            return replace_sample(output, call[1].clone())
+        state = self.current
+        step = state.step if state is not None else None
+        self.end_call()
+        if call is None or output is None:
+            return None
+        kind = call[0]
+        if kind == "half":
+            return self.guidance.complete_output(output, call[1] // 2)
+        sample = output_sample(output)
+        if sample is None or step is None:
+            return None
+        g = self.guidance
+        if kind == "cond":
+            self._pending_cond = (sample, call[1], call[2])
+        elif kind == "uncond":
+            w, _ = self._guidance_scale()
+            if w is not None and g.may_switch(step) and g.converged(call[1], sample, w):
+                self.guidance_switched[UNCOND] = True
+                self.guidance_switch_step[UNCOND] = step + 1
+        elif kind == "full":
+            branch, batch, w = state.key[0], call[1], call[2]
+            if g.may_switch(step):
+                cond, uncond = g.halves(sample)
+                if g.converged(cond, uncond, w):
+                    self.guidance_switched[branch] = True
+                    self.guidance_switch_step[branch] = step + 1
+                    self._halve_state(state, batch)
+        return None
+
+    def _halve_state(self, state: BranchState, batch: int) -> None:
+        """Move a batched branch's cache state to the conditional rows (the calls it will see from now on)."""
+        rows = self.guidance.cond_rows(batch)
+        branch, shape = state.key
+        self.states.pop(state.key, None)
+        state.key = (branch, (batch // 2, *shape[1:]) if shape else shape)
+        state.residuals = slice_batched(state.residuals, batch, rows)
+        state.method = slice_batched(state.method, batch, rows)
+        self.states[state.key] = state
 
     def begin_call(self, branch: str, args: tuple, kwargs: dict) -> None:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
@@ -132,7 +280,16 @@ class Runtime:
                      calls_per_branch=dict(self.calls),
                      computed=[total_calls - r for r in reused], reused=reused,
                      mixed_batch_decisions=mixed,
-                     cache_bytes=held)
+                     cache_bytes=held,
+                     guidance=self.guidance.describe() if self.guidance else "none",
+                     guidance_skipped_calls=self.guidance_skipped,
+                     guidance_switch_step=dict(self.guidance_switch_step))
+
+
+def _same_timestep(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a is b or (a.shape == b.shape and bool(torch.equal(a, b)))
+    return a == b
 
 
 class ContextHook(ModelHook):
@@ -173,12 +330,12 @@ class StepTracker:
                         module.register_forward_hook(self.post, always_call=True)]
 
     @torch.compiler.disable
-    def pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        self.runtime.begin_call(self.context.branch(), args, kwargs)
+    def pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        return self.runtime.before_call(self.context.branch(), args, kwargs)
 
     @torch.compiler.disable
-    def post(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        self.runtime.end_call()
+    def post(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        return self.runtime.after_call(output)
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -225,6 +382,8 @@ class BlockHook(ModelHook):
         # Per-step decisions run eagerly; the block's own forward is still compiled (as its own
         # frame), so a compiled transformer does not recompile as the step changes.
         rt = self.runtime
+        if rt.skipping:  # an unconditional call dropped by Adaptive Guidance: every block is a passthrough
+            return self._pack(*self._inputs(args, kwargs))
         state = rt.current
         forward = self.fn_ref.original_forward
         if state is None:  # called outside a transformer forward: leave it alone
@@ -317,18 +476,20 @@ def attach(runtime: Runtime) -> None:
         _register(runtime.blocks[0].module, context, CONTEXT_HOOK, registered)
         runtime.tracker = StepTracker(runtime, context)
         method = runtime.method
-        if method is not None:
-            plan = method.plan
-            roles: dict[int, dict] = {}
-            for rid, (start, end) in enumerate(plan.ranges):
-                for i in range(start, end):
-                    roles[i] = {"range_id": rid, "is_start": i == start, "is_end": i == end - 1}
-            for i in sorted(set(roles) | plan.watch_inputs | plan.watch_outputs):
-                role = roles.get(i, {"range_id": None, "is_start": False, "is_end": False})
-                block = runtime.blocks[i]
-                hook = BlockHook(runtime, block, watch_in=i in plan.watch_inputs, watch_out=i in plan.watch_outputs,
-                                 **role)
-                _register(block.module, hook, BLOCK_HOOK, registered)
+        plan = method.plan if method is not None else CachePlan(ranges=())
+        roles: dict[int, dict] = {}
+        for rid, (start, end) in enumerate(plan.ranges):
+            for i in range(start, end):
+                roles[i] = {"range_id": rid, "is_start": i == start, "is_end": i == end - 1}
+        hooked = set(roles) | plan.watch_inputs | plan.watch_outputs
+        if runtime.guidance is not None:  # a dropped unconditional call passes through every block
+            hooked = set(range(len(runtime.blocks)))
+        for i in sorted(hooked):
+            role = roles.get(i, {"range_id": None, "is_start": False, "is_end": False})
+            block = runtime.blocks[i]
+            hook = BlockHook(runtime, block, watch_in=i in plan.watch_inputs, watch_out=i in plan.watch_outputs,
+                             **role)
+            _register(block.module, hook, BLOCK_HOOK, registered)
         _invalidate_registry_cache(transformer)
     except Exception:
         for module, name in reversed(registered):

@@ -16,6 +16,9 @@ import yaml
 
 from .config import ConfigBase, PolicyError, unknown_key_error
 from .policies import ALIASES, get_method, method_names
+from .policies.adaptive_guidance import AdaptiveGuidanceConfig
+
+GUIDANCE_METHODS: dict[str, type[ConfigBase]] = {"adaptive": AdaptiveGuidanceConfig}
 
 PolicyLike = Union["Policy", str, Path, Mapping[str, Any], None]
 
@@ -36,22 +39,40 @@ def _cache_config_from_dict(data: Mapping[str, Any]) -> ConfigBase:
     return get_method(method).config_cls.from_dict({"method": method, **data}, where="cache")
 
 
+def _guidance_config_from_dict(data: Mapping[str, Any]) -> ConfigBase:
+    if not isinstance(data, Mapping):
+        raise PolicyError(f"guidance: expected a mapping with a 'method' key, got {data!r}")
+    method = data.get("method")
+    allowed = sorted(GUIDANCE_METHODS)
+    if method is None:
+        raise PolicyError(f"guidance.method is required; choose one of {allowed}")
+    if not isinstance(method, str) or method not in GUIDANCE_METHODS:
+        raise PolicyError(f"guidance.method: {method!r} is not a known guidance method; choose one of {allowed}")
+    return GUIDANCE_METHODS[method].from_dict(data, where="guidance")
+
+
 @dataclass(frozen=True)
 class Policy:
-    """What to accelerate and how. ``cache=None`` means no caching (outputs stay bit-exact)."""
+    """What to accelerate and how. ``cache=None`` means no caching, ``guidance=None`` plain CFG
+    (with both off, outputs stay bit-exact)."""
 
     name: str = "custom"
     cache: ConfigBase | None = None
+    guidance: ConfigBase | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise PolicyError(f"name: expected a non-empty string, got {self.name!r}")
         if self.cache is not None and not isinstance(self.cache, ConfigBase):
             object.__setattr__(self, "cache", _cache_config_from_dict(self.cache))
+        if self.guidance is not None and not isinstance(self.guidance, tuple(GUIDANCE_METHODS.values())):
+            if isinstance(self.guidance, ConfigBase):
+                raise PolicyError(f"guidance: expected a guidance section, got {type(self.guidance).__name__}")
+            object.__setattr__(self, "guidance", _guidance_config_from_dict(self.guidance))
 
     @property
     def is_empty(self) -> bool:
-        return self.cache is None
+        return self.cache is None and self.guidance is None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Policy":
@@ -61,11 +82,16 @@ class Policy:
         for key in data:
             if key not in allowed:
                 raise unknown_key_error("policy", key, allowed)
-        cache = data.get("cache")
-        return cls(name=data.get("name", "custom"), cache=None if cache is None else _cache_config_from_dict(cache))
+        cache, guidance = data.get("cache"), data.get("guidance")
+        return cls(name=data.get("name", "custom"), cache=None if cache is None else _cache_config_from_dict(cache),
+                   guidance=None if guidance is None else _guidance_config_from_dict(guidance))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "cache": None if self.cache is None else self.cache.to_dict()}
+        """``{"name", "cache"}``, plus ``"guidance"`` when the policy has a guidance section."""
+        d = {"name": self.name, "cache": None if self.cache is None else self.cache.to_dict()}
+        if self.guidance is not None:
+            d["guidance"] = self.guidance.to_dict()
+        return d
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -77,7 +103,8 @@ class Policy:
         """A copy with some cache fields changed, validated again: ``policy.replace(threshold=0.2)``."""
         if self.cache is None:
             raise PolicyError("policy has no cache section to change")
-        return Policy(name=self.name, cache=_cache_config_from_dict({**self.cache.to_dict(), **cache_changes}))
+        return Policy(name=self.name, cache=_cache_config_from_dict({**self.cache.to_dict(), **cache_changes}),
+                      guidance=self.guidance)
 
 
 def preset_names() -> list[str]:

@@ -7,7 +7,13 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass
 class Stats:
-    """What the last pipeline call (generation) did. Block counts are transformer calls × blocks."""
+    """What the last pipeline call (generation) did. Block counts are transformer calls × blocks.
+
+    Adaptive Guidance: ``guidance_skipped_calls`` counts unconditional evaluations it saved (a skipped
+    "uncond" call, or a batched call run on the conditional half only); ``guidance_switch_step`` maps a
+    branch ("uncond" for separate CFG calls, the batched call's branch otherwise) to the first step that
+    ran without the unconditional branch. Skipped calls are not in ``calls_per_branch``.
+    """
 
     policy: str
     family: str
@@ -19,6 +25,9 @@ class Stats:
     reused: list[int]
     mixed_batch_decisions: int = 0
     cache_bytes: int = 0
+    guidance: str = "none"
+    guidance_skipped_calls: int = 0
+    guidance_switch_step: dict[str, int] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -51,6 +60,10 @@ class Stats:
                  f"steps={self.num_inference_steps}",
                  f"blocks computed {self.blocks_computed}, reused {self.blocks_reused} "
                  f"({100 * self.saved_share:.1f}% saved), cache {self.cache_bytes / 2**20:.1f} MiB"]
+        if self.guidance != "none":
+            switched = ", ".join(f"from step {v} ({k})" for k, v in self.guidance_switch_step.items()) or "never"
+            lines.append(f"guidance {self.guidance}: unconditional branch dropped {switched}; "
+                         f"{self.guidance_skipped_calls} unconditional evaluations skipped")
         if self.mixed_batch_decisions:
             lines.append(f"{self.mixed_batch_decisions} gate decisions where samples disagreed (computed)")
         return "\n".join(lines)
