@@ -19,9 +19,12 @@ def _demo(args: argparse.Namespace) -> int:
 def _presets(args: argparse.Namespace) -> int:
     from .policy import load_policy, preset_names
 
+    width = max(len(n) for n in preset_names())
     for name in preset_names():
         policy = load_policy(name)
-        print(f"{name:<10} {policy.cache.to_dict() if policy.cache else 'no acceleration'}")
+        parts = [f"{section}: {getattr(policy, section).to_dict()}" for section in ("cache", "guidance")
+                 if getattr(policy, section, None) is not None]
+        print(f"{name:<{width}}  {'; '.join(parts) or 'no acceleration'}")
     return 0
 
 

@@ -27,6 +27,8 @@ of a (model, condition, seed, steps) is generated once and reused by every varia
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import itertools
 import json
@@ -83,7 +85,8 @@ class Variant:
     def generation(self) -> dict:
         """What determines the generated output (names do not)."""
         if self.kind == "policy":
-            return {"accelerated": True, "cache": None if self.policy.cache is None else self.policy.cache.to_dict()}
+            d = self.policy.to_dict()
+            return {"accelerated": True, **{k: v for k, v in d.items() if k != "name"}}
         return {"accelerated": False}
 
 
@@ -204,13 +207,13 @@ def expand_policy(entry: Any, where: str, base_dir: str | None = None) -> list[P
             fields = [k[len("cache."):] if k.startswith("cache.") else k for k in grid]
             values = [v if isinstance(v, list) else [v] for v in grid.values()]
             if not fields:
-                return [Policy(name=name, cache=base.cache)]
+                return [dataclasses.replace(base, name=name)]
             out = []
             for combo in itertools.product(*values):
                 changes = dict(zip(fields, combo))
                 varied = base.replace(**changes)
                 suffix = ",".join(f"{k}={v}" for k, v in changes.items())
-                out.append(Policy(name=f"{name}[{suffix}]", cache=varied.cache))
+                out.append(dataclasses.replace(varied, name=f"{name}[{suffix}]"))
             return out
         return [_policy(entry, base_dir)]
     except PolicyError as err:
