@@ -6,6 +6,22 @@ relative L1 change of the first block's modulated input and of its timestep-embe
 argument (TeaCache's inputs), and the relative L1 change and token-wise magnitude ratio of the
 block-stack residual (TeaCache's target, MagCache's γ). Each method that needs calibration
 implements ``calibrated(config, records, family) -> config``.
+
+Per-block and pairwise statistics (BAC, ERTACache) are recorded when ``RecordConfig(per_block=True)``
+(a method asks for it with a class attribute ``record_options = {"per_block": True}``). Every
+block's input and output are then watched (the single whole-stack range is unchanged, so the
+whole-stack statistics are exactly those of the default recorder) and each step's row gains:
+
+* ``block_dist[i][a]`` for every earlier step ``a`` of the branch: the relative L1 error of
+  block ``i``'s output if its residual from step ``a`` were reused on this step's input,
+  ‖r_t − r_a‖₁ / ‖out_t‖₁ — the quantity BAC's scheduler trades off;
+* ``stack_dist[a]`` (‖R_t − R_a‖₁ / ‖R_t‖₁ for the whole-stack residual R) and ``stack_fit[a]``
+  = (α, β, error after fit): the least-squares R_t ≈ α·R_a + β and its relative L1 error
+  (ERTACache's residual rectification).
+
+All of these are computed on a fixed random sketch of ``sketch_size`` elements of each tensor
+(the same elements at every step, per branch and shape), so the pairwise tables cost memory
+proportional to steps × blocks × sketch_size, not to the activations.
 """
 
 from __future__ import annotations
@@ -31,6 +47,8 @@ from .policy import Policy, PolicyLike, load_policy
 class RecordConfig(ConfigBase):
     section: ClassVar[str] = "cache"
     method: str = option("_record", choices=("_record",))
+    per_block: bool = option(False, doc="also record per-block and pairwise residual statistics (BAC, ERTACache)")
+    sketch_size: int = option(16384, ge=16, doc="elements sampled per tensor for the pairwise statistics")
 
 
 def _rel(current: torch.Tensor | None, previous: torch.Tensor | None) -> float:
@@ -50,10 +68,29 @@ class Recorder(CacheMethod):
         self.records: list[dict[str, Any]] = []
 
     def make_plan(self, num_blocks: int) -> CachePlan:
+        if self.config.per_block:
+            every = frozenset(range(num_blocks))
+            return CachePlan(ranges=((0, num_blocks),), watch_inputs=every, watch_outputs=every)
         return CachePlan(ranges=((0, num_blocks),), watch_inputs=frozenset({0}))
+
+    def _sketch(self, state: BranchState, tensor: torch.Tensor) -> torch.Tensor:
+        """The fixed random sample of ``tensor``'s elements for this branch (float32 copy)."""
+        flat = tensor.reshape(-1)
+        idx = state.method.get("sketch_idx")
+        if idx is None or idx.device != flat.device or int(idx.max()) >= flat.numel():
+            g = torch.Generator().manual_seed(0)
+            n = min(self.config.sketch_size, flat.numel())
+            idx = torch.randperm(flat.numel(), generator=g)[:n] if flat.numel() <= 1 << 22 else \
+                torch.randint(flat.numel(), (n,), generator=g)
+            idx = state.method["sketch_idx"] = idx.to(flat.device)
+        return flat.index_select(0, idx).float()
 
     def on_input(self, call: BlockCall, state: BranchState) -> None:
         m = state.method
+        if self.config.per_block:
+            m[f"block_in:{call.block.index}"] = self._sketch(state, call.hidden)
+            if call.block.index != 0:
+                return
         modulated = self.adapter.modulated_input(call.block, call.args, call.kwargs) \
             if self.adapter.modulated_input_fn is not None else None
         temb = call_argument(call.block.meta, "temb", call.args, call.kwargs)
@@ -61,6 +98,9 @@ class Recorder(CacheMethod):
                     "modulated_change": _rel(modulated, m.get("modulated")),
                     "temb_change": _rel(temb, m.get("temb"))}
         m["modulated"], m["temb"] = modulated, temb
+        if self.config.per_block:
+            m["row"]["block_dist"] = [None] * self.num_blocks
+            m["open_row"] = m["row"]  # on_output of the blocks (the last one after on_range_computed) fills it
 
     def should_reuse(self, range_id: int, state: BranchState) -> bool:
         return False
@@ -76,7 +116,35 @@ class Recorder(CacheMethod):
         else:
             row["mag_ratio"], row["mag_std"] = math.nan, math.nan
         m["residual"] = residual
-        self.records.append(row)
+        if self.config.per_block:
+            self._record_stack(row, residual, state)
+        self.records.append(row)  # a per-block run completes the row in on_output of the last block
+
+    def _record_stack(self, row: dict, residual: torch.Tensor, state: BranchState) -> None:
+        current = self._sketch(state, residual)
+        history = state.method.setdefault("stack_history", [])
+        norm = float(current.abs().sum().clamp_min(1e-12))
+        row["stack_dist"], row["stack_fit"] = [], []
+        for previous in history:
+            row["stack_dist"].append(float((current - previous).abs().sum()) / norm)
+            centred = previous - previous.mean()
+            alpha = float((centred * (current - current.mean())).sum() / (centred * centred).sum().clamp_min(1e-30))
+            beta = float(current.mean() - alpha * previous.mean())
+            row["stack_fit"].append((alpha, beta, float((current - alpha * previous - beta).abs().sum()) / norm))
+        history.append(current)
+
+    def on_output(self, index: int, hidden: torch.Tensor, encoder: torch.Tensor | None, state: BranchState) -> None:
+        m = state.method
+        row = m.get("open_row")
+        block_in = m.pop(f"block_in:{index}", None)
+        if row is None or block_in is None or row["step"] != state.step:
+            return
+        out = self._sketch(state, hidden)
+        residual = out - block_in
+        history = m.setdefault(f"block_history:{index}", [])
+        norm = float(out.abs().sum().clamp_min(1e-12))
+        row["block_dist"][index] = [float((residual - previous).abs().sum()) / norm for previous in history]
+        history.append(residual)
 
 
 def fit_polynomial(x: Sequence[float], y: Sequence[float], degree: int = 4) -> tuple[float, ...]:
@@ -98,6 +166,32 @@ def per_branch_mean(records: list[dict], key: str) -> dict[str, list[float]]:
     return {branch: [float(np.mean(steps[s])) for s in sorted(steps)] for branch, steps in table.items()}
 
 
+def pairwise_tables(records: list[dict], extract) -> dict[str, np.ndarray]:
+    """Mean pairwise table per branch: ``table[t, a]`` (a < t) = mean over generations of
+    ``extract(row)[a]`` for the rows of step t; NaN elsewhere. ``extract`` returns a list or None."""
+    sums: dict[str, dict[tuple[int, int], list[float]]] = defaultdict(lambda: defaultdict(list))
+    steps: dict[str, int] = defaultdict(int)
+    for row in records:
+        values = extract(row)
+        steps[row["branch"]] = max(steps[row["branch"]], row["step"] + 1)
+        for a, v in enumerate(values or ()):
+            if v is not None and math.isfinite(v):
+                sums[row["branch"]][(row["step"], a)].append(float(v))
+    tables = {}
+    for branch, count in steps.items():
+        table = np.full((count, count), np.nan)
+        for (t, a), vs in sums[branch].items():
+            table[t, a] = float(np.mean(vs))
+        tables[branch] = table
+    return tables
+
+
+def require_per_block(records: list[dict], what: str) -> None:
+    if not records or "stack_dist" not in records[0]:
+        raise PolicyError(f"{what}: calibration records carry no per-block statistics "
+                          "(record with RecordConfig(per_block=True))")
+
+
 def calibrate(pipe: Any, prompts: Sequence[str | dict], policy: PolicyLike, **call_kwargs: Any) -> Policy:
     """Run one generation per prompt and return ``policy`` with the method's calibrated fields filled.
 
@@ -115,7 +209,7 @@ def calibrate(pipe: Any, prompts: Sequence[str | dict], policy: PolicyLike, **ca
         raise PolicyError("calibrate needs at least one prompt")
     records: list[dict] = []
     family = None
-    with accelerated(pipe, Policy(name="calibration", cache=RecordConfig())):
+    with accelerated(pipe, Policy(name="calibration", cache=RecordConfig(**getattr(method, "record_options", {})))):
         runtime = next(iter(_runtimes(pipe).values()))
         family = runtime.adapter.family
         for prompt in prompts:

@@ -21,6 +21,8 @@ METHODS: dict[str, str] = {
     "taylorseer": "taylorseer:TaylorSeer",
     "cg_taylor": "cg_taylor:CGTaylor",
     "delta_dit": "delta_dit:DeltaDiT",
+    "bac": "bac:BAC",
+    "ertacache": "ertacache:ERTACache",
     "_record": "..calibrate:Recorder",  # internal: used by dit_accel.calibrate
 }
 ALIASES: dict[str, tuple[str, dict]] = {"fbcache": ("dbcache", {"fn_compute": 1, "bn_compute": 0})}
