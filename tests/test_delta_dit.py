@@ -4,7 +4,6 @@ boundary given as a step or a fraction of the steps, and tiny pipelines."""
 
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
@@ -13,7 +12,9 @@ from torch import nn
 import dit_accel
 from dit_accel import Policy, PolicyError, load_policy
 from dit_accel.policies.delta_dit import DeltaDiTConfig
-from dit_accel.testing import tiny_generate, tiny_pipeline
+from dit_accel.testing import tiny_generate
+
+from helpers import tiny_baseline
 
 
 class Block(nn.Module):
@@ -165,14 +166,8 @@ def test_boundary_fraction_needs_the_number_of_steps():
 # ---------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def pipeline(family: str):
-    pipe = tiny_pipeline(family)
-    return pipe, generate(pipe, family)
-
-
-def generate(pipe, family: str) -> torch.Tensor:
-    return tiny_generate(pipe, family)
+pipeline = tiny_baseline
+generate = tiny_generate
 
 
 @pytest.mark.parametrize("family", ["flux", "pixart"])

@@ -13,6 +13,8 @@ from dit_accel.policies.base import BranchState
 from dit_accel.policies.ertacache import ERTACache, ERTACacheConfig
 from dit_accel.testing import tiny_call_kwargs, tiny_pipeline
 
+from helpers import zoo_versus_fora
+
 PROMPTS = ["a photo of a cat", "a red car on a road"]
 
 
@@ -111,24 +113,7 @@ def test_ertacache_beats_fora_at_the_same_saved_share_on_the_trained_model():
 
     Asserted: equal saved share, ERTACache ≥ FORA + 1 dB and within 1 dB of its measured PSNR.
     """
-    from dit_accel.demo import psnr
-
-    pipe = zoo.load("cifar10_dit")
-    pipe.set_progress_bar_config(disable=True)
-    steps = 20
-
-    def generate():
-        return pipe(class_labels=[0, 3], generator=torch.Generator().manual_seed(0), num_inference_steps=steps,
-                    output_type="pt").images
-
-    baseline = generate()
-    policy = dit_accel.calibrate(pipe, [{"class_labels": [1, 7]}], {"cache": {"method": "ertacache", "budget": 0.35}},
-                                 num_inference_steps=steps, generator=torch.Generator().manual_seed(1))
-    results = {}
-    for name, p in (("fora", {"cache": {"method": "fora", "interval": 3}}), ("ertacache", policy)):
-        with dit_accel.accelerated(pipe, p):
-            out = generate()
-            results[name] = (psnr(out, baseline), dit_accel.stats(pipe).saved_share)
-    assert results["ertacache"][1] == pytest.approx(results["fora"][1]) == pytest.approx(0.65)
-    assert results["ertacache"][0] >= results["fora"][0] + 1.0, results
-    assert results["ertacache"][0] >= 26.85 - 1.0, results
+    results = zoo_versus_fora({"cache": {"method": "ertacache", "budget": 0.35}})
+    assert results["policy"][1] == pytest.approx(results["fora"][1]) == pytest.approx(0.65)
+    assert results["policy"][0] >= results["fora"][0] + 1.0, results
+    assert results["policy"][0] >= 26.85 - 1.0, results

@@ -4,7 +4,6 @@ methods on tiny pipelines (reuse happens, ``remove`` is bit-exact again)."""
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
@@ -15,7 +14,9 @@ import dit_accel
 from dit_accel import Policy, PolicyError, load_policy
 from dit_accel.policies import _taylor
 from dit_accel.policies.taylorseer import TaylorSeerConfig, is_full_step
-from dit_accel.testing import tiny_generate, tiny_pipeline
+from dit_accel.testing import tiny_generate
+
+from helpers import tiny_baseline
 
 T0 = 100.0  # timestep of step 0; step s runs at timestep T0 - s (a decreasing timestep, as samplers do)
 
@@ -352,14 +353,8 @@ def test_cg_taylor_caps_and_final_steps():
 # ---------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def pipeline(family: str):
-    pipe = tiny_pipeline(family)
-    return pipe, generate(pipe, family)
-
-
-def generate(pipe, family: str) -> torch.Tensor:
-    return tiny_generate(pipe, family)
+pipeline = tiny_baseline
+generate = tiny_generate
 
 
 @pytest.mark.parametrize("family", ["flux", "pixart"])

@@ -1,0 +1,41 @@
+"""Shared test helpers (imported by test modules; pytest puts tests/ on sys.path)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+import dit_accel
+from dit_accel.demo import psnr
+from dit_accel.testing import tiny_generate, tiny_pipeline
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_baseline(family: str):
+    """A tiny pipeline of ``family`` and its unaccelerated output (built once per test session)."""
+    pipe = tiny_pipeline(family)
+    return pipe, tiny_generate(pipe, family)
+
+
+def zoo_versus_fora(policy: dict, steps: int = 20) -> dict[str, tuple[float, float]]:
+    """Calibrate ``policy`` on the reference model (labels 1, 7, seed 1), then generate labels 0, 3
+    (seed 0) with it and with FORA interval 3: {name: (PSNR vs baseline, saved share)}."""
+    from dit_accel import zoo
+
+    pipe = zoo.load("cifar10_dit")
+    pipe.set_progress_bar_config(disable=True)
+
+    def generate():
+        return pipe(class_labels=[0, 3], generator=torch.Generator().manual_seed(0), num_inference_steps=steps,
+                    output_type="pt").images
+
+    baseline = generate()
+    calibrated = dit_accel.calibrate(pipe, [{"class_labels": [1, 7]}], policy, num_inference_steps=steps,
+                                     generator=torch.Generator().manual_seed(1))
+    results = {}
+    for name, p in (("fora", {"cache": {"method": "fora", "interval": 3}}), ("policy", calibrated)):
+        with dit_accel.accelerated(pipe, p):
+            out = generate()
+            results[name] = (psnr(out, baseline), dit_accel.stats(pipe).saved_share)
+    return results
