@@ -10,6 +10,17 @@ import dit_accel
 from dit_accel.demo import psnr
 from dit_accel.testing import tiny_generate, tiny_pipeline
 
+# The diffusers transformer class of each tier-1 family (written out independently of the adapters).
+TRANSFORMER_CLASSES = {
+    "flux": "FluxTransformer2DModel",
+    "sd3": "SD3Transformer2DModel",
+    "pixart": "PixArtTransformer2DModel",
+    "dit": "DiTTransformer2DModel",
+    "wan": "WanTransformer3DModel",
+    "hunyuan_video": "HunyuanVideoTransformer3DModel",
+    "cogvideox": "CogVideoXTransformer3DModel",
+}
+
 
 @functools.lru_cache(maxsize=None)
 def tiny_baseline(family: str):

@@ -21,15 +21,8 @@ from dit_accel import PolicyError
 from dit_accel.adapters import ADAPTERS, get_adapter, supported_classes
 from dit_accel.testing import CFG_LAYOUT, FAMILIES, tiny_call_kwargs, tiny_pipeline, tiny_transformer
 
-TRANSFORMER_CLASSES = {
-    "flux": "FluxTransformer2DModel",
-    "sd3": "SD3Transformer2DModel",
-    "pixart": "PixArtTransformer2DModel",
-    "dit": "DiTTransformer2DModel",
-    "wan": "WanTransformer3DModel",
-    "hunyuan_video": "HunyuanVideoTransformer3DModel",
-    "cogvideox": "CogVideoXTransformer3DModel",
-}
+from helpers import TRANSFORMER_CLASSES
+
 # Block lists in execution order (double-stream blocks before single-stream ones).
 BLOCK_GROUPS = {
     "flux": ("transformer_blocks", "single_transformer_blocks"),

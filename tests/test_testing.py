@@ -10,6 +10,8 @@ import torch
 
 from dit_accel.testing import CFG_LAYOUT, FAMILIES, tiny_call_kwargs, tiny_pipeline, tiny_transformer
 
+from helpers import TRANSFORMER_CLASSES
+
 PIPELINE_CLASSES = {
     "flux": "FluxPipeline",
     "sd3": "StableDiffusion3Pipeline",
@@ -18,15 +20,6 @@ PIPELINE_CLASSES = {
     "wan": "WanPipeline",
     "hunyuan_video": "HunyuanVideoPipeline",
     "cogvideox": "CogVideoXPipeline",
-}
-TRANSFORMER_CLASSES = {
-    "flux": "FluxTransformer2DModel",
-    "sd3": "SD3Transformer2DModel",
-    "pixart": "PixArtTransformer2DModel",
-    "dit": "DiTTransformer2DModel",
-    "wan": "WanTransformer3DModel",
-    "hunyuan_video": "HunyuanVideoTransformer3DModel",
-    "cogvideox": "CogVideoXTransformer3DModel",
 }
 # Output of one default call (batch 1): latents, except DiT which always decodes to an image.
 EXPECTED_SHAPES = {
