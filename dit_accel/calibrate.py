@@ -22,6 +22,16 @@ whole-stack statistics are exactly those of the default recorder) and each step'
 All of these are computed on a fixed random sketch of ``sketch_size`` elements of each tensor
 (the same elements at every step, per branch and shape), so the pairwise tables cost memory
 proportional to steps × blocks × sketch_size, not to the activations.
+
+Attention statistics (ProfilingDiT) are recorded when ``RecordConfig(attention_stats=True)``:
+a temporary forward pre-hook on every block's attention module (``adapter.attention_module``)
+recomputes, from the module's ``to_q``/``to_k`` (and ``norm_q``/``norm_k``, ``heads``), the
+self-attention rows softmax(q·Kᵀ/√d) of ``attention_queries`` random query tokens against all
+keys of the attention's ``hidden_states`` argument (the visual tokens; joint text tokens are not
+included), and each step's row gains ``attn_entropy[i]``: block ``i``'s attention entropy divided
+by log(number of keys), averaged over the sampled queries, heads and batch (1 = uniform, 0 = one
+key), and ``attn_topk[i]``: the attention mass on the top ``attention_topk`` share of keys. The
+hooks exist only while ``calibrate`` runs (``Recorder.close``); the blocks' outputs are unchanged.
 """
 
 from __future__ import annotations
@@ -49,6 +59,10 @@ class RecordConfig(ConfigBase):
     method: str = option("_record", choices=("_record",))
     per_block: bool = option(False, doc="also record per-block and pairwise residual statistics (BAC, ERTACache)")
     sketch_size: int = option(16384, ge=16, doc="elements sampled per tensor for the pairwise statistics")
+    attention_stats: bool = option(False, doc="also record per-block self-attention entropy / top-k mass "
+                                              "(ProfilingDiT)")
+    attention_queries: int = option(64, ge=1, doc="query tokens sampled per attention call")
+    attention_topk: float = option(0.1, gt=0.0, le=1.0, doc="share of keys whose attention mass is recorded")
 
 
 def _rel(current: torch.Tensor | None, previous: torch.Tensor | None) -> float:
@@ -66,6 +80,32 @@ class Recorder(CacheMethod):
     def __init__(self, config, blocks, adapter) -> None:
         super().__init__(config, blocks, adapter)
         self.records: list[dict[str, Any]] = []
+        self._attention: dict[int, tuple[float, float]] = {}
+        self._handles: list = []
+        if self.config.attention_stats:
+            for block in blocks:
+                attn = getattr(block.module, adapter.attention_module, None)
+                if attn is None or not all(hasattr(attn, a) for a in ("to_q", "to_k", "heads")):
+                    raise PolicyError(f"attention statistics: block {block.name} has no attention module "
+                                      f"{adapter.attention_module!r} with to_q/to_k/heads")
+                self._handles.append(attn.register_forward_pre_hook(
+                    lambda module, args, kwargs, i=block.index: self._attention_hook(i, module, args, kwargs),
+                    with_kwargs=True))
+
+    def close(self) -> None:
+        """Remove the temporary attention hooks (calibration done)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @torch.no_grad()
+    def _attention_hook(self, index: int, attn: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+            return None
+        self._attention[index] = attention_statistics(attn, hidden, self.config.attention_queries,
+                                                      self.config.attention_topk)
+        return None
 
     def make_plan(self, num_blocks: int) -> CachePlan:
         if self.config.per_block:
@@ -118,6 +158,11 @@ class Recorder(CacheMethod):
         m["residual"] = residual
         if self.config.per_block:
             self._record_stack(row, residual, state)
+        if self.config.attention_stats:
+            stats = [self._attention.get(i, (math.nan, math.nan)) for i in range(self.num_blocks)]
+            row["attn_entropy"] = [e for e, _ in stats]
+            row["attn_topk"] = [k for _, k in stats]
+            self._attention = {}
         self.records.append(row)  # a per-block run completes the row in on_output of the last block
 
     def _record_stack(self, row: dict, residual: torch.Tensor, state: BranchState) -> None:
@@ -145,6 +190,35 @@ class Recorder(CacheMethod):
         norm = float(out.abs().sum().clamp_min(1e-12))
         row["block_dist"][index] = [float((residual - previous).abs().sum()) / norm for previous in history]
         history.append(residual)
+
+
+def _heads(norm: torch.nn.Module | None, x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, S, H·D) projections → (B, H, S, D), with the attention's q/k norm (per head or across heads)."""
+    per_head = x.unflatten(-1, (heads, -1))
+    if norm is not None:
+        try:
+            per_head = norm(per_head)
+        except RuntimeError:  # a norm over all heads' channels (e.g. "layer_norm_across_heads")
+            per_head = norm(x).unflatten(-1, (heads, -1))
+    return per_head.transpose(1, 2)
+
+
+@torch.no_grad()
+def attention_statistics(attn: torch.nn.Module, hidden: torch.Tensor, queries: int = 64,
+                         topk: float = 0.1, seed: int = 0) -> tuple[float, float]:
+    """(normalised entropy, top-``topk`` key mass) of ``attn``'s self-attention on ``hidden`` (B, S, C),
+    from ``queries`` random query tokens (a fixed sample): see the module docstring."""
+    heads = int(attn.heads)
+    tokens = hidden.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(tokens, generator=g)[:min(queries, tokens)].to(hidden.device)
+    q = _heads(getattr(attn, "norm_q", None), attn.to_q(hidden.index_select(1, rows)), heads).float()
+    k = _heads(getattr(attn, "norm_k", None), attn.to_k(hidden), heads).float()
+    probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)  # (B, H, queries, S)
+    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1) / math.log(max(tokens, 2))
+    top = max(1, int(math.ceil(topk * tokens)))
+    mass = probs.topk(top, dim=-1).values.sum(-1)
+    return float(entropy.mean()), float(mass.mean())
 
 
 def fit_polynomial(x: Sequence[float], y: Sequence[float], degree: int = 4) -> tuple[float, ...]:
@@ -212,9 +286,12 @@ def calibrate(pipe: Any, prompts: Sequence[str | dict], policy: PolicyLike, **ca
     with accelerated(pipe, Policy(name="calibration", cache=RecordConfig(**getattr(method, "record_options", {})))):
         runtime = next(iter(_runtimes(pipe).values()))
         family = runtime.adapter.family
-        for prompt in prompts:
-            kwargs = dict(prompt) if isinstance(prompt, dict) else {"prompt": prompt}
-            pipe(**{**call_kwargs, **kwargs})
-            records.extend(runtime.method.records)
-            runtime.method.records = []
+        try:
+            for prompt in prompts:
+                kwargs = dict(prompt) if isinstance(prompt, dict) else {"prompt": prompt}
+                pipe(**{**call_kwargs, **kwargs})
+                records.extend(runtime.method.records)
+                runtime.method.records = []
+        finally:
+            runtime.method.close()
     return Policy(name=policy.name, cache=method.calibrated(policy.cache, records, family))

@@ -23,6 +23,7 @@ METHODS: dict[str, str] = {
     "delta_dit": "delta_dit:DeltaDiT",
     "bac": "bac:BAC",
     "ertacache": "ertacache:ERTACache",
+    "profiling_dit": "profiling_dit:ProfilingDiT",
     "_record": "..calibrate:Recorder",  # internal: used by dit_accel.calibrate
 }
 ALIASES: dict[str, tuple[str, dict]] = {"fbcache": ("dbcache", {"fn_compute": 1, "bn_compute": 0})}
