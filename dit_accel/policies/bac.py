@@ -45,7 +45,7 @@ from typing import ClassVar, Sequence
 import numpy as np
 
 from ..config import ConfigBase, PolicyError, option
-from .base import BranchState, CacheMethod, CachePlan
+from .base import BranchState, CacheMethod, CachePlan, require_calibrated
 
 logger = logging.getLogger("dit_accel")
 
@@ -246,8 +246,7 @@ class BAC(CacheMethod):
 
     def __init__(self, config: BACConfig, blocks, adapter) -> None:
         super().__init__(config, blocks, adapter)
-        if config.schedule is None:
-            raise PolicyError("cache.schedule is required: run dit_accel.calibrate(pipe, prompts, policy) first")
+        require_calibrated(config, "schedule")
         self.compute: dict[str, np.ndarray] = {}
         for branch, per_block in config.schedule.items():
             if len(per_block) != self.num_blocks:

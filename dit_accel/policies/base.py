@@ -139,6 +139,12 @@ class CacheMethod(ABC):
         return f"{self.name}({', '.join(f'{k}={v}' for k, v in self.config.to_dict().items())})"
 
 
+def require_calibrated(config: ConfigBase, field: str, hint: str = "") -> None:
+    """Raise a PolicyError naming ``cache.<field>`` if calibration has not filled it in yet."""
+    if getattr(config, field) is None:
+        raise PolicyError(f"cache.{field} is required: run dit_accel.calibrate(pipe, prompts, policy) first{hint}")
+
+
 def per_block_ranges(num_blocks: int, fn_compute: int, bn_compute: int) -> tuple[tuple[int, int], ...]:
     """One cacheable range per block, leaving the first ``fn_compute`` and last ``bn_compute`` blocks out."""
     if fn_compute + bn_compute >= num_blocks:

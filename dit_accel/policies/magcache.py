@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..config import ConfigBase, PolicyError, option
-from .base import BranchState, CacheMethod, CachePlan
+from .base import BranchState, CacheMethod, CachePlan, require_calibrated
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,7 @@ class MagCache(CacheMethod):
 
     def __init__(self, config: MagCacheConfig, blocks, adapter) -> None:
         super().__init__(config, blocks, adapter)
-        if config.mag_ratios is None:
-            raise PolicyError("cache.mag_ratios is required: run dit_accel.calibrate(pipe, prompts, policy) first")
+        require_calibrated(config, "mag_ratios")
 
     def make_plan(self, num_blocks: int) -> CachePlan:
         return CachePlan(ranges=((0, num_blocks),))

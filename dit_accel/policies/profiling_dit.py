@@ -40,7 +40,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..config import ConfigBase, PolicyError, option
-from .base import BranchState, CacheMethod, CachePlan
+from .base import BranchState, CacheMethod, CachePlan, require_calibrated
 
 CLASSES = ("fg", "bg")
 
@@ -103,9 +103,7 @@ class ProfilingDiT(CacheMethod):
 
     def __init__(self, config: ProfilingDiTConfig, blocks, adapter) -> None:
         super().__init__(config, blocks, adapter)
-        if config.block_classes is None:
-            raise PolicyError("cache.block_classes is required: run dit_accel.calibrate(pipe, prompts, policy) "
-                              "first (or give one 'fg'/'bg' per block)")
+        require_calibrated(config, "block_classes", " (or give one 'fg'/'bg' per block)")
         if len(config.block_classes) != self.num_blocks:
             raise PolicyError(f"cache.block_classes has {len(config.block_classes)} blocks; the model has "
                               f"{self.num_blocks} (calibrate on this model)")
