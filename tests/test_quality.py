@@ -1,7 +1,8 @@
-"""Quality regression on the trained reference model (dit_accel.zoo ``cifar10_dit``), offline on CPU.
+"""Quality regression on the trained reference models (dit_accel.zoo), offline on CPU.
 
-Floors were measured on 2026-11-23 with this exact setting (labels [0, 3, 5, 8], seed 0, the
-model's defaults: 50 Euler steps, guidance 2.0, float32, one CPU thread, torch 2.13 CPU):
+Floors were measured with exactly these settings (seed 0, float32, one CPU thread, torch 2.13 CPU):
+
+``cifar10_dit`` (2026-11-23; labels [0, 3, 5, 8], defaults: 50 Euler steps, guidance 2.0):
 
     policy                  PSNR vs baseline   blocks saved
     fbcache                 27.31 dB           63.0%
@@ -9,6 +10,18 @@ model's defaults: 50 Euler steps, guidance 2.0, float32, one CPU thread, torch 2
     cifar10_dit-teacache    33.23 dB           54.0%
     cifar10_dit-magcache    39.57 dB           52.0%
     broken gate (always)    14.48 dB           88.2%
+
+``cifar10_mmdit`` (2026-12-01; 4 prompts below, defaults: 28 steps, guidance 2.0, batched CFG):
+
+    fbcache                 37.26 dB           32.7%
+    fora                    25.72 dB           64.3%
+    broken gate (always)    15.36 dB           80.4%
+
+``digits_wan`` (2026-12-01; one prompt, 4 frames, 12 steps, guidance 3.0, separate CFG calls):
+
+    fbcache                 22.49 dB           36.5%
+    fora                    19.63 dB           66.7%
+    broken gate (always)    14.73 dB           83.9%
 
 Each policy must stay within 1 dB of its PSNR and 3 points of its saved share (a gate that
 stops reusing would pass a PSNR floor trivially). A gate that always reuses must fall below
@@ -25,42 +38,63 @@ from dit_accel import zoo
 from dit_accel.demo import psnr
 
 MEASURED = {
-    "fbcache": (27.31, 0.630),
-    "fora": (31.45, 0.660),
-    "cifar10_dit-teacache": (33.23, 0.540),
-    "cifar10_dit-magcache": (39.57, 0.520),
+    "cifar10_dit": {
+        "fbcache": (27.31, 0.630),
+        "fora": (31.45, 0.660),
+        "cifar10_dit-teacache": (33.23, 0.540),
+        "cifar10_dit-magcache": (39.57, 0.520),
+    },
+    "cifar10_mmdit": {"fbcache": (37.26, 0.327), "fora": (25.72, 0.643)},
+    "digits_wan": {"fbcache": (22.49, 0.365), "fora": (19.63, 0.667)},
 }
 PSNR_MARGIN_DB = 1.0
 SAVED_MARGIN = 0.03
 BROKEN_GATE = {"name": "always-reuse", "cache": {"method": "fbcache", "threshold": 10.0}}
-
-pytestmark = pytest.mark.skipif("cifar10_dit" not in zoo.available(), reason="reference weights not installed")
+PROMPTS = ["a photo of an airplane", "a photo of a cat", "a blurry photo of a dog", "a photo of a ship"]
+CALLS = {
+    "cifar10_dit": lambda pipe, g: pipe(class_labels=[0, 3, 5, 8], generator=g, output_type="pt").images,
+    "cifar10_mmdit": lambda pipe, g: pipe(PROMPTS, generator=g, output_type="pt").images,
+    "digits_wan": lambda pipe, g: pipe(["the digits 4 and 7 bouncing"], num_frames=4, num_inference_steps=12,
+                                       generator=g, output_type="pt").frames,
+}
+CASES = [(model, policy) for model, table in MEASURED.items() for policy in table]
 
 
 @pytest.fixture(scope="module")
-def pipe_and_baseline():
-    pipe = zoo.load("cifar10_dit")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, generate(pipe)
+def pipes():
+    """model -> (pipeline, baseline output), loaded on first use."""
+    cache = {}
+
+    def get(model):
+        if model not in zoo.available():
+            pytest.skip(f"reference weights of {model} not installed")
+        if model not in cache:
+            pipe = zoo.load(model)
+            pipe.set_progress_bar_config(disable=True)
+            cache[model] = (pipe, generate(model, pipe))
+        return cache[model]
+
+    return get
 
 
-def generate(pipe) -> torch.Tensor:
-    return pipe(class_labels=[0, 3, 5, 8], generator=torch.Generator().manual_seed(0), output_type="pt").images
+def generate(model: str, pipe) -> torch.Tensor:
+    return CALLS[model](pipe, torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("policy", list(MEASURED))
-def test_policy_keeps_measured_quality_and_savings(pipe_and_baseline, policy):
-    pipe, baseline = pipe_and_baseline
+@pytest.mark.parametrize("model,policy", CASES)
+def test_policy_keeps_measured_quality_and_savings(pipes, model, policy):
+    pipe, baseline = pipes(model)
     with dit_accel.accelerated(pipe, policy):
-        out = generate(pipe)
+        out = generate(model, pipe)
         saved = dit_accel.stats(pipe).saved_share
-    floor_db, measured_saved = MEASURED[policy]
+    floor_db, measured_saved = MEASURED[model][policy]
     assert psnr(out, baseline) >= floor_db - PSNR_MARGIN_DB
     assert abs(saved - measured_saved) <= SAVED_MARGIN
 
 
-def test_broken_gate_falls_below_the_floor(pipe_and_baseline):
-    pipe, baseline = pipe_and_baseline
+@pytest.mark.parametrize("model", list(MEASURED))
+def test_broken_gate_falls_below_the_floor(pipes, model):
+    pipe, baseline = pipes(model)
     with dit_accel.accelerated(pipe, BROKEN_GATE):
-        out = generate(pipe)
-    assert psnr(out, baseline) < MEASURED["fbcache"][0] - PSNR_MARGIN_DB
+        out = generate(model, pipe)
+    assert psnr(out, baseline) < MEASURED[model]["fbcache"][0] - PSNR_MARGIN_DB

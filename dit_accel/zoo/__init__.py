@@ -2,13 +2,15 @@
 
     >>> from dit_accel import zoo
     >>> zoo.available()
-    ['cifar10_dit']
+    ['cifar10_dit', 'cifar10_mmdit', 'digits_wan']
     >>> pipe = zoo.load("cifar10_dit")
     >>> images = pipe(class_labels=["cat", "ship"], generator=torch.Generator().manual_seed(0)).images
+    >>> images = zoo.load("cifar10_mmdit")(["a photo of a cat", "a blurry photo of a ship"]).images
+    >>> clips = zoo.load("digits_wan")(["the digits 3 and 7 bouncing"]).frames   # [1, 16, 32, 32, 3]
 
 The weights ship inside the package (``dit_accel/zoo/weights/<name>.safetensors`` plus ``<name>.json``);
 loading builds the transformer from the JSON config and loads the safetensors file, so it never
-touches the network. See ``MODEL_CARD_cifar10_dit.md`` for how each model was trained and evaluated.
+touches the network. See ``MODEL_CARD_<name>.md`` for how each model was trained and evaluated.
 
 This sub-package depends only on torch, diffusers and safetensors, not on the rest of ``dit_accel``.
 """
@@ -23,6 +25,8 @@ import torch
 
 from .configs import CIFAR10_CLASSES, MODEL_CONFIGS, get_config
 from .pipeline_class_conditional import ClassConditionalPipeline
+from .pipeline_text import TextToImagePipeline, TextToVideoPipeline, VideoPipelineOutput
+from .text import build_text_encoder, build_tokenizer
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -30,6 +34,11 @@ __all__ = [
     "CIFAR10_CLASSES",
     "ClassConditionalPipeline",
     "MODEL_CONFIGS",
+    "TextToImagePipeline",
+    "TextToVideoPipeline",
+    "VideoPipelineOutput",
+    "build_components",
+    "load_components",
     "WEIGHTS_DIR",
     "available",
     "build_pipeline",
@@ -63,34 +72,32 @@ def _read_meta(json_path: Path, name: str) -> dict:
     return get_config(name)
 
 
-def load_transformer(
-    name: str = "cifar10_dit",
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    weights_dir: str | os.PathLike | None = None,
-):
-    """Build the transformer of model ``name`` from its JSON config and load its safetensors weights.
+TRANSFORMER_CLASSES = ("DiTTransformer2DModel", "SD3Transformer2DModel", "WanTransformer3DModel")
+PIPELINE_CLASSES = {"ClassConditionalPipeline": ClassConditionalPipeline, "TextToImagePipeline": TextToImagePipeline,
+                    "TextToVideoPipeline": TextToVideoPipeline}
 
-    Returns ``(transformer, meta)`` where ``meta`` is the parsed JSON.
-    """
-    from diffusers import DiTTransformer2DModel
-    from safetensors.torch import load_file
 
-    st_path, js_path = weights_paths(name, weights_dir)
-    if not st_path.is_file():
-        raise FileNotFoundError(
-            f"no weights for reference model {name!r} at {st_path}; available: {available()}"
-        )
-    meta = _read_meta(js_path, name)
-    if meta.get("transformer_class", "DiTTransformer2DModel") != "DiTTransformer2DModel":
-        raise NotImplementedError(f"transformer class {meta['transformer_class']!r}")
-    model = DiTTransformer2DModel(**meta["transformer"])
-    state = load_file(str(st_path), device="cpu")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"weights of {name!r} do not match its config: missing={missing} unexpected={unexpected}")
-    # eval() matters: in training mode the per-block LabelEmbedding drops labels at random.
-    model = model.eval().requires_grad_(False)
+def build_components(meta: dict) -> dict:
+    """Freshly initialised modules of a model described by ``meta`` (its config or parsed JSON):
+    ``{"transformer"}``, plus ``"text_encoder"`` and ``"tokenizer"`` for the text-conditional models."""
+    import diffusers
+
+    cls_name = meta.get("transformer_class", "DiTTransformer2DModel")
+    if cls_name not in TRANSFORMER_CLASSES:
+        raise NotImplementedError(f"transformer class {cls_name!r}; the zoo builds {list(TRANSFORMER_CLASSES)}")
+    kwargs = dict(meta["transformer"])
+    if "patch_size" in kwargs and isinstance(kwargs["patch_size"], list):
+        kwargs["patch_size"] = tuple(kwargs["patch_size"])
+    components = {"transformer": getattr(diffusers, cls_name)(**kwargs)}
+    if "text_encoder" in meta:
+        tokenizer = build_tokenizer(meta["vocab"], meta.get("max_text_length", 16))
+        components["tokenizer"] = tokenizer
+        components["text_encoder"] = build_text_encoder(meta["text_encoder"], tokenizer)
+    return components
+
+
+def _to(model: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
+    model = model.eval().requires_grad_(False)  # eval(): DiT's LabelEmbedding drops labels in training mode
     if dtype != torch.float32:
         from diffusers.utils import logging as dlogging
 
@@ -100,23 +107,76 @@ def load_transformer(
             model = model.to(dtype=dtype)
         finally:
             dlogging.set_verbosity(level)
-    model = model.to(device=device)
-    return model, meta
+    return model.to(device=device)
 
 
-def build_pipeline(transformer, meta: dict) -> ClassConditionalPipeline:
-    """Wrap a transformer and the scheduler described by ``meta`` (parsed JSON) in a pipeline."""
+def load_components(
+    name: str = "cifar10_dit",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    weights_dir: str | os.PathLike | None = None,
+) -> tuple[dict, dict]:
+    """Build the modules of model ``name`` from its JSON config and load its safetensors weights.
+
+    Returns ``(components, meta)``. The weights file holds the transformer's tensors (prefixed
+    ``transformer.`` when the model also has a ``text_encoder.``); the text encoder stays in float32
+    (it is tiny and runs once per call).
+    """
+    from safetensors.torch import load_file
+
+    st_path, js_path = weights_paths(name, weights_dir)
+    if not st_path.is_file():
+        raise FileNotFoundError(
+            f"no weights for reference model {name!r} at {st_path}; available: {available()}"
+        )
+    meta = _read_meta(js_path, name)
+    components = build_components(meta)
+    state = load_file(str(st_path), device="cpu")
+    modules = {k: v for k, v in components.items() if isinstance(v, torch.nn.Module)}
+    for key, module in modules.items():
+        if len(modules) == 1:
+            part = state
+        else:
+            part = {k[len(key) + 1:]: v for k, v in state.items() if k.startswith(key + ".")}
+        missing, unexpected = module.load_state_dict(part, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"{key} weights of {name!r} do not match its config: "
+                               f"missing={missing} unexpected={unexpected}")
+    components["transformer"] = _to(components["transformer"], device, dtype)
+    if "text_encoder" in components:
+        components["text_encoder"] = _to(components["text_encoder"], device, torch.float32)
+    return components, meta
+
+
+def load_transformer(
+    name: str = "cifar10_dit",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    weights_dir: str | os.PathLike | None = None,
+):
+    """The transformer of model ``name`` with its weights: ``(transformer, meta)``."""
+    components, meta = load_components(name, device, dtype, weights_dir)
+    return components["transformer"], meta
+
+
+def build_pipeline(components, meta: dict):
+    """Wrap loaded modules (a dict from :func:`load_components`, or a bare transformer) and the scheduler
+    described by ``meta`` in the model's pipeline class."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     if meta.get("scheduler_class", "FlowMatchEulerDiscreteScheduler") != "FlowMatchEulerDiscreteScheduler":
         raise NotImplementedError(f"scheduler class {meta['scheduler_class']!r}")
+    if isinstance(components, torch.nn.Module):
+        components = {"transformer": components}
     scheduler = FlowMatchEulerDiscreteScheduler(**meta.get("scheduler", {}))
-    pipe = ClassConditionalPipeline(
-        transformer=transformer,
-        scheduler=scheduler,
-        labels=meta.get("classes"),
-        null_class_id=meta.get("null_class_id"),
-    )
+    cls = PIPELINE_CLASSES[meta.get("pipeline_class", "ClassConditionalPipeline")]
+    if cls is ClassConditionalPipeline:
+        pipe = cls(transformer=components["transformer"], scheduler=scheduler, labels=meta.get("classes"),
+                   null_class_id=meta.get("null_class_id"))
+    else:
+        pipe = cls(scheduler=scheduler, **components)
+        if "num_frames" in meta:
+            pipe.video_size = (int(meta["num_frames"]), int(meta["image_size"]), int(meta["image_size"]))
     pipe.defaults = dict(meta.get("defaults", {}))
     pipe.model_name = meta.get("name")
     return pipe
@@ -127,15 +187,17 @@ def load(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     weights_dir: str | os.PathLike | None = None,
-) -> ClassConditionalPipeline:
-    """Load reference model ``name`` as a ready-to-run :class:`ClassConditionalPipeline` (offline).
+):
+    """Load reference model ``name`` as a ready-to-run pipeline (offline): :class:`ClassConditionalPipeline`
+    (``cifar10_dit``), :class:`TextToImagePipeline` (``cifar10_mmdit``) or :class:`TextToVideoPipeline`
+    (``digits_wan``).
 
     ``pipe.defaults`` holds the sampler settings the model card's FID was measured with
     (``num_inference_steps``, ``guidance_scale``).
     """
     if name not in MODEL_CONFIGS and weights_dir is None:
         raise KeyError(f"unknown reference model {name!r}; known: {sorted(MODEL_CONFIGS)}")
-    transformer, meta = load_transformer(name, device=device, dtype=dtype, weights_dir=weights_dir)
-    pipe = build_pipeline(transformer, meta)
+    components, meta = load_components(name, device=device, dtype=dtype, weights_dir=weights_dir)
+    pipe = build_pipeline(components, meta)
     pipe.set_progress_bar_config(disable=True)
     return pipe

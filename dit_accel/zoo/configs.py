@@ -72,7 +72,172 @@ MODEL_CONFIGS: dict[str, dict] = {
             "hflip": True,
         },
     },
+    "cifar10_mmdit": {
+        "description": "text-conditional MM-DiT (SD3-style joint attention), CIFAR-10 32x32 with captions, "
+                       "pixel space, rectified flow, own word-level tokenizer and text encoder",
+        "pipeline_class": "TextToImagePipeline",
+        "transformer_class": "SD3Transformer2DModel",
+        "transformer": {
+            "sample_size": 32,
+            "patch_size": 2,
+            "in_channels": 3,
+            "out_channels": 3,
+            "num_layers": 6,
+            "attention_head_dim": 64,
+            "num_attention_heads": 3,
+            "joint_attention_dim": 64,
+            "caption_projection_dim": 192,
+            "pooled_projection_dim": 64,
+            "pos_embed_max_size": 16,
+        },
+        "text_encoder": {  # transformers.CLIPTextConfig kwargs (vocab_size is set from the vocabulary)
+            "hidden_size": 64,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 16,
+            "hidden_act": "gelu",
+        },
+        "vocab": "cifar10",
+        "max_text_length": 16,
+        "scheduler_class": "FlowMatchEulerDiscreteScheduler",
+        "scheduler": {"num_train_timesteps": 1000, "shift": 1.0},
+        "prediction": "flow_velocity",
+        "image_size": 32,
+        "channels": 3,
+        "classes": list(CIFAR10_CLASSES),
+        "defaults": {"num_inference_steps": 28, "guidance_scale": 2.0},
+        "train": {
+            "batch_size": 512,
+            "lr": 5e-4,
+            "min_lr_frac": 0.02,
+            "warmup_steps": 1000,
+            "weight_decay": 0.0,
+            "betas": [0.9, 0.99],
+            "grad_clip": 1.0,
+            "ema_decay": 0.999,
+            "label_dropout": 0.1,
+            "t_sampling": "logit_normal",
+            "hflip": True,
+        },
+    },
+    "digits_wan": {
+        "description": "text-conditional video DiT (Wan 2.1-style: 3D patches, 3D RoPE, self- + cross-attention), "
+                       "16-frame 32x32 clips of bouncing MNIST digits, pixel space, rectified flow",
+        "pipeline_class": "TextToVideoPipeline",
+        "transformer_class": "WanTransformer3DModel",
+        "transformer": {
+            "patch_size": [1, 2, 2],
+            "num_attention_heads": 3,
+            "attention_head_dim": 64,
+            "in_channels": 1,
+            "out_channels": 1,
+            "text_dim": 64,
+            "freq_dim": 256,
+            "ffn_dim": 768,
+            "num_layers": 8,
+            "cross_attn_norm": True,
+            "qk_norm": "rms_norm_across_heads",
+            "eps": 1e-6,
+            "rope_max_seq_len": 1024,
+        },
+        "text_encoder": {
+            "hidden_size": 64,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 16,
+            "hidden_act": "gelu",
+        },
+        "vocab": "digits",
+        "max_text_length": 16,
+        "scheduler_class": "FlowMatchEulerDiscreteScheduler",
+        "scheduler": {"num_train_timesteps": 1000, "shift": 1.0},
+        "prediction": "flow_velocity",
+        "image_size": 32,
+        "num_frames": 16,
+        "channels": 1,
+        "video": {"digit_size": 14, "max_digits": 2},
+        "defaults": {"num_inference_steps": 28, "guidance_scale": 3.0},
+        "train": {
+            "batch_size": 64,
+            "lr": 5e-4,
+            "min_lr_frac": 0.02,
+            "warmup_steps": 500,
+            "weight_decay": 0.0,
+            "betas": [0.9, 0.99],
+            "grad_clip": 1.0,
+            "ema_decay": 0.999,
+            "label_dropout": 0.1,
+            "t_sampling": "logit_normal",
+            "hflip": False,
+        },
+    },
 }
+
+
+# --------------------------------------------------------------------------- captions and vocabularies
+# The text-conditional models use a word-level tokenizer over a closed vocabulary built from these
+# lists (see ``text.py``); words outside it map to ``[UNK]``.
+
+#: synonyms per CIFAR-10 class, the first is the class name used in canonical prompts
+CIFAR10_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "airplane": ("airplane", "plane", "aeroplane", "jet", "aircraft"),
+    "automobile": ("car", "automobile", "sedan", "coupe"),
+    "bird": ("bird", "songbird", "sparrow", "finch"),
+    "cat": ("cat", "kitten", "kitty", "tabby"),
+    "deer": ("deer", "fawn", "stag", "doe"),
+    "dog": ("dog", "puppy", "pup", "hound"),
+    "frog": ("frog", "toad", "bullfrog", "treefrog"),
+    "horse": ("horse", "pony", "stallion", "mare"),
+    "ship": ("ship", "boat", "vessel", "freighter"),
+    "truck": ("truck", "lorry", "pickup", "van"),
+}
+
+#: caption templates; ``{a}`` is the article ("a"/"an") agreeing with ``{x}``
+CAPTION_TEMPLATES: tuple[str, ...] = (
+    "a photo of {a} {x}",
+    "a picture of {a} {x}",
+    "an image of {a} {x}",
+    "a blurry photo of {a} {x}",
+    "a small photo of the {x}",
+    "a low resolution photo of {a} {x}",
+    "a close-up photo of the {x}",
+    "a cropped photo of {a} {x}",
+    "a bright photo of {a} {x}",
+    "a dark photo of the {x}",
+    "a photo of the {x}",
+    "{x}",
+)
+
+DIGIT_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+#: caption templates of the moving-digits videos; ``{d}`` is a phrase naming the digits in the clip
+VIDEO_TEMPLATES: tuple[str, ...] = (
+    "{d} bouncing",
+    "a video of {d} moving",
+    "{d} moving around",
+    "{d}",
+)
+
+
+def _words(texts) -> list[str]:
+    out: list[str] = []
+    for t in texts:
+        for w in t.replace("{a}", "").replace("{x}", "").replace("{d}", "").split():
+            if w not in out:
+                out.append(w)
+    return out
+
+
+CIFAR10_VOCAB: tuple[str, ...] = tuple(dict.fromkeys(
+    _words(CAPTION_TEMPLATES) + ["a", "an"]
+    + [w for syn in CIFAR10_SYNONYMS.values() for s in syn for w in s.split()]
+))
+DIGITS_VOCAB: tuple[str, ...] = tuple(dict.fromkeys(
+    _words(VIDEO_TEMPLATES) + ["the", "digit", "digits", "and", "a"] + list(DIGIT_WORDS) + [str(i) for i in range(10)]
+))
+VOCABULARIES: dict[str, tuple[str, ...]] = {"cifar10": CIFAR10_VOCAB, "digits": DIGITS_VOCAB}
 
 
 def get_config(name: str) -> dict:
