@@ -24,12 +24,22 @@ dit_accel to flex (same mask) and, at density 1.0, to cuDNN.
     python benchmarks/bench_block_sparse.py                       # full sweep, on a GPU
     python benchmarks/bench_block_sparse.py --seq-lens 4608 --heads 24 --densities 1.0,0.25
     python benchmarks/bench_block_sparse.py --check-cpu           # tiny mask/plumbing check, no GPU
+    python benchmarks/bench_block_sparse.py --quick --out /tmp/bs  # tiny shapes, any device, seconds
+
+The sparse-attention issue's kernel target (25% density, S = 32,760 and 75,600, D = 128):
+
+    python benchmarks/bench_block_sparse.py --seq-lens 32760,75600 --heads 12,24 --densities 1.0,0.25 --out DIR
+
+``--quick`` runs S = 512 with 2 heads of 128 channels at densities 1.0 / 0.25; on a CPU the
+dit_accel variant is the PyTorch reference (the Triton interpreter when TRITON_INTERPRET=1), flex
+runs eagerly and ``sdpa`` (default backend) replaces cuDNN.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -52,9 +62,13 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls per variant (includes autotune/compile)")
     ap.add_argument("--rounds", type=int, default=10, help="timed calls per variant, interleaved")
-    ap.add_argument("--variants", default="dit_accel,flex,cudnn", help="subset of dit_accel,flex,cudnn")
+    ap.add_argument("--variants", default="dit_accel,flex,cudnn",
+                    help="subset of dit_accel,flex,cudnn,sdpa (sdpa: the default SDPA backend)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="block_sparse_attention", help="result file stem")
+    ap.add_argument("--out", default=None, help="directory for the JSON + Markdown results "
+                    "(default: $OUT, else benchmarks/results)")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (S=512, H=2), any device, seconds: a smoke test")
     ap.add_argument("--check-cpu", action="store_true",
                     help="tiny CPU run: check that the kernel/reference and FlexAttention agree on the masks")
     return ap.parse_args(argv)
@@ -145,8 +159,19 @@ def main(argv=None) -> None:
     from common import environment, median_spread, time_call, write_results
     from dit_accel.kernels import block_sparse_attention, mask_to_block_table
 
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_block_sparse.py needs a CUDA GPU (use --check-cpu for a CPU plumbing check)")
+    cuda = torch.cuda.is_available()
+    if args.quick:
+        args.seq_lens, args.heads, args.densities, args.rounds, args.warmup = "512", "2", "1.0,0.25", 2, 1
+        args.block = 64
+        if args.name == "block_sparse_attention":
+            args.name = "block_sparse_attention_quick"
+        if not cuda:
+            args.variants = "dit_accel,flex,sdpa"
+    elif not cuda:
+        raise SystemExit("bench_block_sparse.py needs a CUDA GPU (use --quick or --check-cpu on a CPU)")
+    if args.out:
+        os.environ["OUT"] = args.out
+    device = "cuda" if cuda else "cpu"
     seq_lens = [int(s) for s in args.seq_lens.split(",")]
     heads = [int(h) for h in args.heads.split(",")]
     if len(heads) != len(seq_lens):
@@ -155,33 +180,41 @@ def main(argv=None) -> None:
     variants = [v for v in args.variants.split(",") if v]
     dtype = getattr(torch, args.dtype)
     B, D, blk = args.batch, args.head_dim, args.block
-    flex_compiled = torch.compile(flex_attention, dynamic=False)
+    flex_compiled = torch.compile(flex_attention, dynamic=False) if cuda else flex_attention
+    if not cuda:
+        import warnings
+
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
 
     rows = []
     for S, H in zip(seq_lens, heads):
-        g = torch.Generator(device="cuda").manual_seed(args.seed)
-        q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=dtype, generator=g) for _ in range(3))
+        g = torch.Generator(device=device).manual_seed(args.seed)
+        q, k, v = (torch.randn(B, H, S, D, device=device, dtype=dtype, generator=g) for _ in range(3))
         dense_flops = 4.0 * D * B * H * S * S
 
         def cudnn():
             with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
                 return F.scaled_dot_product_attention(q, k, v)
 
+        def sdpa():
+            return F.scaled_dot_product_attention(q, k, v)
+
         for density in densities:
-            mask = make_block_mask(B, H, S, blk, density, args.seed, "cuda")
+            mask = make_block_mask(B, H, S, blk, density, args.seed, device)
             idx, cnt = mask_to_block_table(mask)
             flops = 4.0 * D * kept_pairs(mask, S, blk)
             bm = flex_block_mask(idx, cnt, S, blk, mask) if "flex" in variants else None
             fns = {"dit_accel": lambda: block_sparse_attention(q, k, v, idx, cnt, block_m=blk, block_n=blk),
                    "flex": lambda: flex_compiled(q, k, v, block_mask=bm),
-                   "cudnn": cudnn}
+                   "cudnn": cudnn, "sdpa": sdpa}
             fns = {name: fns[name] for name in variants}
             outs, errors = {}, {}
             for name, fn in list(fns.items()):
                 try:
                     for _ in range(max(1, args.warmup)):
                         outs[name] = fn()
-                    torch.cuda.synchronize()
+                    if cuda:
+                        torch.cuda.synchronize()
                 except Exception as exc:  # e.g. no cuDNN attention for this shape: report, go on
                     errors[name] = f"{type(exc).__name__}: {exc}"[:300]
                     print(f"{name} failed at S={S}, density={density}: {errors[name]}", flush=True)
@@ -196,20 +229,22 @@ def main(argv=None) -> None:
                 med, spread = median_spread(times[name])
                 row[f"{name}_ms"], row[f"{name}_spread_ms"] = med, spread
                 row[f"{name}_useful_tflops"] = flops / med / 1e9
-                if name == "cudnn":
-                    row["cudnn_dense_tflops"] = dense_flops / med / 1e9
+                if name in ("cudnn", "sdpa"):
+                    row[f"{name}_dense_tflops"] = dense_flops / med / 1e9
             if "dit_accel" in outs and "flex" in outs:
                 row["maxdiff_vs_flex"] = (outs["dit_accel"].float() - outs["flex"].float()).abs().max().item()
-            if "dit_accel" in outs and "cudnn" in outs and density >= 1.0:
-                row["maxdiff_vs_cudnn"] = (outs["dit_accel"].float() - outs["cudnn"].float()).abs().max().item()
-            for other in ("flex", "cudnn"):
+            for dense in ("cudnn", "sdpa"):
+                if "dit_accel" in outs and dense in outs and density >= 1.0:
+                    row[f"maxdiff_vs_{dense}"] = (outs["dit_accel"].float() - outs[dense].float()).abs().max().item()
+            for other in ("flex", "cudnn", "sdpa"):
                 if "dit_accel" in fns and other in fns:
                     row[f"speedup_vs_{other}"] = row[f"{other}_ms"] / row["dit_accel_ms"]
             rows.append(row)
             print(row, flush=True)
             del outs
         q = k = v = None  # free before the next shape
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
 
     env = environment()
     write_results(args.name, {"environment": env, "args": vars(args), "rows": rows},
@@ -223,15 +258,16 @@ def render_markdown(rows, variants, args, env) -> str:
           f"B={B}, D={D}, {args.dtype}, blocks {blk}x{blk}, median of {args.rounds} rounds after "
           f"{args.warmup} warm-up calls; useful TFLOP/s = 4·D·(pairs in kept blocks) / time.", "",
           "| S | H | density | " + " | ".join(f"{n} ms | {n} useful TFLOP/s" for n in variants)
-          + (" | vs flex | vs cuDNN |" if "dit_accel" in variants else " |"),
+          + (" | vs flex | vs dense |" if "dit_accel" in variants else " |"),
           "|" + "---|" * (3 + 2 * len(variants) + (2 if "dit_accel" in variants else 0))]
     for r in rows:
         cells = [f"{r['S']:,}", str(r["H"]), f"{r['density']:.2f}"]
         for n in variants:
             cells += [f"{r[f'{n}_ms']:.3f}", f"{r[f'{n}_useful_tflops']:.0f}"] if f"{n}_ms" in r else ["failed", ""]
         if "dit_accel" in variants:
+            dense = r.get("speedup_vs_cudnn", r.get("speedup_vs_sdpa"))
             cells += [f"{r['speedup_vs_flex']:.2f}x" if "speedup_vs_flex" in r else "",
-                      f"{r['speedup_vs_cudnn']:.2f}x" if "speedup_vs_cudnn" in r else ""]
+                      f"{dense:.2f}x" if dense is not None else ""]
         md.append("| " + " | ".join(cells) + " |")
     md += ["", "```", *(f"{k}: {v}" for k, v in env.items()), "```", ""]
     return "\n".join(md)

@@ -11,6 +11,7 @@ from .adapters import get_adapter
 from .config import PolicyError
 from .hooks import Runtime, SchedulerWatch, attach, detach
 from .policy import Policy, PolicyLike, load_policy
+from .quant import apply_policy_quant, remove_policy_quant
 from .stats import Stats
 
 _HANDLE = "_dit_accel"
@@ -54,11 +55,13 @@ def accelerate(target: Any, policy: PolicyLike = "fbcache", *, blocks: Sequence[
         for rt in runtimes.values():
             attach(rt)
             done.append(rt)
+            apply_policy_quant(rt.transformer, rt.adapter, policy)  # policy.quant: torchao linears
         if not isinstance(target, torch.nn.Module) and getattr(target, "scheduler", None) is not None:
             SchedulerWatch(target, list(runtimes.values()))
     except Exception:
         for rt in done:
             detach(rt)
+            remove_policy_quant(rt.transformer)
         raise
     setattr(target, _HANDLE, runtimes)
     if not isinstance(target, torch.nn.Module):
@@ -79,6 +82,7 @@ def remove(target: Any) -> Any:
     runtimes = _runtimes(target)
     for rt in runtimes.values():
         detach(rt)
+        remove_policy_quant(rt.transformer)  # original weights back, bit-exact
         if getattr(rt.transformer, _HANDLE, None) is not None:
             delattr(rt.transformer, _HANDLE)
     if hasattr(target, _HANDLE):

@@ -266,14 +266,47 @@ def require_per_block(records: list[dict], what: str) -> None:
                           "(record with RecordConfig(per_block=True))")
 
 
+def call_arguments(prompt: str | dict, call_kwargs: dict) -> dict:
+    """The pipeline arguments of one calibration generation: ``call_kwargs`` plus the prompt (a string
+    becomes ``prompt=``; a dict of call arguments is merged as is)."""
+    kwargs = dict(prompt) if isinstance(prompt, dict) else {"prompt": prompt}
+    return {**call_kwargs, **kwargs}
+
+
+def record(pipe: Any, prompts: Sequence[str | dict], options: dict | None = None,
+           **call_kwargs: Any) -> tuple[list[dict], str]:
+    """Run one generation per prompt with the recording method (``RecordConfig(**options)``) attached;
+    return the per-step records and the adapter family. The pipeline is left as it was."""
+    records: list[dict] = []
+    with accelerated(pipe, Policy(name="calibration", cache=RecordConfig(**(options or {})))):
+        runtime = next(iter(_runtimes(pipe).values()))
+        family = runtime.adapter.family
+        try:
+            for prompt in prompts:
+                pipe(**call_arguments(prompt, call_kwargs))
+                records.extend(runtime.method.records)
+                runtime.method.records = []
+        finally:
+            runtime.method.close()
+    return records, family
+
+
 def calibrate(pipe: Any, prompts: Sequence[str | dict], policy: PolicyLike, **call_kwargs: Any) -> Policy:
     """Run one generation per prompt and return ``policy`` with the method's calibrated fields filled.
 
     ``prompts``: strings (passed as ``prompt=``) or dicts of call arguments (e.g.
     ``{"class_labels": [3]}``); ``call_kwargs`` go to every call (steps, size, seed...). Calibrate
-    at the step count and resolution you will serve.
+    at the step count and resolution you will serve. A method whose calibration needs more than one
+    recording pass (ERTACache's timestep adjustment) implements
+    ``calibrate_pipeline(pipe, prompts, config, **call_kwargs) -> config`` and runs its passes itself.
     """
     policy = load_policy(policy)
+    if policy.attention is not None and policy.attention.needs_calibration:  # PARO orders / static masks
+        from .attention.calibrate import calibrate_attention
+
+        policy = calibrate_attention(pipe, prompts, policy, **call_kwargs)
+        if policy.cache is None or not hasattr(get_method(policy.cache.method), "calibrated"):
+            return policy
     if policy.cache is None:
         raise PolicyError("policy has no cache section to calibrate")
     method = get_method(policy.cache.method)
@@ -281,17 +314,10 @@ def calibrate(pipe: Any, prompts: Sequence[str | dict], policy: PolicyLike, **ca
         raise PolicyError(f"cache.method {policy.cache.method!r} needs no calibration")
     if not prompts:
         raise PolicyError("calibrate needs at least one prompt")
-    records: list[dict] = []
-    family = None
-    with accelerated(pipe, Policy(name="calibration", cache=RecordConfig(**getattr(method, "record_options", {})))):
-        runtime = next(iter(_runtimes(pipe).values()))
-        family = runtime.adapter.family
-        try:
-            for prompt in prompts:
-                kwargs = dict(prompt) if isinstance(prompt, dict) else {"prompt": prompt}
-                pipe(**{**call_kwargs, **kwargs})
-                records.extend(runtime.method.records)
-                runtime.method.records = []
-        finally:
-            runtime.method.close()
-    return Policy(name=policy.name, cache=method.calibrated(policy.cache, records, family))
+    custom = getattr(method, "calibrate_pipeline", None)
+    if custom is not None:
+        return Policy(name=policy.name, cache=custom(pipe, prompts, policy.cache, **call_kwargs),
+                      attention=policy.attention)
+    records, family = record(pipe, prompts, getattr(method, "record_options", {}), **call_kwargs)
+    return Policy(name=policy.name, cache=method.calibrated(policy.cache, records, family),
+                  attention=policy.attention)

@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="baseline vs accelerated on an offline pipeline (table + image grid)")
     demo.add_argument("--model", default=None,
-                      help="cifar10_dit (the trained reference model; default when installed) or tiny-FAMILY "
+                      help="a trained reference model: cifar10_dit (default when installed), cifar10_mmdit "
+                           "(text-to-image MM-DiT), digits_wan (text-to-video, 8 frames shown), or tiny-FAMILY "
                            "(random weights: tiny-flux, tiny-sd3, tiny-pixart, tiny-dit, tiny-wan, "
                            "tiny-hunyuan_video, tiny-cogvideox)")
     demo.add_argument("--policies", nargs="+", default=None,

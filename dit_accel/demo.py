@@ -31,14 +31,29 @@ class DemoModel:
 
 def _zoo_model(name: str, steps: int | None, batch: int) -> DemoModel:
     from . import zoo
+    from .zoo import text
 
     pipe = zoo.load(name)
     pipe.set_progress_bar_config(disable=True)
     labels = [i % 10 for i in range(batch)]
+    seed = lambda: torch.Generator().manual_seed(0)  # noqa: E731
 
-    def call(override: int | None = None) -> torch.Tensor:
-        return pipe(class_labels=labels, num_inference_steps=override or steps,
-                    generator=torch.Generator().manual_seed(0), output_type="pt").images
+    if isinstance(pipe, zoo.TextToVideoPipeline):  # one clip of 8 frames, shown frame by frame
+        prompts = [text.digits_prompt([3, 7])]
+
+        def call(override: int | None = None) -> torch.Tensor:
+            clips = pipe(prompts, num_frames=8, num_inference_steps=override or steps, generator=seed(),
+                         output_type="pt").frames  # [B, C, F, H, W]
+            return clips.transpose(1, 2).flatten(0, 1).expand(-1, 3, -1, -1)  # frames as RGB images
+    elif isinstance(pipe, zoo.TextToImagePipeline):
+        prompts = [text.cifar10_prompt(label) for label in labels]
+
+        def call(override: int | None = None) -> torch.Tensor:
+            return pipe(prompts, num_inference_steps=override or steps, generator=seed(), output_type="pt").images
+    else:
+        def call(override: int | None = None) -> torch.Tensor:
+            return pipe(class_labels=labels, num_inference_steps=override or steps, generator=seed(),
+                        output_type="pt").images
     calibrated = tuple(p for p in (f"{name}-teacache", f"{name}-magcache") if p in preset_names())
     return DemoModel(name, pipe, call, is_image=True, policies=("fbcache", "fora", *calibrated))
 
@@ -68,7 +83,7 @@ def default_model_name() -> str:
 
 
 def load_demo_model(name: str, steps: int | None = None, batch: int = 4) -> DemoModel:
-    """``cifar10_dit`` (or another zoo name) or ``tiny-FAMILY`` (e.g. ``tiny-flux``)."""
+    """A zoo model (``cifar10_dit``, ``cifar10_mmdit``, ``digits_wan``) or ``tiny-FAMILY`` (e.g. ``tiny-flux``)."""
     if name.startswith("tiny-"):
         return _tiny_model(name[len("tiny-"):], steps)
     return _zoo_model(name, steps, batch)

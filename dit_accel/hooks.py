@@ -85,6 +85,11 @@ class Runtime:
         self.pipeline_driven = False
         self.scheduler_watch: SchedulerWatch | None = None
         self.current: BranchState | None = None
+        self.attention = None
+        if policy.attention is not None:  # block-sparse self-attention (dit_accel.attention)
+            from .attention.processor import AttentionController
+
+            self.attention = AttentionController(self, policy.attention)
         self.new_generation()
 
     # ---- generation / call lifecycle -------------------------------------------------------
@@ -106,6 +111,8 @@ class Runtime:
         self._pending_cond: tuple | None = None  # (cond prediction, timestep, hidden shape) of separate CFG
         self._call: tuple | None = None  # what the guidance does with the call in progress
         self.skipping = False
+        if self.attention is not None:
+            self.attention.new_generation()
 
     def release(self) -> None:
         """Free cached tensors (end of a pipeline call) but keep the call's statistics."""
@@ -191,15 +198,19 @@ class Runtime:
             return replace_sample(output, call[1].clone())
         state = self.current
         step = state.step if state is not None else None
+        adjusted = None  # a caching method's correction of the model output (ERTACache's step-size adjustment)
+        if state is not None and output is not None and getattr(self.method, "adjust_output", None) is not None:
+            adjusted = self.method.adjust_output(output, state)
+            output = output if adjusted is None else adjusted
         self.end_call()
         if call is None or output is None:
-            return None
+            return adjusted
         kind = call[0]
         if kind == "half":
             return self.guidance.complete_output(output, call[1] // 2)
         sample = output_sample(output)
         if sample is None or step is None:
-            return None
+            return adjusted
         g = self.guidance
         if kind == "cond":
             self._pending_cond = (sample, call[1], call[2])
@@ -216,7 +227,7 @@ class Runtime:
                     self.guidance_switched[branch] = True
                     self.guidance_switch_step[branch] = step + 1
                     self._halve_state(state, batch)
-        return None
+        return adjusted
 
     def _halve_state(self, state: BranchState, batch: int) -> None:
         """Move a batched branch's cache state to the conditional rows (the calls it will see from now on)."""
@@ -283,7 +294,8 @@ class Runtime:
                      cache_bytes=held,
                      guidance=self.guidance.describe() if self.guidance else "none",
                      guidance_skipped_calls=self.guidance_skipped,
-                     guidance_switch_step=dict(self.guidance_switch_step))
+                     guidance_switch_step=dict(self.guidance_switch_step),
+                     extra={"attention": self.attention.stats()} if self.attention is not None else {})
 
 
 def _same_timestep(a: Any, b: Any) -> bool:
@@ -491,6 +503,8 @@ def attach(runtime: Runtime) -> None:
                              **role)
             _register(block.module, hook, BLOCK_HOOK, registered)
         _invalidate_registry_cache(transformer)
+        if runtime.attention is not None:
+            runtime.attention.attach()
     except Exception:
         for module, name in reversed(registered):
             _unregister(module, name)
@@ -502,6 +516,8 @@ def attach(runtime: Runtime) -> None:
 
 def detach(runtime: Runtime) -> None:
     """Remove every hook ``attach`` registered, leaving the modules as they were."""
+    if getattr(runtime, "attention", None) is not None:
+        runtime.attention.detach()
     for module, name in reversed(getattr(runtime, "registered", [])):
         _unregister(module, name)
     runtime.registered = []

@@ -14,9 +14,11 @@ from typing import Any, Mapping, Union
 
 import yaml
 
+from .attention.config import AttentionConfig
 from .config import ConfigBase, PolicyError, unknown_key_error
 from .policies import ALIASES, get_method, method_names
 from .policies.adaptive_guidance import AdaptiveGuidanceConfig
+from .quant.config import LinearQuantConfig
 
 GUIDANCE_METHODS: dict[str, type[ConfigBase]] = {"adaptive": AdaptiveGuidanceConfig}
 
@@ -53,12 +55,14 @@ def _guidance_config_from_dict(data: Mapping[str, Any]) -> ConfigBase:
 
 @dataclass(frozen=True)
 class Policy:
-    """What to accelerate and how. ``cache=None`` means no caching, ``guidance=None`` plain CFG
-    (with both off, outputs stay bit-exact)."""
+    """What to accelerate and how. ``cache=None`` means no caching, ``guidance=None`` plain CFG,
+    ``attention=None`` dense attention (with all off, outputs stay bit-exact)."""
 
     name: str = "custom"
     cache: ConfigBase | None = None
     guidance: ConfigBase | None = None
+    attention: AttentionConfig | None = None
+    quant: LinearQuantConfig | None = None  # linear layers through torchao (dit_accel.quant)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -69,10 +73,18 @@ class Policy:
             if isinstance(self.guidance, ConfigBase):
                 raise PolicyError(f"guidance: expected a guidance section, got {type(self.guidance).__name__}")
             object.__setattr__(self, "guidance", _guidance_config_from_dict(self.guidance))
+        if self.attention is not None and not isinstance(self.attention, AttentionConfig):
+            if isinstance(self.attention, ConfigBase):
+                raise PolicyError(f"attention: expected an attention section, got {type(self.attention).__name__}")
+            object.__setattr__(self, "attention", AttentionConfig.from_dict(self.attention))
+        if self.quant is not None and not isinstance(self.quant, LinearQuantConfig):
+            if isinstance(self.quant, ConfigBase):
+                raise PolicyError(f"quant: expected a quant section, got {type(self.quant).__name__}")
+            object.__setattr__(self, "quant", LinearQuantConfig.from_dict(self.quant))
 
     @property
     def is_empty(self) -> bool:
-        return self.cache is None and self.guidance is None
+        return self.cache is None and self.guidance is None and self.attention is None and self.quant is None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Policy":
@@ -82,29 +94,41 @@ class Policy:
         for key in data:
             if key not in allowed:
                 raise unknown_key_error("policy", key, allowed)
-        cache, guidance = data.get("cache"), data.get("guidance")
+        cache, guidance, attention = data.get("cache"), data.get("guidance"), data.get("attention")
         return cls(name=data.get("name", "custom"), cache=None if cache is None else _cache_config_from_dict(cache),
-                   guidance=None if guidance is None else _guidance_config_from_dict(guidance))
+                   guidance=None if guidance is None else _guidance_config_from_dict(guidance),
+                   attention=None if attention is None else AttentionConfig.from_dict(attention),
+                   quant=None if data.get("quant") is None else LinearQuantConfig.from_dict(data["quant"]))
 
     def to_dict(self) -> dict[str, Any]:
         """``{"name", "cache"}``, plus ``"guidance"`` when the policy has a guidance section."""
         d = {"name": self.name, "cache": None if self.cache is None else self.cache.to_dict()}
         if self.guidance is not None:
             d["guidance"] = self.guidance.to_dict()
+        if self.attention is not None:
+            d["attention"] = self.attention.to_dict()
+        if self.quant is not None:
+            d["quant"] = self.quant.to_dict()
         return d
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_yaml())
+    def save(self, path: str | Path, inline: bool = False) -> Path | None:
+        """Write the policy as YAML at ``path``. Long numeric calibration fields (≥ 16 numbers: ratio
+        curves, per-step tables, schedules) go to ``NAME.safetensors`` beside it, referenced from the YAML
+        (``dit_accel.sidecar``); ``inline=True`` keeps everything in the YAML. Returns the sidecar path
+        or None."""
+        from . import sidecar
+
+        return sidecar.save(self.to_dict(), path, inline=inline)
 
     def replace(self, **cache_changes: Any) -> "Policy":
         """A copy with some cache fields changed, validated again: ``policy.replace(threshold=0.2)``."""
         if self.cache is None:
             raise PolicyError("policy has no cache section to change")
         return Policy(name=self.name, cache=_cache_config_from_dict({**self.cache.to_dict(), **cache_changes}),
-                      guidance=self.guidance)
+                      guidance=self.guidance, attention=self.attention, quant=self.quant)
 
 
 def preset_names() -> list[str]:
@@ -133,7 +157,9 @@ def load_policy(spec: PolicyLike) -> Policy:
                 data = yaml.safe_load(path.read_text())
             except yaml.YAMLError as err:
                 raise PolicyError(f"policy file {str(path)!r} is not valid YAML: {err}") from None
-            return Policy.from_dict({} if data is None else data)
+            from . import sidecar
+
+            return Policy.from_dict({} if data is None else sidecar.load(data, path))
         raise PolicyError(f"unknown preset {name!r}; shipped presets: {', '.join(preset_names())} "
                           "(or pass a YAML path, a dict or a dit_accel.Policy)")
     raise PolicyError(f"cannot build a policy from {type(spec).__name__}; pass a preset name, YAML path, dict or Policy")

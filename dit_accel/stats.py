@@ -64,6 +64,14 @@ class Stats:
             switched = ", ".join(f"from step {v} ({k})" for k, v in self.guidance_switch_step.items()) or "never"
             lines.append(f"guidance {self.guidance}: unconditional branch dropped {switched}; "
                          f"{self.guidance_skipped_calls} unconditional evaluations skipped")
+        attention = self.extra.get("attention")
+        if attention:
+            calls = attention["calls"]
+            density = attention["sparse_density"]
+            lines.append(f"attention {attention['method']}: {calls['sparse']} sparse self-attention calls"
+                         + (f" at density {density:.3f}" if density is not None else "")
+                         + f", {sum(calls.values()) - calls['sparse']} dense (warm-up {calls['dense_warmup']}, "
+                         f"dense layers {calls['dense_layer']}, unhandled {calls['dense_unhandled']})")
         if self.mixed_batch_decisions:
             lines.append(f"{self.mixed_batch_decisions} gate decisions where samples disagreed (computed)")
         return "\n".join(lines)

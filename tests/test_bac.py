@@ -115,7 +115,10 @@ def test_calibrated_bac_round_trips_and_follows_its_schedule(tmp_path):
     policy.save(tmp_path / "px-bac.yaml")
     loaded = dit_accel.load_policy(tmp_path / "px-bac.yaml")
     assert loaded == policy
-    assert yaml.safe_load((tmp_path / "px-bac.yaml").read_text())["cache"]["schedule"]["default"] == sched
+    # the schedule (≥ 16 step indices) lives in px-bac.safetensors beside the YAML (dit_accel.sidecar)
+    assert yaml.safe_load((tmp_path / "px-bac.yaml").read_text())["cache"]["schedule"]["default"]["$sidecar"] \
+        == "cache.schedule.default"
+    assert loaded.cache.schedule["default"] == sched
     with dit_accel.accelerated(pipe, loaded):
         pipe(prompt="a dog", **call_kwargs("pixart", steps))
         stats = dit_accel.stats(pipe)

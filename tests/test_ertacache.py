@@ -1,5 +1,5 @@
-"""ERTACache: the offline schedule under an exact budget, the residual rectification, calibration
-round trip, and quality on the trained reference model."""
+"""ERTACache: the offline schedule under an exact budget, the residual rectification, the
+trajectory-aware timestep adjustment, calibration round trip, and quality on the trained reference model."""
 
 from __future__ import annotations
 
@@ -10,10 +10,8 @@ import yaml
 import dit_accel
 from dit_accel import zoo
 from dit_accel.policies.base import BranchState
-from dit_accel.policies.ertacache import ERTACache, ERTACacheConfig
+from dit_accel.policies.ertacache import ERTACache, ERTACacheConfig, RandomState, fit_step_scale
 from dit_accel.testing import tiny_call_kwargs, tiny_pipeline
-
-from helpers import zoo_versus_fora
 
 PROMPTS = ["a photo of a cat", "a red car on a road"]
 
@@ -63,7 +61,7 @@ def test_uncalibrated_ertacache_is_refused():
 def test_reused_residual_is_rectified():
     pipe = tiny_pipeline("pixart")
     steps = 6
-    policy = {"cache": {"method": "ertacache", "compute_steps": {"default": [0, 2, 4]},
+    policy = {"cache": {"method": "ertacache", "compute_steps": {"default": [0, 2, 4]}, "timestep_adjust": False,
                         "scale": {"default": [1.0, 2.0, 1.0, 0.5, 1.0, 1.0]},
                         "shift": {"default": [0.0, 0.1, 0.0, -0.2, 0.0, 0.0]}}}
     with dit_accel.accelerated(pipe, policy):
@@ -89,6 +87,10 @@ def test_calibrated_ertacache_round_trips_and_follows_its_schedule(tmp_path):
     assert set(policy.cache.compute_steps) == {"cond", "uncond"}
     assert all(len(s) == 4 and s[0] == 0 for s in policy.cache.compute_steps.values())
     assert all(len(s) == steps for s in policy.cache.scale.values())
+    for branch, phi in policy.cache.step_scale.items():  # φ fitted on the reused steps, 1 on computed ones
+        computed = policy.cache.compute_steps[branch]
+        assert len(phi) == steps and all(phi[t] == 1.0 for t in computed)
+        assert all(phi[t] != 1.0 and 0.0 < phi[t] < 10.0 for t in range(steps) if t not in computed)
     policy.save(tmp_path / "wan-erta.yaml")
     loaded = dit_accel.load_policy(tmp_path / "wan-erta.yaml")
     assert loaded == policy
@@ -100,20 +102,103 @@ def test_calibrated_ertacache_round_trips_and_follows_its_schedule(tmp_path):
     assert stats.blocks_reused == blocks * sum(steps - len(s) for s in policy.cache.compute_steps.values())
 
 
+def outputs_per_step(pipe, policy, steps: int) -> list[torch.Tensor]:
+    """The transformer's outputs, step by step, of one tiny PixArt generation under ``policy``."""
+    seen = []
+    with dit_accel.accelerated(pipe, policy):
+        handle = pipe.transformer.register_forward_hook(lambda m, a, out: seen.append(out[0].clone()))
+        try:
+            pipe(prompt="a cat", **call_kwargs("pixart", steps))
+        finally:
+            handle.remove()
+    return seen
+
+
+def test_timestep_adjustment_rescales_the_reused_steps_output():
+    """Δt̃ = φ·Δt on a reused step is the model output times φ (Euler): step 1 (reused, φ = 0.5) is
+    exactly half the unadjusted output, step 0 (computed) is untouched."""
+    pipe = tiny_pipeline("pixart")
+    steps = 6
+    cache = {"method": "ertacache", "compute_steps": {"default": [0, 2, 4]}, "rectify": False,
+             "scale": {"default": [1.0] * steps}, "shift": {"default": [0.0] * steps}}
+    plain = outputs_per_step(pipe, {"cache": {**cache, "timestep_adjust": False}}, steps)
+    phi = [1.0, 0.5, 1.0, 2.0, 1.0, 1.0]
+    adjusted = outputs_per_step(pipe, {"cache": {**cache, "step_scale": {"default": phi}}}, steps)
+    assert len(plain) == len(adjusted) == steps
+    assert torch.equal(adjusted[0], plain[0])
+    assert torch.equal(adjusted[1], plain[1] * 0.5)
+    assert not torch.equal(adjusted[2], plain[2])  # the adjusted step moved the trajectory
+    with pytest.raises(dit_accel.PolicyError, match="step_scale"):
+        dit_accel.accelerate(pipe, {"cache": cache})  # timestep_adjust on (default) needs a calibrated φ
+    assert not dit_accel.is_accelerated(pipe)
+
+
+def test_step_scale_is_the_least_squares_ratio_on_reused_steps():
+    g = torch.Generator().manual_seed(0)
+    reference, cached = [], []
+    for _ in range(3):  # generations
+        ref, hat = {}, {}
+        for t in range(4):
+            v_hat = torch.randn(4096, generator=g)
+            noise = torch.randn(4096, generator=g)
+            noise -= (noise @ v_hat) / (v_hat @ v_hat) * v_hat  # orthogonal to v̂: does not bias φ
+            ref[("cond", t)], hat[("cond", t)] = (0.5 + 0.1 * t) * v_hat + noise, v_hat
+        reference.append(ref)
+        cached.append(hat)
+    phi = fit_step_scale(reference, cached, {"cond": [0, 2]})["cond"]
+    assert phi[0] == phi[2] == 1.0
+    assert phi[1] == pytest.approx(0.6, rel=1e-6) and phi[3] == pytest.approx(0.8, rel=1e-6)
+
+
+def test_random_state_replays_the_calibration_noise():
+    g = torch.Generator().manual_seed(5)
+    snapshot = RandomState.capture({"generator": [g], "num_inference_steps": 4})
+    first = torch.randn(3, generator=g), torch.randn(3)
+    snapshot.restore()
+    second = torch.randn(3, generator=g), torch.randn(3)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
 @pytest.mark.skipif("cifar10_dit" not in zoo.available(), reason="reference weights not installed")
-def test_ertacache_beats_fora_at_the_same_saved_share_on_the_trained_model():
+def test_ertacache_beats_fora_and_timestep_adjustment_helps_on_the_trained_model():
     """cifar10_dit, 20 Euler steps, labels [0, 3], seed 0; ERTACache calibrated on [1, 7], seed 1,
-    budget 0.35 = FORA interval 3's share (65% saved). Measured 2026-11-23 (CPU, float32, one
-    thread), PSNR vs the unaccelerated run:
+    budget 0.35 = FORA interval 3's share (65% saved). Measured 2026-12-01 (CPU, float32), PSNR vs the
+    unaccelerated run:
 
-        FORA interval 3                   23.72 dB
-        ERTACache budget 0.35             26.85 dB   (rectify: false 27.08 dB — the scalar
-                                                      rectification does not help on this model)
-        ERTACache budget 0.50             30.44 dB   (rectify: false 30.73 dB)
+        FORA interval 3                                  23.72 dB
+        ERTACache budget 0.35, timestep_adjust: false    26.85 dB   (rectify: false 27.08 dB)
+        ERTACache budget 0.35 (default: adjusted)        27.53 dB
+        ERTACache budget 0.50, timestep_adjust: false    30.44 dB
+        ERTACache budget 0.50 (default: adjusted)        31.81 dB
 
-    Asserted: equal saved share, ERTACache ≥ FORA + 1 dB and within 1 dB of its measured PSNR.
+    Asserted: equal saved share, ERTACache ≥ FORA + 1 dB, the timestep adjustment ≥ +0.3 dB over the
+    same calibration without it, and within 1 dB of the measured PSNR.
     """
-    results = zoo_versus_fora({"cache": {"method": "ertacache", "budget": 0.35}})
-    assert results["policy"][1] == pytest.approx(results["fora"][1]) == pytest.approx(0.65)
-    assert results["policy"][0] >= results["fora"][0] + 1.0, results
-    assert results["policy"][0] >= 26.85 - 1.0, results
+    from dit_accel.policy import Policy
+
+    from helpers import psnr
+
+    pipe = zoo.load("cifar10_dit")
+    pipe.set_progress_bar_config(disable=True)
+    steps = 20
+
+    def generate():
+        return pipe(class_labels=[0, 3], generator=torch.Generator().manual_seed(0), num_inference_steps=steps,
+                    output_type="pt").images
+
+    baseline = generate()
+    calibrated = dit_accel.calibrate(pipe, [{"class_labels": [1, 7]}], {"cache": {"method": "ertacache",
+                                                                                   "budget": 0.35}},
+                                     num_inference_steps=steps, generator=torch.Generator().manual_seed(1))
+    unadjusted = Policy(name="no-adjust", cache={**calibrated.cache.to_dict(), "timestep_adjust": False,
+                                                 "step_scale": None})
+    results = {}
+    for name, p in (("fora", {"cache": {"method": "fora", "interval": 3}}), ("adjusted", calibrated),
+                    ("unadjusted", unadjusted)):
+        with dit_accel.accelerated(pipe, p):
+            out = generate()
+            results[name] = (psnr(out, baseline), dit_accel.stats(pipe).saved_share)
+    assert results["adjusted"][1] == pytest.approx(results["fora"][1]) == pytest.approx(0.65)
+    assert results["adjusted"][0] >= results["fora"][0] + 1.0, results
+    assert results["adjusted"][0] >= results["unadjusted"][0] + 0.3, results
+    assert results["adjusted"][0] >= 27.53 - 1.0, results

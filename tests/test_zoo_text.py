@@ -200,3 +200,13 @@ def test_vocabularies_are_fixed():
         tok = text.build_tokenizer(meta["vocab"], meta["max_text_length"])
         assert len(tok) == len(meta["vocab_words"]) + len(text.SPECIAL_TOKENS)
     assert len(configs.CIFAR10_VOCAB) == len(set(configs.CIFAR10_VOCAB))
+
+
+@pytest.mark.parametrize("name,frames", [("cifar10_mmdit", None), ("digits_wan", 8)])
+def test_demo_runs_on_the_text_models(name, frames):
+    from dit_accel.demo import load_demo_model
+
+    model = load_demo_model(name, steps=1, batch=2)
+    out = model.call()
+    assert out.ndim == 4 and out.shape[1] == 3 and out.shape[-2:] == (32, 32)
+    assert out.shape[0] == (frames or 2)

@@ -1,12 +1,12 @@
 """ERTACache — error rectification and timestep adjustment (2025, "ERTACache: Error Rectification
-and Timesteps Adjustment for Efficient Diffusion"; cited from memory: authors and exact equations
-not re-checked).
+and Timesteps Adjustment for Efficient Diffusion", Peng et al., arXiv 2508.21091; the abstract was
+checked, the exact equations were not available to us).
 
-The paper has three parts: (1) offline residual profiling picks which steps may reuse the
-cached model features (a static schedule instead of an online gate); (2) a closed-form
-linearisation of the cache-induced error rectifies the reused features; (3) a trajectory-aware
-timestep adjustment changes the integration interval of reused steps to compensate the
-remaining drift. What is implemented here:
+The paper (Peng et al., arXiv 2508.21091) has three parts: (1) offline residual profiling picks
+which steps may reuse the cached model features (a static schedule instead of an online gate);
+(2) a closed-form linearisation of the cache-induced error rectifies the reused features; (3) a
+trajectory-aware timestep adjustment changes the integration interval of reused steps to
+compensate the remaining drift. What is implemented here:
 
 * **Offline schedule** (part 1): calibration (``dit_accel.calibrate``) records the whole-stack
   residual R_t (output of the last block − input of the first) and, for every pair of steps
@@ -23,24 +23,45 @@ remaining drift. What is implemented here:
   This is a scalar-per-step simplification of the paper's residual linearisation (which, as we
   recall it, models the cache-induced error as a linear function; its exact form is not
   reproduced). The encoder-stream residual (dual-stream models) is reused as cached.
-* **Timestep adjustment** (part 3) is **not implemented**: it changes the timestep/step size
-  the sampler integrates with on a reused step, which lives in the scheduler loop outside the
-  transformer; this interface (block hooks deciding reuse) cannot change what the sampler does.
+* **Trajectory-aware timestep adjustment** (part 3, ``timestep_adjust``, on by default as in the
+  paper): a reused step feeds the sampler an approximate velocity v̂_t; the integration interval
+  of that step is rescaled, Δt̃ = φ_t·Δt, by a per-step correction coefficient fitted offline on
+  the *cached* trajectory. Calibration runs two passes over the same prompts and seeds (the random
+  state is restored between them): the recording pass (every step computed: the reference model
+  outputs v_t) and a pass under the calibrated schedule with rectification (the outputs v̂_t the
+  sampler really sees on reused steps, along the trajectory the cache really follows).
+  φ_t = Σ⟨v̂_t, v_t⟩ / Σ‖v̂_t‖² over the calibration generations (least squares: the rescaled cached
+  update Δt̃·v̂_t best matches the reference update Δt·v_t), 1 on computed steps. The sampler's
+  update on a reused step is x + Δt·v̂; a hook cannot change the scheduler's Δt, so we multiply the
+  model output by φ_t instead — for the Euler update of flow-matching samplers (FLUX, SD3, Wan,
+  HunyuanVideo, the reference model), x + Δt·(φ·v̂) = x + (φ·Δt)·v̂, exactly the adjusted interval;
+  for other samplers (DDPM/DPM-Solver ε-prediction) it is the same least-squares correction of the
+  reused prediction, not literally a timestep change. The paper's exact formula for the coefficient
+  was not available to us (cited from its abstract: "dynamically adjusts integration intervals via a
+  trajectory-aware correction coefficient"); the least-squares fit on the cached trajectory is ours.
+  Inner products are estimated on a fixed random sketch of ``sketch_size`` output elements. Cost at
+  run time: one multiply of the output on reused steps; calibration runs the prompts twice. On the
+  reference model (cifar10_dit, 20 Euler steps) it adds +0.7 dB PSNR at budget 0.35 and +1.4 dB at
+  0.5 over the same calibration without it (``tests/test_ertacache.py``).
 
 The decision reads only the calibrated tables (no host sync). A call with another step count
 than the calibration maps each step to the calibrated one at the same relative position and
-reuses without rectification (the fitted pairs belong to the calibrated step gaps).
+reuses without rectification or timestep adjustment (the fitted values belong to the calibrated step
+gaps).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
+import torch
 
 from ..config import ConfigBase, PolicyError, option
+from .adaptive_guidance import output_sample, replace_sample
 from .bac import acs, position
 from .base import BranchState, CacheMethod, CachePlan
 
@@ -65,14 +86,19 @@ class ERTACacheConfig(ConfigBase):
     budget: float = option(0.5, gt=0.0, le=1.0, doc="share of steps computed (exact, per branch)")
     warmup_steps: int = option(1, ge=1, doc="leading steps always computed")
     rectify: bool = option(True, doc="rectify reused residuals with the calibrated α_t·R + β_t")
+    timestep_adjust: bool = option(True, doc="rescale the integration interval of reused steps by the calibrated "
+                                             "φ_t (the paper's trajectory-aware timestep adjustment)")
+    sketch_size: int = option(65536, ge=16, doc="output elements sampled for the timestep-adjustment fit")
     compute_steps: dict | None = option(None, doc="calibrated compute steps per branch {branch: [steps]}")
     scale: dict | None = option(None, doc="calibrated α_t per branch and step (1 on computed steps)")
     shift: dict | None = option(None, doc="calibrated β_t per branch and step (0 on computed steps)")
+    step_scale: dict | None = option(None, doc="calibrated φ_t per branch and step: Δt̃ = φ_t·Δt on reused "
+                                               "steps (1 on computed steps)")
 
     def validate(self) -> None:
         if self.compute_steps is not None:
             _numbers(self.compute_steps, "cache.compute_steps", positive=True)
-        for name in ("scale", "shift"):
+        for name in ("scale", "shift", "step_scale"):
             if getattr(self, name) is not None:
                 _numbers(getattr(self, name), f"cache.{name}")
         super().validate()
@@ -88,6 +114,9 @@ class ERTACache(CacheMethod):
         if config.compute_steps is None or config.scale is None or config.shift is None:
             raise PolicyError("cache.compute_steps, cache.scale and cache.shift are required: run "
                               "dit_accel.calibrate(pipe, prompts, policy) first")
+        if config.timestep_adjust and config.step_scale is None:
+            raise PolicyError("cache.step_scale is required with timestep_adjust: true: run "
+                              "dit_accel.calibrate(pipe, prompts, policy) first (or set timestep_adjust: false)")
         self._warned = False
 
     def make_plan(self, num_blocks: int) -> CachePlan:
@@ -101,7 +130,8 @@ class ERTACache(CacheMethod):
         steps = state.num_steps or calibrated
         if steps != calibrated and not self._warned:
             logger.warning("dit_accel: ERTACache calibrated for %d steps, used for %d: steps are mapped by relative "
-                           "position and reused residuals are not rectified (recalibrate)", calibrated, steps)
+                           "position; reused residuals are not rectified and step sizes not adjusted (recalibrate)",
+                           calibrated, steps)
             self._warned = True
         return position(state.step, steps, calibrated), steps == calibrated
 
@@ -123,9 +153,22 @@ class ERTACache(CacheMethod):
             return out, None
         return out, (encoder + res_e if res_e is not None else encoder)
 
+    @torch.compiler.disable
+    def adjust_output(self, output: Any, state: BranchState) -> Any | None:
+        """The model output of a reused step scaled by φ_t (Euler: Δt̃ = φ_t·Δt); None = unchanged."""
+        if not self.config.timestep_adjust or not state.reuse.get(0, False):
+            return None
+        t, exact = self._calibrated_step(state)
+        phi = float(self._table(self.config.step_scale, state)[t]) if exact else 1.0
+        sample = output_sample(output)
+        if phi == 1.0 or sample is None:
+            return None
+        return replace_sample(output, sample * phi)
+
     @staticmethod
     def calibrated(config: ERTACacheConfig, records: list[dict], family: str) -> ERTACacheConfig:
-        """Profile the whole-stack residual: the optimal schedule under the budget, then α_t, β_t."""
+        """Profile the whole-stack residual: the optimal schedule under the budget, then α_t, β_t.
+        (φ_t needs a second pass over the pipeline: see :meth:`calibrate_pipeline`.)"""
         from ..calibrate import pairwise_tables, require_per_block
 
         require_per_block(records, "ertacache")
@@ -152,3 +195,136 @@ class ERTACache(CacheMethod):
                     scale[branch][t] = float(a) if np.isfinite(a) else 1.0
                     shift[branch][t] = float(b) if np.isfinite(b) else 0.0
         return ERTACacheConfig(**{**config.to_dict(), "compute_steps": compute, "scale": scale, "shift": shift})
+
+    @staticmethod
+    def calibrate_pipeline(pipe: Any, prompts: Sequence[str | dict], config: ERTACacheConfig,
+                           **call_kwargs: Any) -> ERTACacheConfig:
+        """Both calibration passes (see the module docstring): the recording pass gives the schedule,
+        α_t, β_t and the reference outputs; with ``timestep_adjust`` a second pass under the calibrated
+        schedule, from the same random state, gives the cached outputs and φ_t."""
+        from ..api import accelerated
+        from ..calibrate import call_arguments, record
+        from ..policy import Policy
+
+        records: list[dict] = []
+        reference: list[dict] = []
+        snapshots: list[RandomState] = []
+        family = ""
+        for prompt in prompts:
+            snapshots.append(RandomState.capture(call_arguments(prompt, call_kwargs)))
+            with OutputTap(pipe, config.sketch_size) as tap:
+                rows, family = record(pipe, [prompt], ERTACache.record_options, **call_kwargs)
+            records.extend(rows)
+            reference.append(tap.outputs)
+        config = ERTACache.calibrated(config, records, family)
+        if not config.timestep_adjust:
+            return config
+        cached_config = ERTACacheConfig(**{**config.to_dict(), "timestep_adjust": False, "step_scale": None})
+        cached: list[dict] = []
+        with accelerated(pipe, Policy(name="calibration", cache=cached_config)):
+            for prompt, snapshot in zip(prompts, snapshots):
+                snapshot.restore()
+                with OutputTap(pipe, config.sketch_size) as tap:
+                    pipe(**call_arguments(prompt, call_kwargs))
+                cached.append(tap.outputs)
+        step_scale = fit_step_scale(reference, cached, config.compute_steps)
+        return ERTACacheConfig(**{**config.to_dict(), "step_scale": step_scale})
+
+
+def fit_step_scale(reference: list[dict], cached: list[dict], compute_steps: dict) -> dict[str, list[float]]:
+    """φ_t = Σ⟨v̂_t, v_t⟩ / Σ‖v̂_t‖² per branch over the generations (1 on computed steps or without data).
+
+    ``reference`` / ``cached``: per generation, {(branch, step): sketch of the model output}.
+    """
+    dot: dict[tuple, float] = defaultdict(float)
+    norm: dict[tuple, float] = defaultdict(float)
+    for ref, hat in zip(reference, cached):
+        for key, v_hat in hat.items():
+            v = ref.get(key)
+            if v is None or v.shape != v_hat.shape:
+                continue
+            dot[key] += float((v_hat.double() * v.double()).sum())
+            norm[key] += float((v_hat.double() ** 2).sum())
+    out = {}
+    for branch, computed in compute_steps.items():
+        steps = max([s for b, s in norm if b == branch] + [max(computed)]) + 1
+        phi = [1.0] * steps
+        for t in range(steps):
+            if t not in computed and norm.get((branch, t), 0.0) > 0.0:
+                value = dot[(branch, t)] / norm[(branch, t)]
+                phi[t] = value if np.isfinite(value) else 1.0
+        out[branch] = phi
+    return out
+
+
+class OutputTap:
+    """Records a fixed random sketch of every transformer output of a pipeline call, keyed by (CFG branch,
+    step of that branch), through a temporary forward hook on the (first) accelerated transformer."""
+
+    def __init__(self, pipe: Any, sketch_size: int) -> None:
+        transformers = [getattr(pipe, name) for name in ("transformer", "transformer_2")
+                        if isinstance(getattr(pipe, name, None), torch.nn.Module)]
+        if isinstance(pipe, torch.nn.Module):
+            transformers = [pipe]
+        if not transformers:
+            raise PolicyError(f"{type(pipe).__name__} has no transformer to calibrate")
+        self.pipe = pipe
+        self.transformer = transformers[0]
+        self.sketch_size = sketch_size
+        self.outputs: dict[tuple[str, int], torch.Tensor] = {}
+        self.calls: dict[str, int] = defaultdict(int)
+        self._index: torch.Tensor | None = None
+        self.handle = None
+
+    def __enter__(self) -> "OutputTap":
+        self.handle = self.transformer.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+    def _branch(self) -> str:
+        from ..api import _runtimes
+
+        runtime = _runtimes(self.pipe).get("transformer") or next(iter(_runtimes(self.pipe).values()))
+        return runtime.tracker.context.branch()
+
+    @torch.no_grad()
+    def _hook(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        sample = output_sample(output)
+        if sample is None:
+            return
+        branch = self._branch()
+        step = self.calls[branch]
+        self.calls[branch] += 1
+        flat = sample.detach().reshape(-1)
+        if self._index is None or int(self._index.max()) >= flat.numel() or self._index.device != flat.device:
+            g = torch.Generator().manual_seed(0)
+            n = min(self.sketch_size, flat.numel())
+            self._index = torch.randperm(flat.numel(), generator=g)[:n].to(flat.device) \
+                if flat.numel() <= 1 << 24 else torch.randint(flat.numel(), (n,), generator=g).to(flat.device)
+        self.outputs[(branch, step)] = flat.index_select(0, self._index).float().cpu()
+
+
+class RandomState:
+    """The global torch RNG and every ``torch.Generator`` among the call arguments, to replay a call's noise."""
+
+    def __init__(self, cpu: torch.Tensor, cuda: list | None, generators: list) -> None:
+        self.cpu, self.cuda, self.generators = cpu, cuda, generators
+
+    @classmethod
+    def capture(cls, kwargs: dict) -> "RandomState":
+        generators = []
+        for value in kwargs.values():
+            for g in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(g, torch.Generator):
+                    generators.append((g, g.get_state()))
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        return cls(torch.get_rng_state(), cuda, generators)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+        for g, state in self.generators:
+            g.set_state(state)

@@ -1,0 +1,181 @@
+"""Offline calibration of the attention section: PARO orders and static block masks.
+
+``dit_accel.calibrate(pipe, prompts, policy)`` calls :func:`calibrate_attention` when the policy's
+``attention`` section needs it (``reorder: paro`` without ``paro_orders``, ``sparse.method: static``
+without ``masks``). It runs one dense generation per prompt while a recorder sees the post-RoPE
+queries and keys of every self-attention call from ``warmup_steps`` on (the steps that will be
+sparse), and:
+
+* PARO (PAROAttention, Zhao et al. 2025): for every layer, head and candidate order
+  (:func:`~dit_accel.attention.reorder_paro.candidate_orders`), the exact attention rows of
+  ``sample_blocks`` evenly spaced q-blocks of the permuted sequence are pooled into kv-blocks and the
+  share of kv-blocks needed to hold ``threshold`` of each row's mass is averaged over calls; each head
+  gets the order with the lowest such density.
+* static masks (PAROAttention's static sparse masks): the exact block-mass map of every layer and head
+  (in the chosen order), averaged over calls, keeps per q-block the best blocks up to ``threshold`` of
+  the mass, plus the diagonal. Masks are tied to the calibration's token grid and block size (a call
+  with another grid falls back to XAttention scoring, with a warning).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import defaultdict
+from typing import Any, Sequence
+
+import torch
+
+from ..config import PolicyError
+from ..policy import Policy
+from .config import AttentionConfig
+from .reorder_paro import candidate_orders, head_permutations, order_permutation
+from .select import encode_mask, select_blocks
+
+
+def _block_rows(p: torch.Tensor, n: int, block_size: int) -> torch.Tensor:
+    """Pool attention rows ``[B, H, R, N]`` (R a multiple of block_size) into ``[B, H, R/bs, nk]``."""
+    pad = (-n) % block_size
+    p = torch.nn.functional.pad(p, (0, pad))
+    b, h, r, _ = p.shape
+    return p.view(b, h, r // block_size, block_size, -1, block_size).sum(-1).mean(-2)
+
+
+def _density_at(mass: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Share of blocks needed per row of ``mass`` ``[..., nk]`` (rows sum to 1) to reach ``threshold``."""
+    srt = mass.sort(dim=-1, descending=True).values
+    before = srt.cumsum(-1) - srt
+    return (before < threshold).float().sum(-1) / mass.shape[-1]
+
+
+class AttentionRecorder:
+    """Receives (layer, q, k) of dense calls and accumulates PARO scores or static block maps."""
+
+    def __init__(self, config: AttentionConfig, threshold: float, sample_blocks: int = 16,
+                 orders: tuple | None = None, record_maps: bool = False) -> None:
+        self.config = config
+        self.threshold = threshold
+        self.sample_blocks = sample_blocks
+        self.orders = orders              # chosen PARO orders (static-mask pass), or None
+        self.record_maps = record_maps
+        self.grid: tuple[int, int, int] | None = None
+        self.density: dict[int, dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
+        self.maps: dict[int, list[torch.Tensor]] = defaultdict(list)
+        self.step_of = lambda: 0
+
+    @torch.no_grad()
+    def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor, grid: tuple[int, int, int],
+                scale: float | None, v: torch.Tensor | None = None) -> None:
+        if self.step_of() < self.config.warmup_steps:
+            return
+        if self.grid is not None and self.grid != tuple(grid):
+            raise PolicyError(f"calibrate: calls with different token grids ({self.grid} and {tuple(grid)}); "
+                              "calibrate attention at one resolution")
+        self.grid = tuple(grid)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        if self.record_maps:
+            self._record_map(layer, q, k, scale)
+        else:
+            self._record_orders(layer, q, k, scale)
+
+    def _record_orders(self, layer: int, q: torch.Tensor, k: torch.Tensor, scale: float) -> None:
+        bs = self.config.block_size
+        n = q.shape[2]
+        nq = -(-n // bs)
+        picks = torch.linspace(0, nq - 1, min(self.sample_blocks, nq)).round().long().unique()
+        for order in candidate_orders(self.grid):
+            perm = order_permutation(self.grid, order, bs, q.device)
+            qp, kp = q.float()[:, :, perm], k.float()[:, :, perm]
+            rows = (picks.view(-1, 1) * bs + torch.arange(bs)).flatten()
+            rows = rows[rows < n].to(q.device)
+            p = torch.softmax(qp[:, :, rows] @ kp.transpose(-1, -2) * scale, dim=-1)
+            extra = picks.numel() * bs - rows.numel()  # a partial last q-block: pad its rows with zeros
+            p = torch.nn.functional.pad(p, (0, 0, 0, extra))
+            mass = _block_rows(p, n, bs)
+            self.density[layer][order].append(_density_at(mass, self.threshold).mean(dim=(0, 2)).cpu())
+
+    def _record_map(self, layer: int, q: torch.Tensor, k: torch.Tensor, scale: float) -> None:
+        bs = self.config.block_size
+        n = q.shape[2]
+        if self.orders is not None:
+            perm = head_permutations(self.grid, self.orders[layer], bs, q.device).unsqueeze(0).unsqueeze(-1)
+            q = torch.gather(q, 2, perm.expand(q.shape[0], -1, -1, q.shape[-1]))
+            k = torch.gather(k, 2, perm.expand(k.shape[0], -1, -1, k.shape[-1]))
+        qf, kf = q.float(), k.float()
+        maps = []
+        for r0 in range(0, n, bs * 8):
+            r1 = min(n, r0 + bs * 8)
+            p = torch.softmax(qf[:, :, r0:r1] @ kf.transpose(-1, -2) * scale, dim=-1)
+            p = torch.nn.functional.pad(p, (0, 0, 0, (-(r1 - r0)) % bs))
+            maps.append(_block_rows(p, n, bs))
+        self.maps[layer].append(torch.cat(maps, dim=2).mean(0).cpu())  # [H, nq, nk]
+
+    def paro_orders(self, num_layers: int, heads_of: dict[int, int]) -> tuple[tuple[str, ...], ...]:
+        result = []
+        for layer in range(num_layers):
+            table = self.density.get(layer)
+            if not table:
+                result.append(tuple(["fhw"] * heads_of.get(layer, 1)))
+                continue
+            names = list(table)
+            scores = torch.stack([torch.stack(table[o]).mean(0) for o in names])  # [orders, H]
+            best = scores.argmin(0)
+            result.append(tuple(names[int(i)] for i in best))
+        return tuple(result)
+
+    def static_masks(self, threshold: float) -> dict[str, Any]:
+        layers = {}
+        for layer, maps in self.maps.items():
+            mean = torch.stack(maps).mean(0)                                             # [H, nq, nk]
+            eye = torch.eye(mean.shape[-1], dtype=torch.bool).expand_as(mean)
+            mask = select_blocks(mean / mean.sum(-1, keepdim=True), threshold=threshold, always=eye)
+            layers[int(layer)] = [encode_mask(m) for m in mask]
+        return {"grid": list(self.grid), "block_size": self.config.block_size, "layers": layers}
+
+
+def _record(pipe: Any, prompts: Sequence[str | dict], recorder: AttentionRecorder, config: AttentionConfig,
+            call_kwargs: dict) -> dict[int, int]:
+    from ..api import _runtimes, accelerated
+
+    probe = AttentionConfig(sparse=None, block_size=config.block_size, warmup_steps=config.warmup_steps)
+    with accelerated(pipe, Policy(name="attention-calibration", attention=probe)):
+        runtimes = list(_runtimes(pipe).values())
+        if len(runtimes) != 1:
+            raise PolicyError("calibrate: attention calibration supports pipelines with one transformer")
+        controller = runtimes[0].attention
+        controller.recorder = recorder
+        recorder.step_of = lambda: runtimes[0].current.step if runtimes[0].current is not None else 0
+        for prompt in prompts:
+            kwargs = dict(prompt) if isinstance(prompt, dict) else {"prompt": prompt}
+            pipe(**{**call_kwargs, **kwargs})
+        heads = {i: int(getattr(getattr(b.module, runtimes[0].adapter.attention_module), "heads", 1))
+                 for i, b in enumerate(runtimes[0].blocks)}
+        return heads
+
+
+def calibrate_attention(pipe: Any, prompts: Sequence[str | dict], policy: Policy, *, sample_blocks: int = 16,
+                        **call_kwargs: Any) -> Policy:
+    """``policy`` with its attention section's ``paro_orders`` and/or ``sparse.masks`` filled."""
+    config = policy.attention
+    if config is None:
+        raise PolicyError("policy has no attention section to calibrate")
+    if not prompts:
+        raise PolicyError("calibrate needs at least one prompt")
+    threshold = config.sparse.threshold if config.sparse is not None else 0.9
+    orders = config.paro_orders
+    if config.reorder == "paro" and orders is None:
+        recorder = AttentionRecorder(config, threshold, sample_blocks)
+        heads = _record(pipe, prompts, recorder, config, call_kwargs)
+        if recorder.grid is None:
+            raise PolicyError(f"calibrate: no self-attention call after the {config.warmup_steps} warm-up steps")
+        orders = recorder.paro_orders(len(heads), heads)
+        config = config.replace(paro_orders=[list(o) for o in orders])
+    if config.sparse is not None and config.sparse.method == "static" and config.sparse.masks is None:
+        recorder = AttentionRecorder(config, threshold, orders=orders if config.reorder == "paro" else None,
+                                     record_maps=True)
+        _record(pipe, prompts, recorder, config, call_kwargs)
+        if recorder.grid is None:
+            raise PolicyError(f"calibrate: no self-attention call after the {config.warmup_steps} warm-up steps")
+        sparse = {**config.sparse.to_dict(), "masks": recorder.static_masks(threshold)}
+        config = config.replace(sparse=sparse)
+    return dataclasses.replace(policy, attention=config)  # every other section unchanged

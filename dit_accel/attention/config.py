@@ -1,0 +1,161 @@
+"""The ``attention:`` section of a policy: block-sparse self-attention with token reordering.
+
+```yaml
+attention:
+  sparse:
+    method: xattention   # xattention | topp | static
+    threshold: 0.9       # XAttention / static: cumulative block mass kept per q-block (tau)
+    stride: 8            # XAttention: antidiagonal stride
+    top_p: 0.9           # topp: cumulative (size-weighted) block probability kept per q-block
+    density: null        # optional fixed budget: every q-block keeps this share of kv-blocks (top scores)
+  reorder: none          # none | paro | svg2
+  block_size: 64         # tokens per q-/kv-block of the block table
+  warmup_steps: 2        # first steps of every CFG branch run dense
+  dense_layers: [0]      # block indices whose self-attention stays dense
+  compensate: false      # SVG-EAR: add a centroid estimate of the skipped blocks
+  quant: none            # none | int8 | fp8: quantized attention kernel (dit_accel.kernels.quant_attention)
+```
+
+Calibrated data lives in the section too: ``paro_orders`` (per layer, per head, one of
+:data:`~dit_accel.attention.reorder_paro.ORDERS`) and ``sparse.masks`` (static block masks), both
+filled by ``dit_accel.calibrate``. Everything validates like the ``cache`` section: unknown keys,
+wrong types and out-of-range values raise :class:`~dit_accel.config.PolicyError` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+from ..config import ConfigBase, PolicyError, option, unknown_key_error
+
+METHODS = ("xattention", "topp", "static")
+REORDERS = ("none", "paro", "svg2")
+BLOCK_SIZES = (16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class SparseConfig(ConfigBase):
+    """How kv-blocks are selected per q-block (see :mod:`dit_accel.attention.select`)."""
+
+    section: ClassVar[str] = "attention.sparse"
+    method: str = option("xattention", choices=METHODS, doc="block scoring: XAttention antidiagonals, top-p over "
+                                                              "pooled/centroid scores, or calibrated static masks")
+    threshold: float = option(0.9, gt=0.0, le=1.0, doc="XAttention / static: cumulative block mass kept (tau)")
+    stride: int = option(8, ge=1, doc="XAttention antidiagonal stride")
+    top_p: float = option(0.9, gt=0.0, le=1.0, doc="topp: cumulative block probability kept")
+    density: float | None = option(None, gt=0.0, le=1.0, doc="fixed share of kv-blocks kept per q-block "
+                                                             "(overrides threshold / top_p)")
+    masks: dict | None = option(None, doc="static: calibrated block masks {grid, block_size, layers: {i: [hex]}}")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.masks is not None:
+            m = self.masks
+            if not isinstance(m, Mapping) or set(m) != {"grid", "block_size", "layers"}:
+                raise PolicyError("attention.sparse.masks: expected {grid: [F, H, W], block_size: n, "
+                                  "layers: {index: [hex mask per head]}} (written by dit_accel.calibrate)")
+            if not isinstance(m["layers"], Mapping) or not all(
+                    isinstance(v, list) and all(isinstance(h, str) for h in v) for v in m["layers"].values()):
+                raise PolicyError("attention.sparse.masks.layers: expected {layer index: [hex string per head]}")
+        if self.method == "static" and self.density is not None:
+            raise PolicyError("attention.sparse.density: not used by method 'static' (its masks are calibrated)")
+
+
+@dataclass(frozen=True)
+class SVG2Config(ConfigBase):
+    """Sparse VideoGen2 k-means settings (see :mod:`dit_accel.attention.reorder_svg2`)."""
+
+    section: ClassVar[str] = "attention.svg2"
+    q_clusters: int = option(100, ge=1, doc="k-means clusters of the queries per head (SVG2: 100)")
+    k_clusters: int = option(500, ge=1, doc="k-means clusters of the keys per head (SVG2: 500)")
+    init_iterations: int = option(10, ge=1, doc="k-means iterations at the first sparse step of a generation")
+    iterations: int = option(2, ge=1, doc="iterations per later step, warm-started from the last centroids")
+
+
+def _sub(cls, value: Any, where: str):
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, ConfigBase):
+        raise PolicyError(f"{where}: expected a mapping, got {type(value).__name__}")
+    return cls.from_dict(value, where=where)
+
+
+@dataclass(frozen=True)
+class AttentionConfig(ConfigBase):
+    """Block-sparse self-attention with token reordering (module docstring has the YAML form)."""
+
+    section: ClassVar[str] = "attention"
+    sparse: SparseConfig | None = dataclasses.field(default_factory=SparseConfig)
+    reorder: str = option("none", choices=REORDERS, doc="token permutation before blocking")
+    block_size: int = option(64, choices=BLOCK_SIZES, doc="tokens per block of the block table")
+    warmup_steps: int = option(2, ge=0, doc="first steps of each CFG branch computed densely")
+    dense_layers: tuple = option((), doc="block indices whose self-attention stays dense")
+    compensate: bool = option(False, doc="SVG-EAR centroid compensation of skipped blocks")
+    quant: str = option("none", choices=("none", "int8", "fp8"),
+                        doc="run the kept blocks with the SageAttention-style quantized kernel")
+    svg2: SVG2Config = dataclasses.field(default_factory=SVG2Config)
+    paro_orders: tuple | None = option(None, doc="calibrated PARO order per layer and head")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sparse", _sub(SparseConfig, self.sparse, "attention.sparse"))
+        object.__setattr__(self, "svg2", _sub(SVG2Config, self.svg2, "attention.svg2") or SVG2Config())
+        super().__post_init__()
+
+    def validate(self) -> None:
+        super().validate()
+        layers = self.dense_layers
+        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__") or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+            raise PolicyError("attention.dense_layers: expected a list of block indices (integers >= 0), "
+                              f"got {layers!r}")
+        object.__setattr__(self, "dense_layers", tuple(sorted(set(layers))))
+        if self.paro_orders is not None:
+            from .reorder_paro import ORDERS
+
+            orders = self.paro_orders
+            if isinstance(orders, Mapping):
+                orders = [orders[k] for k in sorted(orders, key=int)] if all(
+                    str(k).isdigit() for k in orders) else orders
+            if isinstance(orders, (str, bytes)) or not all(
+                    isinstance(heads, (list, tuple)) and all(o in ORDERS for o in heads) for heads in orders):
+                raise PolicyError(f"attention.paro_orders: expected one list of orders per layer, each order one of "
+                                  f"{list(ORDERS)}")
+            object.__setattr__(self, "paro_orders", tuple(tuple(heads) for heads in orders))
+        if self.sparse is not None and self.sparse.method == "static" and self.sparse.masks is None:
+            pass  # filled by calibrate; checked when attached (needs_calibration)
+
+    @property
+    def needs_calibration(self) -> list[str]:
+        """What ``dit_accel.calibrate`` must still fill before the section can run."""
+        missing = []
+        if self.reorder == "paro" and self.paro_orders is None:
+            missing.append("paro_orders")
+        if self.sparse is not None and self.sparse.method == "static" and self.sparse.masks is None:
+            missing.append("sparse.masks")
+        return missing
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, where: str | None = None) -> "AttentionConfig":
+        where = where or cls.section
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise PolicyError(f"{where}: expected a mapping, got {type(data).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in names:
+                raise unknown_key_error(where, key, names)
+        return cls(**dict(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d["sparse"] = None if self.sparse is None else self.sparse.to_dict()
+        d["svg2"] = self.svg2.to_dict()
+        d["dense_layers"] = list(self.dense_layers)
+        d["paro_orders"] = None if self.paro_orders is None else [list(h) for h in self.paro_orders]
+        return d
+
+    def replace(self, **changes: Any) -> "AttentionConfig":
+        return AttentionConfig.from_dict({**self.to_dict(), **changes})

@@ -1,0 +1,309 @@
+"""Per-layer attention processors that route a model's self-attention through the sparse path.
+
+:class:`SparseAttentionProcessor` replaces the processor of one self-attention module (set with
+the module's own ``set_processor``; ``remove`` puts the original object back). It delegates the
+whole call to the original processor — projections, q/k norms, RoPE and output projections stay the
+model's own code — and, while that call runs, a ``TorchFunctionMode`` (:class:`_RouteSDPA`, torch's
+documented interception point, active only inside this processor call) hands the processor's
+``scaled_dot_product_attention`` call (direct, or through diffusers' ``dispatch_attention_fn``
+native backend) to :func:`dit_accel.attention.sparse.joint_attention`. Nothing is patched: outside the
+call, and on every dense step or layer, the original processor runs untouched.
+
+:class:`AttentionController` owns the processors of one transformer: it knows each layer's block
+index, reads the denoising step and CFG branch from the :class:`~dit_accel.hooks.Runtime`, the token
+layout from the adapter (computed once per transformer call by a forward pre-hook), keeps per-branch
+state (SVG2 centroids) in the branch's ``BranchState`` (so it is reset per generation and kept apart
+per CFG branch and input shape), and counts the attention density actually used.
+
+Calls the sparse path does not handle run dense and are counted: attention over keys that are not
+the layer's own tokens (cross-attention, Wan I2V image context), masks other than a key-padding
+mask of the text tokens, and attention backends that do not go through SDPA (e.g. flash-attn).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from ..adapters.base import TokenLayout
+from ..config import PolicyError
+from .config import AttentionConfig
+from .reorder_paro import head_permutations
+from .select import decode_mask
+from .sparse import SparseRequest, joint_attention
+
+logger = logging.getLogger("dit_accel")
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def _sdpa_arguments(args: tuple, kwargs: dict) -> dict:
+    bound = dict(zip(_SDPA_ARGS, args))
+    bound.update(kwargs)
+    return bound
+
+
+class _RouteSDPA(TorchFunctionMode):
+    """Inside one processor call: send the self-attention SDPA call to ``handler`` (once)."""
+
+    def __init__(self, handler) -> None:
+        super().__init__()
+        self.handler = handler
+        self.handled = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _SDPA and not self.handled:
+            result = self.handler(func, _sdpa_arguments(args, kwargs))
+            if result is not None:
+                self.handled = True
+                return result
+        return func(*args, **kwargs)
+
+
+class SparseAttentionProcessor:
+    """Wraps one attention module's original processor (see the module docstring)."""
+
+    def __init__(self, original: Any, controller: "AttentionController", layer: int) -> None:
+        self.original = original
+        self.controller = controller
+        self.layer = layer
+        # diffusers filters call kwargs by the processor's signature: expose the original's.
+        self.__dict__["__call__"] = _with_signature(self._call, original)
+
+    def __getattr__(self, name: str) -> Any:  # _attention_backend, _parallel_config, ... of the original
+        if name in ("original", "controller", "layer"):
+            raise AttributeError(name)
+        return getattr(self.original, name)
+
+    def __call__(self, attn: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return self._call(attn, *args, **kwargs)
+
+    def _call(self, attn: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return self.controller.run_layer(self.layer, self.original, attn, args, kwargs)
+
+
+def _with_signature(fn, original):
+    def call(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    try:
+        call.__signature__ = inspect.signature(original.__call__)
+    except (TypeError, ValueError):
+        pass
+    return call
+
+
+class AttentionController:
+    """Sparse attention of one transformer under one ``attention`` policy section."""
+
+    def __init__(self, runtime: Any, config: AttentionConfig) -> None:
+        missing = config.needs_calibration
+        if missing:
+            raise PolicyError(f"attention: {', '.join(missing)} must be calibrated first: "
+                              "policy = dit_accel.calibrate(pipe, prompts, policy)")
+        self.runtime = runtime
+        self.config = config
+        self.modules: dict[int, tuple[torch.nn.Module, Any]] = {}
+        self.layout: TokenLayout | None = None
+        self.recorder = None  # set by calibration: observes q/k of dense calls
+        self._handle = None
+        self._layout_key = None
+        self._warned: set[str] = set()
+        self._perm_cache: dict = {}
+        self._mask_cache: dict = {}
+        if config.paro_orders is not None and len(config.paro_orders) != len(runtime.blocks):
+            raise PolicyError(f"attention.paro_orders: calibrated for {len(config.paro_orders)} layers, the model has "
+                              f"{len(runtime.blocks)} blocks")
+        bad = [i for i in config.dense_layers if i >= len(runtime.blocks)]
+        if bad:
+            raise PolicyError(f"attention.dense_layers: {bad} out of range; the model has {len(runtime.blocks)} blocks")
+        self.new_generation()
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def attach(self) -> None:
+        name = self.runtime.adapter.attention_module
+        done = []
+        try:
+            for block in self.runtime.blocks:
+                attn = getattr(block.module, name, None)
+                if attn is None or not hasattr(attn, "set_processor") or getattr(attn, "processor", None) is None:
+                    raise PolicyError(f"attention: block {block.name} has no attention module {name!r} "
+                                      "with a processor")
+                original = attn.processor
+                attn.set_processor(SparseAttentionProcessor(original, self, block.index))
+                self.modules[block.index] = (attn, original)
+                done.append(block.index)
+            self._handle = self.runtime.transformer.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        except Exception:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        for attn, original in self.modules.values():
+            attn.set_processor(original)
+        self.modules = {}
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def new_generation(self) -> None:
+        self.counts = {"sparse": 0, "dense_warmup": 0, "dense_layer": 0, "dense_unhandled": 0}
+        self._kept = None
+        self._total = 0.0
+
+    @torch.compiler.disable
+    def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        enc = kwargs.get("encoder_hidden_states")
+        key = (tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else None,
+               tuple(enc.shape) if isinstance(enc, torch.Tensor) else None)
+        if key != self._layout_key:
+            self.layout = self.runtime.adapter.token_layout(module, args, kwargs)
+            self._layout_key = key
+        return None
+
+    # ---- per call ----------------------------------------------------------------------------
+    def _dense_reason(self, layer: int) -> str | None:
+        state = self.runtime.current
+        if state is None or self.layout is None:
+            return "dense_unhandled"
+        if self.config.sparse is None:
+            return "dense_layer"
+        if state.step < self.config.warmup_steps:
+            return "dense_warmup"
+        if layer in self.config.dense_layers:
+            return "dense_layer"
+        return None
+
+    @torch.compiler.disable  # per-step decisions and the sparse path stay eager (no recompiles per step)
+    def run_layer(self, layer: int, original: Any, attn: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+        if self.recorder is None:
+            reason = self._dense_reason(layer)
+            if reason is not None:
+                self.counts[reason] += 1
+                return original(attn, *args, **kwargs)
+        elif self.layout is None:
+            return original(attn, *args, **kwargs)
+        mode = _RouteSDPA(lambda func, call: self._attend(layer, func, call))
+        with mode:
+            out = original(attn, *args, **kwargs)
+        if self.recorder is not None:  # calibration: every call runs dense, the recorder saw its q/k
+            self.counts["dense_warmup"] += 1
+        elif not mode.handled:
+            self.counts["dense_unhandled"] += 1
+            self._warn_once("unhandled", "dit_accel: a self-attention call of %s did not reach the sparse path "
+                            "(attention backend without SDPA, or an unsupported mask); it ran dense",
+                            type(self.runtime.transformer).__name__)
+        return out
+
+    def _visual_slice(self, seq: int) -> slice | None:
+        layout = self.layout
+        n = layout.visual_tokens
+        joint = layout.text_position in ("joint_first", "joint_last")
+        text = layout.text_tokens if joint else 0
+        if seq != n + text:
+            return None
+        return slice(text, text + n) if layout.text_position == "joint_first" else slice(0, n)
+
+    def _attend(self, layer: int, func, call: dict) -> torch.Tensor | None:
+        q, k, v = call.get("query"), call.get("key"), call.get("value")
+        if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
+            return None
+        if q.shape != k.shape or k.shape != v.shape or call.get("is_causal") or call.get("enable_gqa") \
+                or call.get("dropout_p", 0.0):
+            return None
+        visual = self._visual_slice(q.shape[2])
+        if visual is None:
+            return None
+        mask = call.get("attn_mask")
+        if mask is not None:
+            if mask.dim() != 4 or mask.shape[-2] != 1 or mask.shape[-1] != q.shape[2]:
+                return None
+            vis = mask[..., visual]
+            if not bool(vis.all() if vis.dtype == torch.bool else (vis == 0).all()):
+                return None
+        if self.recorder is not None:
+            self.recorder.observe(layer, q[:, :, visual], k[:, :, visual], self.layout.grid, call.get("scale"),
+                                  v=v[:, :, visual])
+            return None
+        return self._sparse(layer, func, q, k, v, visual, mask, call.get("scale"))
+
+    def _sparse(self, layer, func, q, k, v, visual, mask, scale) -> torch.Tensor:
+        cfg = self.config
+        grid = self.layout.grid
+        heads = q.shape[1]
+        request = SparseRequest(config=cfg)
+        if cfg.reorder == "paro":
+            request.head_perm = self._paro_perm(layer, grid, heads, q.device)
+        if cfg.sparse.method == "static":
+            request.static_mask = self._static_mask(layer, grid, heads, q.device)
+        state = self.runtime.current
+        svg2 = state.method.setdefault("attention_svg2", {}) if cfg.reorder == "svg2" else None
+        if svg2 is not None:
+            request.svg2_init = svg2.get(layer)
+            request.svg2_first = request.svg2_init is None
+        with torch.no_grad():
+            out, result = joint_attention(q, k, v, visual, request, func, mask, scale)
+        if svg2 is not None:
+            svg2[layer] = request.svg2_out["centroids"]
+        self.counts["sparse"] += 1
+        self._kept = result.kept if self._kept is None else self._kept + result.kept
+        self._total += result.total
+        return out
+
+    def _paro_perm(self, layer: int, grid, heads: int, device) -> torch.Tensor:
+        orders = self.config.paro_orders[layer]
+        if len(orders) != heads:
+            raise PolicyError(f"attention.paro_orders[{layer}] has {len(orders)} heads, the layer has {heads}")
+        key = (layer, grid, str(device))
+        if key not in self._perm_cache:
+            self._perm_cache[key] = head_permutations(grid, orders, self.config.block_size, device)
+        return self._perm_cache[key]
+
+    def _static_mask(self, layer: int, grid, heads: int, device) -> torch.Tensor | None:
+        masks = self.config.sparse.masks
+        key = (layer, grid, str(device))
+        if key in self._mask_cache:
+            return self._mask_cache[key]
+        mask = None
+        hexes = masks["layers"].get(layer, masks["layers"].get(str(layer)))
+        if tuple(masks["grid"]) == tuple(grid) and masks["block_size"] == self.config.block_size and hexes:
+            n = math.ceil(math.prod(grid) / self.config.block_size)
+            mask = torch.stack([decode_mask(h, (n, n)) for h in hexes]).to(device)
+        elif hexes is not None or tuple(masks["grid"]) != tuple(grid):
+            self._warn_once(f"static{grid}", "dit_accel: static attention masks were calibrated for grid %s, this "
+                            "call has %s: selecting blocks with XAttention scoring instead", tuple(masks["grid"]), grid)
+        self._mask_cache[key] = mask
+        return mask
+
+    def _warn_once(self, key: str, msg: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(msg, *args)
+
+    # ---- statistics --------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Per generation: attention calls by path and the density of the sparse calls (share of the
+        visual query-key pairs computed) and over all self-attention calls (dense calls count 1)."""
+        kept = float(self._kept) if self._kept is not None else 0.0
+        sparse_density = kept / self._total if self._total else None
+        calls = sum(self.counts.values())
+        dense_calls = calls - self.counts["sparse"]
+        overall = None
+        if calls:
+            overall = ((sparse_density or 0.0) * self.counts["sparse"] + dense_calls) / calls
+        return {"method": self.describe(), "calls": dict(self.counts), "sparse_density": sparse_density,
+                "density": overall}
+
+    def describe(self) -> str:
+        c = self.config
+        if c.sparse is None:
+            return "dense"
+        return (f"{c.sparse.method}+{c.reorder}" + ("+compensate" if c.compensate else "")
+                + (f"+{c.quant}" if c.quant != "none" else ""))

@@ -1,0 +1,211 @@
+"""Block-sparse self-attention of the visual tokens, and its joint-attention wrapper.
+
+:func:`sparse_self_attention` is the whole pipeline for one attention call over visual tokens
+``[B, H, N, D]``: permute queries and keys/values (PARO or SVG2), score and select blocks, run
+the block-sparse kernel (:func:`dit_accel.kernels.block_sparse_attention`), optionally compensate the
+skipped blocks (SVG-EAR), and inverse-permute the output.
+
+:func:`joint_attention` handles sequences that also hold text tokens (joint attention of Flux,
+SD3, HunyuanVideo, CogVideoX): text queries attend to every key densely; visual queries attend to
+the visual keys block-sparsely and to the text keys densely, the two parts merged exactly through
+their log-sum-exps. Only visual-to-visual attention is ever sparse.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..kernels.block_sparse import (SUPPORTED_HEAD_DIMS, block_sparse_attention, block_sparse_attention_reference,
+                                    mask_to_block_table)
+from .compensate import compensate as compensate_skipped
+from .config import AttentionConfig
+from .reorder_svg2 import SemanticPermutation, centroid_block_scores, semantic_permutation
+from .select import pooled_scores, select_blocks, self_blocks, xattention_scores
+
+
+@dataclass
+class SparseRequest:
+    """What one sparse call needs besides q, k, v: the config and the per-layer reordering inputs."""
+
+    config: AttentionConfig
+    head_perm: torch.Tensor | None = None          # PARO: long [H, N], same order for q and k
+    static_mask: torch.Tensor | None = None        # bool [H, nq, nk] (calibrated), or None
+    svg2_init: tuple[torch.Tensor, torch.Tensor] | None = None
+    svg2_first: bool = True                        # first sparse step of the generation: more k-means iterations
+    svg2_out: dict = field(default_factory=dict)   # receives "centroids" for the next step
+
+
+@dataclass
+class SparseResult:
+    out: torch.Tensor          # [B, H, N, D] in the input order
+    lse: torch.Tensor          # float32 [B, H, N], natural log of the kept (and compensated) mass
+    block_mask: torch.Tensor   # bool [B, H, nq, nk] in the permuted order
+    kept: torch.Tensor         # float32 scalar: query-key pairs computed
+    total: float               # query-key pairs of dense attention
+
+
+def _gather(x: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    if perm is None:
+        return x
+    return torch.gather(x, 2, perm.unsqueeze(-1).expand(*perm.shape, x.shape[-1]))
+
+
+def _inverse(perm: torch.Tensor) -> torch.Tensor:
+    return torch.argsort(perm, dim=-1)
+
+
+def _padded_head_dim(d: int) -> int:
+    for size in SUPPORTED_HEAD_DIMS:
+        if size >= d:
+            return size
+    raise ValueError(f"head dim {d} is larger than the block-sparse kernel supports ({max(SUPPORTED_HEAD_DIMS)})")
+
+
+def run_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor, block_size: int,
+               scale: float, quant: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention with a bool block mask; head dims the kernel lacks are zero-padded
+    (q.k and the kept columns of the output are unchanged by zero channels). Returns (out, lse).
+
+    ``quant`` "int8" / "fp8": the quantized kernel (:func:`dit_accel.kernels.quant_attention.quant_attention`,
+    same block table) instead; it takes 16-bit inputs, so float32 inputs are cast to bfloat16 for it."""
+    d = q.shape[-1]
+    dp = _padded_head_dim(d)
+    if dp != d:
+        q, k, v = (torch.nn.functional.pad(t, (0, dp - d)) for t in (q, k, v))
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    kv_indices, kv_counts = mask_to_block_table(block_mask)
+    # CUDA: the Triton kernel. CPU: the PyTorch reference (the Triton interpreter is for kernel tests only).
+    if quant != "none":
+        from ..kernels.quant_attention import quant_attention
+
+        dtype = q.dtype
+        if dtype == torch.float32:
+            q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+        out, lse = quant_attention(q, k, v, kv_indices, kv_counts, block_m=block_size, block_n=block_size,
+                                   mode=quant, sm_scale=scale, return_lse=True, validate=False)
+        return out[..., :d].to(dtype), lse
+    kernel = block_sparse_attention if q.is_cuda else block_sparse_attention_reference
+    out, lse = kernel(q, k, v, kv_indices, kv_counts, block_m=block_size, block_n=block_size,
+                      sm_scale=scale, return_lse=True, validate=False)
+    return out[..., :d], lse
+
+
+def _pair_counts(block_mask: torch.Tensor, n: int, block_size: int) -> torch.Tensor:
+    sizes = torch.full((block_mask.shape[-1],), float(block_size), device=block_mask.device)
+    sizes[-1] = n - block_size * (block_mask.shape[-1] - 1)
+    return torch.einsum("bhqk,q,k->", block_mask.float(), sizes, sizes)
+
+
+def sparse_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, request: SparseRequest,
+                          scale: float | None = None) -> SparseResult:
+    """Reordered block-sparse attention over one set of (visual) tokens ``[B, H, N, D]``."""
+    cfg = request.config
+    sparse = cfg.sparse
+    b, h, n, d = q.shape
+    bs = cfg.block_size
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    q_perm = k_perm = None
+    semantic: SemanticPermutation | None = None
+    if cfg.reorder == "paro" and request.head_perm is not None:
+        q_perm = k_perm = request.head_perm.to(q.device).unsqueeze(0).expand(b, h, n)
+    elif cfg.reorder == "svg2":
+        s2 = cfg.svg2
+        semantic = semantic_permutation(q, k, s2.q_clusters, s2.k_clusters,
+                                        s2.init_iterations if request.svg2_first else s2.iterations,
+                                        request.svg2_init)
+        request.svg2_out["centroids"] = (semantic.q_centroids, semantic.k_centroids)
+        q_perm, k_perm = semantic.q_perm, semantic.k_perm
+    qp, kp, vp = _gather(q, q_perm), _gather(k, k_perm), _gather(v, k_perm)
+    always = self_blocks(q_perm, k_perm, (b, h, n), bs, q.device)
+    if sparse.method == "static" and request.static_mask is not None:
+        mask = request.static_mask.to(q.device).unsqueeze(0).expand(b, -1, -1, -1) | always
+    else:
+        if sparse.method == "topp":
+            scores = (centroid_block_scores(semantic, bs, scale) if semantic is not None
+                      else pooled_scores(qp, kp, bs, scale))
+            threshold = sparse.top_p
+        else:  # xattention, and static without a mask for this shape
+            scores = xattention_scores(qp, kp, bs, sparse.stride, scale)
+            threshold = sparse.threshold
+        mask = select_blocks(scores, threshold=threshold, density=sparse.density, always=always)
+    out, lse = run_kernel(qp, kp, vp, mask, bs, scale, cfg.quant)
+    if cfg.compensate:
+        out, lse = compensate_skipped(out, lse, qp, kp, vp, mask, bs, scale)
+    if q_perm is not None:
+        inv = _inverse(q_perm)
+        out = _gather(out, inv)
+        lse = torch.gather(lse, 2, inv)
+    return SparseResult(out=out, lse=lse, block_mask=mask, kept=_pair_counts(mask, n, bs), total=float(b * h * n * n))
+
+
+def dense_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor | None = None,
+                  max_chunk_elements: int = 1 << 26) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention of q ``[B, H, M, D]`` over a few keys ``[B, H, T, D]`` with its log-sum-exp, in
+    float32 over row chunks. ``bias``: additive float ``[B, 1|H, 1, T]`` (``-inf`` drops a key)."""
+    b, h, m, _ = q.shape
+    t = k.shape[2]
+    rows = max(1, max_chunk_elements // max(1, b * h * t))
+    outs, lses = [], []
+    kf, vf = k.float(), v.float()
+    for r0 in range(0, m, rows):
+        logits = (q[:, :, r0:r0 + rows].float() @ kf.transpose(-1, -2)) * scale
+        if bias is not None:
+            logits = logits + bias
+        lse = torch.logsumexp(logits, dim=-1)
+        p = torch.exp(logits - lse.unsqueeze(-1)).nan_to_num(0.0)
+        outs.append(p @ vf)
+        lses.append(lse)
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+def merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
+    """Softmax-exact merge of two attentions over disjoint key sets (float32)."""
+    total = torch.logaddexp(lse_a, lse_b)
+    wa = torch.exp(lse_a - total).nan_to_num(0.0).unsqueeze(-1)
+    wb = torch.exp(lse_b - total).nan_to_num(0.0).unsqueeze(-1)
+    return wa * out_a.float() + wb * out_b.float()
+
+
+def key_bias(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A key-only SDPA mask (bool: True = attend, or additive float) as additive float32 bias."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf"))
+    return mask.float()
+
+
+def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visual: slice, request: SparseRequest,
+                    dense_fn: Callable[..., torch.Tensor], attn_mask: torch.Tensor | None = None,
+                    scale: float | None = None) -> tuple[torch.Tensor, SparseResult]:
+    """Attention over ``[B, H, S, D]`` whose tokens ``visual`` are image/video tokens and the rest text.
+
+    ``dense_fn(q, k, v, attn_mask=..., scale=...)`` is the original SDPA, used for the text queries.
+    ``attn_mask``: None or a key-only mask ``[B|1, 1|H, 1, S]`` (e.g. HunyuanVideo's text padding);
+    visual keys must not be masked (the caller checks).
+    """
+    s, d = q.shape[2], q.shape[-1]
+    scale_value = 1.0 / math.sqrt(d) if scale is None else scale
+    qv, kv, vv = q[:, :, visual], k[:, :, visual], v[:, :, visual]
+    result = sparse_self_attention(qv, kv, vv, request, scale_value)
+    if visual.start == 0 and visual.stop == s:
+        return result.out, result
+    text = torch.ones(s, dtype=torch.bool, device=q.device)
+    text[visual] = False
+    text_idx = text.nonzero().squeeze(-1)
+    kt, vt = k.index_select(2, text_idx), v.index_select(2, text_idx)
+    bias = key_bias(attn_mask)
+    bias_t = None if bias is None else bias.index_select(-1, text_idx)
+    out_t, lse_t = dense_partial(qv, kt, vt, scale_value, bias_t)
+    out_vis = merge(result.out, result.lse, out_t, lse_t).to(q.dtype)
+    qt = q.index_select(2, text_idx)
+    mask_rows = attn_mask
+    out_text = dense_fn(qt, k, v, attn_mask=mask_rows, scale=scale)
+    out = torch.empty_like(q)
+    out[:, :, visual] = out_vis
+    out[:, :, text_idx] = out_text.to(q.dtype)
+    return out, result

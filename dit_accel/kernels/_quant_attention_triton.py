@@ -1,0 +1,410 @@
+"""Triton kernels of quantized attention (imported only when Triton is used).
+
+Three kernels, after SageAttention (Zhang et al., ICLR 2025) and SageAttention2 (Zhang et al.,
+ICML 2025):
+
+* :func:`_kv_stats_kernel` — one pass over K (and V): per-chunk partial column sums of K (for
+  the smoothing mean) and partial column abs-max of V (for the per-channel FP8 scale). The
+  partials are reduced with two tiny torch ops.
+* :func:`_kv_quant_kernel` — one program per kv-block of ``KGRAN`` tokens: subtracts the K mean,
+  quantizes the block to INT8 (``/127``) or FP8 e4m3 (``/448``) with one scale, and writes V as
+  FP8 divided by its per-channel scale, *transposed* (``[BH, D, S_pad]``, tokens contiguous) so
+  that the P·V dot reads its B operand K-major, which Hopper's FP8 ``wgmma`` requires. Outputs
+  are padded to ``S_pad`` (a multiple of 128) with zeros, so the attention kernel loads K and V
+  without masks.
+* :func:`_attn_fwd_kernel` — FlashAttention-2-style forward. Q is quantized *inside* the kernel,
+  one scale per query row (finer than SageAttention's per-block Q, and free: Q is loaded once per
+  program and the row scale multiplies the scores like a block scale would), which costs no extra
+  pass over Q; ``sm_scale·log2(e)`` is folded into that scale and the softmax uses ``exp2``.
+  QK^T is an INT8 dot with int32 accumulation (or an FP8 dot), dequantized with one multiply by
+  ``q_scale · k_scale``. P·V: FP8 — P is scaled by 448 through the ``exp2`` offset
+  ``log2(448)`` (the scale cancels in ``acc / l``, SageAttention2's static P scale) and the
+  FP8 dot result is added to a float32 accumulator every tile (two-level accumulation, as
+  SageAttention2, because Hopper's FP8 MMA accumulates with fewer bits); or 16-bit — P in V's
+  dtype, the raw bf16/fp16 V, fp32 accumulation.
+
+The kv loop walks either all kv tiles (``DENSE``) or the kv-blocks of the table row, with the
+block-sparse conventions of :mod:`dit_accel.kernels.block_sparse` (empty row → zeros and
+``lse = -inf``; tail keys masked). Hopper notes: the tile is ``BLOCK_M`` (128 with 8 warps or
+64 with 4, dividing ``block_m``) × ``BLOCK_N`` (64/128), autotuned with 2–3 pipeline stages; both
+dots take 8-bit K-major operands from shared memory (``IGMMA``/``QGMMA``); nothing is
+warp-specialised, no TMA, no persistent grid (FlashAttention-3's tricks; not done).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+#: padded length multiple of the quantized K / V buffers (covers every tile and table block).
+PAD = 128
+
+
+def _fp8_rne_py(x):
+    """Round float32 ``x`` (|x| <= 448) to the e4m3 grid, ties to even, in float32 arithmetic.
+
+    Only for the interpreter: Triton 3.9's interpreted float32 -> float8e4nv cast mishandles
+    ties and mantissa carries (127.06 -> 64, 136 -> 144), so values are put on the grid first
+    and the cast is then exact. On the GPU the cast (``cvt.rn.satfinite``) is used directly.
+    """
+    a = tl.abs(x)
+    e = tl.maximum(tl.floor(tl.math.log2(tl.maximum(a, 1e-30))), -6.0)   # subnormals below 2^-6
+    ulp = tl.math.exp2(e - 3.0)
+    y = a / ulp
+    r = tl.floor(y + 0.5)
+    r = tl.where((r - y == 0.5) & (r - 2.0 * tl.floor(r * 0.5) == 1.0), r - 1.0, r)
+    return tl.where(x < 0, -r * ulp, r * ulp)
+
+
+_fp8_rne = None  # the jitted helper, made by _jit() in the mode (compiled / interpreted) of the kernels
+
+
+def _kv_stats_kernel(
+    K, V, KSUM, VMAX,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    H, S, NCHUNK,
+    HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, ITERS: tl.constexpr, WITH_V: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ksum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    vmax = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for i in range(ITERS):
+        rows = (pid_c * ITERS + i) * ROWS + tl.arange(0, ROWS)
+        ok = rows[:, None] < S
+        k = tl.load(K + b * stride_kb + h * stride_kh + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                    mask=ok, other=0.0).to(tl.float32)
+        ksum += tl.sum(k, 0)
+        if WITH_V:
+            v = tl.load(V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                        mask=ok, other=0.0).to(tl.float32)
+            vmax = tl.maximum(vmax, tl.max(tl.abs(v), 0))
+    out = (pid_bh.to(tl.int64) * NCHUNK + pid_c) * HEAD_DIM + offs_d
+    tl.store(KSUM + out, ksum)
+    if WITH_V:
+        tl.store(VMAX + out, vmax)
+
+
+def _kv_quant_kernel(
+    K, V, KMEAN, VSCALE, KQ, KSCALE, VT,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    H, S, S_PAD,
+    HEAD_DIM: tl.constexpr, KGRAN: tl.constexpr, K_FP8: tl.constexpr, WITH_V: tl.constexpr,
+    SOFT_FP8: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    bh = pid_bh.to(tl.int64)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    rows = pid_n * KGRAN + tl.arange(0, KGRAN)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = rows[:, None] < S
+    k = tl.load(K + b * stride_kb + h * stride_kh + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                mask=ok, other=0.0).to(tl.float32)
+    mean = tl.load(KMEAN + bh * HEAD_DIM + offs_d)
+    k = tl.where(ok, k - mean[None, :], 0.0)
+    amax = tl.max(tl.max(tl.abs(k), 1), 0)
+    if K_FP8:
+        scale = tl.maximum(amax, 1e-30) / 448.0
+        kq = k / scale
+        if SOFT_FP8:
+            kq = _fp8_rne(kq)
+        kq = kq.to(tl.float8e4nv)
+    else:
+        scale = tl.maximum(amax, 1e-30) / 127.0
+        kq = k / scale
+        kq = tl.where(kq >= 0, kq + 0.5, kq - 0.5).to(tl.int8)   # round half away from zero
+    tl.store(KQ + bh * S_PAD * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :], kq)
+    tl.store(KSCALE + bh * (S_PAD // KGRAN) + pid_n, scale)
+    if WITH_V:
+        v = tl.load(V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                    mask=ok, other=0.0).to(tl.float32)
+        vs = tl.load(VSCALE + bh * HEAD_DIM + offs_d)
+        vq = v / vs[None, :]
+        if SOFT_FP8:
+            vq = _fp8_rne(vq)
+        vq = vq.to(tl.float8e4nv)
+        tl.store(VT + bh * HEAD_DIM * S_PAD + offs_d[None, :] * S_PAD + rows[:, None], vq)
+
+
+def _attn_fwd_kernel(
+    Q, KQ, KSCALE, V, VSCALE, O, LSE, KMEAN, KV_IDX, KV_CNT,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_os, stride_od,
+    stride_ib, stride_ih, stride_iq, stride_ik,
+    stride_cb, stride_ch, stride_cq,
+    H, S, S_PAD, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, KGRAN: tl.constexpr, TABLE_BM: tl.constexpr, TABLE_BN: tl.constexpr,
+    DENSE: tl.constexpr,
+    QK_FP8: tl.constexpr, PV_FP8: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    STORE_LSE: tl.constexpr, SOFT_FP8: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    KS_SCALAR: tl.constexpr = BLOCK_N <= KGRAN
+    SUB: tl.constexpr = TABLE_BN // BLOCK_N
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    bh = pid_bh.to(tl.int64)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    # --- Q: load once, quantize in registers with one scale for the tile (sm_scale*log2e folded in).
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd
+    if EVEN_M:
+        q = tl.load(q_ptrs).to(tl.float32)
+    else:
+        q = tl.load(q_ptrs, mask=offs_m[:, None] < S, other=0.0).to(tl.float32)
+    if STORE_LSE:  # the LSE of the unsmoothed scores: add back sm_scale * q.mean(K) (q dies here)
+        q_km = tl.sum(q * tl.load(KMEAN + bh * HEAD_DIM + offs_d)[None, :], 1) * sm_scale
+    q_amax = tl.maximum(tl.max(tl.abs(q), 1), 1e-30)            # one scale per query row
+    if QK_FP8:
+        q_scale = q_amax / 448.0
+        qq = q / q_scale[:, None]
+        if SOFT_FP8:
+            qq = _fp8_rne(qq)
+        qq = qq.to(tl.float8e4nv)
+    else:
+        q_scale = q_amax / 127.0
+        qq = q / q_scale[:, None]
+        qq = tl.where(qq >= 0, qq + 0.5, qq - 0.5).to(tl.int8)
+    q_scale = q_scale * qk_scale
+
+    k_base = KQ + bh * S_PAD * HEAD_DIM
+    ks_base = KSCALE + bh * (S_PAD // KGRAN)
+    if PV_FP8:
+        v_base = V + bh * HEAD_DIM * S_PAD                       # V^T, fp8, padded
+        v_scale = tl.load(VSCALE + bh * HEAD_DIM + offs_d)
+        p_offset = 8.807354922057604                              # log2(448)
+    else:
+        v_base = V + b * stride_vb + h * stride_vh               # raw 16-bit V
+        p_offset = 0.0
+
+    if DENSE:
+        n_iter = tl.cdiv(S, BLOCK_N)
+    else:
+        qb = start_m // TABLE_BM
+        idx_base = KV_IDX + b * stride_ib + h * stride_ih + qb * stride_iq
+        n_iter = tl.load(KV_CNT + b * stride_cb + h * stride_ch + qb * stride_cq) * SUB
+
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    for t in range(0, n_iter):
+        if DENSE:
+            start_n = t * BLOCK_N
+        else:
+            kb = tl.load(idx_base + (t // SUB) * stride_ik)
+            start_n = kb * TABLE_BN + (t % SUB) * BLOCK_N
+        cols = start_n + offs_n
+        k = tl.load(k_base + cols[None, :] * HEAD_DIM + offs_d[:, None])              # K^T tile [D, BLOCK_N]
+        if QK_FP8:
+            qk = tl.dot(qq, k).to(tl.float32)
+        else:
+            qk = tl.dot(qq, k, out_dtype=tl.int32).to(tl.float32)
+        if not EVEN_N:
+            qk = tl.where(cols[None, :] < S, qk, float("-inf"))
+        if KS_SCALAR:
+            # One positive scale per row: max(qk)*scale, then a single FMA per score in exp2.
+            rs = q_scale * tl.load(ks_base + start_n // KGRAN)
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * rs)
+            p = tl.math.exp2(qk * rs[:, None] - (m_new - p_offset)[:, None])
+        else:
+            s = qk * q_scale[:, None] * tl.load(ks_base + cols // KGRAN)[None, :]
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - (m_new - p_offset)[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if PV_FP8:
+            v = tl.load(v_base + offs_d[None, :] * S_PAD + cols[:, None])               # [BLOCK_N, D], N-major
+            if SOFT_FP8:
+                p = _fp8_rne(p)
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v)
+        else:
+            v_ptrs = v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd
+            if EVEN_N:
+                v = tl.load(v_ptrs)
+            else:
+                v = tl.load(v_ptrs, mask=cols[:, None] < S, other=0.0)
+            if DOT_F32:  # interpreter only: its tl.dot is wrong on bfloat16 (Triton 3.9)
+                acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc * alpha[:, None])
+            else:
+                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    if PV_FP8:
+        out = out * v_scale[None, :]
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od
+    if EVEN_M:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty))
+    else:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < S)
+    if STORE_LSE:
+        lse = tl.where(empty, float("-inf"), (m_i - p_offset + tl.math.log2(l_safe)) * 0.6931471805599453 + q_km)
+        lse_ptrs = LSE + bh * S + offs_m
+        if EVEN_M:
+            tl.store(lse_ptrs, lse)
+        else:
+            tl.store(lse_ptrs, lse, mask=offs_m < S)
+
+
+# ----------------------------------------------------------------------------- launch
+
+
+def hopper_configs() -> list[triton.Config]:
+    """A small autotune space for H100/H200 (query tile x kv tile, warps, pipeline stages):
+    128x64 (3 stages) and 128x128 (2 stages) with 8 warps (two warpgroups share the 128-row fp32
+    accumulator), 64x64 and 64x128 with 4 warps (one warpgroup, two programs per SM).
+
+    Checked ahead of time for sm_90 with Triton 3.9 (not timed): the dots become ``IGMMA.S8.S8`` /
+    ``QGMMA.E4M3.E4M3`` (and ``HGMMA.BF16`` for 16-bit P·V), K/V tiles arrive by ``cp.async``;
+    128x64 tiles fit in 175-252 registers without spills, 128x128 tiles with FP8 P·V spill ~250
+    bytes (kept so the autotuner can reject them by timing). ``DIT_ACCEL_QATTN_CONFIG=
+    "BLOCK_M,BLOCK_N,num_warps,num_stages"`` pins one config (no autotuning).
+    """
+    pinned = os.environ.get("DIT_ACCEL_QATTN_CONFIG")
+    if pinned:
+        bm, bn, w, s = (int(x) for x in pinned.split(","))
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2))]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Query tiles divide the table's q-blocks; in sparse mode kv tiles divide its kv-blocks."""
+    tbm, tbn, dense = kwargs["TABLE_BM"], kwargs["TABLE_BN"], kwargs["DENSE"]
+    kept = [c for c in configs if tbm % c.kwargs["BLOCK_M"] == 0 and (dense or tbn % c.kwargs["BLOCK_N"] == 0)]
+    return kept or [triton.Config({"BLOCK_M": min(tbm, 64), "BLOCK_N": min(tbn, 64)}, num_warps=4, num_stages=2)]
+
+
+_KERNELS: dict[str, object] = {}
+
+#: tiles under the interpreter (numpy is slow; small tiles exercise the shared-row and sub-tile paths).
+INTERPRET_BLOCK_M = 16
+INTERPRET_BLOCK_N = {True: 32, False: 16}   # dense: 32, sparse: min(16, block_n)
+
+
+def _jit(name: str, interpret: bool):
+    from ._block_sparse_triton import interpreter_ready
+
+    global _fp8_rne
+    key = f"{name}:{'interpret' if interpret else 'cuda'}"
+    if key not in _KERNELS:
+        if interpret and not interpreter_ready():
+            raise RuntimeError(
+                "quant_attention: TRITON_INTERPRET=1 must be set before triton is first imported: triton.language "
+                "was loaded in compiled mode, so the interpreter cannot run the kernel on CPU tensors. Set it at "
+                "process start, or unset it to use the PyTorch reference on CPU.")
+        if _fp8_rne is None:  # triton's mode (compiled / interpreted) is fixed for the process
+            _fp8_rne = triton.jit(_fp8_rne_py)
+        fn = {"stats": _kv_stats_kernel, "quant": _kv_quant_kernel, "attn": _attn_fwd_kernel}[name]
+        # S is not specialised (its 16-divisibility would compile every kernel twice for the
+        # benchmark's lengths); the tail is handled by the EVEN_* constexprs instead.
+        jitted = triton.jit(fn, do_not_specialize=["S"])
+        if name == "attn" and not interpret:
+            jitted = triton.autotune(configs=hopper_configs(),
+                                     key=["S", "HEAD_DIM", "TABLE_BM", "TABLE_BN", "KGRAN", "DENSE", "QK_FP8",
+                                          "PV_FP8"],
+                                     prune_configs_by={"early_config_prune": _prune})(jitted)
+        _KERNELS[key] = jitted
+    return _KERNELS[key]
+
+
+def quantize_kv_triton(k: torch.Tensor, v: torch.Tensor, *, kgran: int, k_fp8: bool, v_fp8: bool,
+                       smooth_k: bool, interpret: bool):
+    """Smooth and quantize K per ``kgran`` tokens; V to FP8 per channel (transposed) when ``v_fp8``.
+
+    Returns ``(k_q [BH, S_pad, D] int8|fp8, k_scale [BH, S_pad/kgran] fp32,
+    v_t [BH, D, S_pad] fp8 | None, v_scale [BH, D] fp32 | None, k_mean [BH, D] fp32)``.
+    """
+    B, H, S, D = k.shape
+    BH, dev = B * H, k.device
+    s_pad = triton.cdiv(S, PAD) * PAD
+    rows, iters = (16, 4) if interpret else (64, 2)
+    nchunk = triton.cdiv(S, rows * iters)
+    need_stats = smooth_k or v_fp8
+    ksum = torch.empty(BH, nchunk, D, dtype=torch.float32, device=dev) if need_stats else None
+    vmax = torch.empty(BH, nchunk, D, dtype=torch.float32, device=dev) if v_fp8 else ksum
+    ctx = torch.cuda.device(dev) if k.is_cuda else contextlib.nullcontext()
+    with ctx:
+        if need_stats:
+            _jit("stats", interpret)[(nchunk, BH)](k, v, ksum, vmax, *k.stride(), *v.stride(), H, S, nchunk,
+                                                    HEAD_DIM=D, ROWS=rows, ITERS=iters, WITH_V=v_fp8,
+                                                    num_warps=4)
+        k_mean = ksum.sum(1) / S if smooth_k else torch.zeros(BH, D, dtype=torch.float32, device=dev)
+        v_scale = (vmax.amax(1) / 448.0).clamp_min(1e-30) if v_fp8 else None
+        k_q = torch.empty(BH, s_pad, D, dtype=torch.float8_e4m3fn if k_fp8 else torch.int8, device=dev)
+        k_scale = torch.empty(BH, s_pad // kgran, dtype=torch.float32, device=dev)
+        v_t = torch.empty(BH, D, s_pad, dtype=torch.float8_e4m3fn, device=dev) if v_fp8 else None
+        _jit("quant", interpret)[(s_pad // kgran, BH)](
+            k, v, k_mean, v_scale if v_fp8 else k_mean, k_q, k_scale, v_t if v_fp8 else k_q,
+            *k.stride(), *v.stride(), H, S, s_pad,
+            HEAD_DIM=D, KGRAN=kgran, K_FP8=k_fp8, WITH_V=v_fp8, SOFT_FP8=interpret,
+            num_warps=4 if kgran * D <= 8192 else 8)
+    return k_q, k_scale, v_t, v_scale, k_mean
+
+
+_DUMMY_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _dummy_table(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Placeholder block table for the dense kernel (never read), allocated once per device."""
+    if device not in _DUMMY_TABLES:
+        _DUMMY_TABLES[device] = (torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=device),
+                                 torch.zeros(1, 1, 1, dtype=torch.int32, device=device))
+    return _DUMMY_TABLES[device]
+
+
+def quant_attention_triton(q, k, v, kv_indices, kv_counts, *, block_m: int, block_n: int, qk_scale: float,
+                           sm_scale: float, qk_fp8: bool, pv_fp8: bool, smooth_k: bool, interpret: bool,
+                           return_lse: bool):
+    """Quantize K/V, then run the attention kernel; inputs are assumed checked (``quant_attention``)."""
+    B, H, S, D = q.shape
+    dense = kv_indices is None
+    k_q, k_scale, v_t, v_scale, k_mean = quantize_kv_triton(k, v, kgran=block_n, k_fp8=qk_fp8, v_fp8=pv_fp8,
+                                                            smooth_k=smooth_k, interpret=interpret)
+    s_pad = k_q.shape[1]
+    out = torch.empty_like(q)
+    lse = torch.empty((B, H, S) if return_lse else (1,), dtype=torch.float32, device=q.device)
+    if dense:
+        kv_indices, kv_counts = _dummy_table(q.device)
+    v_arg, vs_arg = (v_t, v_scale) if pv_fp8 else (v, k_scale)
+    common = dict(HEAD_DIM=D, KGRAN=block_n, TABLE_BN=block_n, DENSE=dense, QK_FP8=qk_fp8, PV_FP8=pv_fp8,
+                  TABLE_BM=block_m, STORE_LSE=return_lse, SOFT_FP8=interpret,
+                  DOT_F32=interpret and q.dtype == torch.bfloat16)
+
+    args = (q, k_q, k_scale, v_arg, vs_arg, out, lse, k_mean, kv_indices, kv_counts,
+            *q.stride(), *v.stride(), *out.stride(), *kv_indices.stride(), *kv_counts.stride(),
+            H, S, s_pad, qk_scale, sm_scale)
+
+    kernel = _jit("attn", interpret)
+    if interpret:  # small tiles: several query tiles per q-block, kv sub-tiles (the GPU's paths, cheaply)
+        bm = min(block_m, INTERPRET_BLOCK_M)
+        bn = INTERPRET_BLOCK_N[True] if dense else min(block_n, INTERPRET_BLOCK_N[False])
+        kernel[(triton.cdiv(S, bm), B * H)](*args, **common, EVEN_M=S % bm == 0, EVEN_N=S % bn == 0,
+                                            BLOCK_M=bm, BLOCK_N=bn)
+    else:  # EVEN_M / EVEN_N: S is a multiple of every autotuned tile (64, 128)
+        def grid(meta):
+            return (triton.cdiv(S, meta["BLOCK_M"]), B * H)
+
+        with torch.cuda.device(q.device):
+            kernel[grid](*args, **common, EVEN_M=S % PAD == 0, EVEN_N=S % PAD == 0)
+    return out, (lse if return_lse else None)

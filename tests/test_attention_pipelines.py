@@ -1,0 +1,144 @@
+"""Sparse attention inside the tiny pipelines of every tier-1 family: routing, dense warm-up and layers,
+off/remove bit-exactness, per-branch and per-generation state, composition with a cache section."""
+
+import pytest
+import torch
+
+import dit_accel
+from dit_accel.attention import processor as processor_module
+from dit_accel.attention.processor import SparseAttentionProcessor
+from dit_accel.testing import FAMILIES, tiny_generate, tiny_pipeline
+
+# Sizes with several 16-token blocks of visual tokens (DiT's transformer has a fixed 4x4 grid).
+SIZES = {"flux": dict(height=64, width=64), "sd3": dict(height=64, width=64), "pixart": dict(height=64, width=64),
+         "dit": dict(), "wan": dict(height=64, width=64, num_frames=9),
+         "hunyuan_video": dict(height=64, width=64, num_frames=9),
+         "cogvideox": dict(height=64, width=64, num_frames=17)}
+
+
+def _attention_modules(pipe):
+    rt = pipe._dit_accel["transformer"]
+    return [getattr(b.module, rt.adapter.attention_module) for b in rt.blocks]
+
+
+def _policy(**kw):
+    return {"name": "sparse", "attention": {"sparse": {"method": "topp", "density": 0.5}, "block_size": 16,
+                                            "warmup_steps": 1, **kw}}
+
+
+@pytest.fixture(scope="module")
+def baselines():
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            pipe = tiny_pipeline(family)
+            cache[family] = (pipe, tiny_generate(pipe, family, **SIZES[family]))
+        return cache[family]
+    return get
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sparse_runs_through_every_self_attention_and_remove_is_exact(family, baselines):
+    pipe, base = baselines(family)
+    originals = {}
+    dit_accel.accelerate(pipe, _policy())
+    try:
+        for attn in _attention_modules(pipe):
+            assert isinstance(attn.processor, SparseAttentionProcessor)
+            originals[id(attn)] = attn.processor.original
+        out = tiny_generate(pipe, family, **SIZES[family])
+        stats = dit_accel.stats(pipe)
+        modules = _attention_modules(pipe)
+    finally:
+        dit_accel.remove(pipe)
+    att = stats.extra["attention"]
+    calls = att["calls"]
+    assert calls["dense_unhandled"] == 0 and calls["sparse"] > 0
+    assert calls["dense_warmup"] * 3 == calls["sparse"]  # 4 steps, the first dense
+    if family != "dit":  # DiT's 16 tokens are one block
+        assert att["sparse_density"] < 0.9
+        assert not torch.equal(out, base)
+    assert torch.isfinite(out).all()
+    assert "sparse self-attention calls" in stats.summary()
+    for attn in modules:  # the original processor objects are back
+        assert attn.processor is originals[id(attn)]
+    assert torch.equal(tiny_generate(pipe, family, **SIZES[family]), base)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_all_dense_section_is_bit_exact(family, baselines):
+    pipe, base = baselines(family)
+    with dit_accel.accelerated(pipe, _policy(warmup_steps=100)):
+        out = tiny_generate(pipe, family, **SIZES[family])
+        calls = dit_accel.stats(pipe).extra["attention"]["calls"]
+    assert torch.equal(out, base)
+    assert calls["sparse"] == 0 and calls["dense_warmup"] > 0
+
+
+def test_dense_layers_and_cross_attention_stay_untouched(baselines):
+    pipe, _ = baselines("pixart")
+    with dit_accel.accelerated(pipe, _policy(dense_layers=[0, 2])):
+        tiny_generate(pipe, "pixart", **SIZES["pixart"])
+        calls = dit_accel.stats(pipe).extra["attention"]["calls"]
+        blocks = pipe.transformer.transformer_blocks
+        assert all(not isinstance(b.attn2.processor, SparseAttentionProcessor) for b in blocks)
+    # 4 layers x 4 steps: step 0 dense (4), layers 0 and 2 dense on steps 1-3 (6), the rest sparse (6)
+    assert calls == {"sparse": 6, "dense_warmup": 4, "dense_layer": 6, "dense_unhandled": 0}
+
+
+@pytest.mark.parametrize("family", ["wan", "sd3"])  # separate and batched CFG
+def test_svg2_state_is_per_branch_and_reset_per_generation(family, baselines, monkeypatch):
+    pipe, _ = baselines(family)
+    firsts = []
+    original = processor_module.joint_attention
+
+    def spy(q, k, v, visual, request, *args, **kwargs):
+        firsts.append(request.svg2_first)
+        return original(q, k, v, visual, request, *args, **kwargs)
+
+    monkeypatch.setattr(processor_module, "joint_attention", spy)
+    policy = _policy(reorder="svg2", svg2={"q_clusters": 6, "k_clusters": 6})
+    with dit_accel.accelerated(pipe, policy):
+        first = tiny_generate(pipe, family, **SIZES[family])
+        n_first = list(firsts)
+        stats1 = dit_accel.stats(pipe).extra["attention"]
+        firsts.clear()
+        second = tiny_generate(pipe, family, **SIZES[family])
+        stats2 = dit_accel.stats(pipe).extra["attention"]
+    branches = 2 if family == "wan" else 1  # separate CFG: cond and uncond calls each keep their centroids
+    blocks = 4
+    assert sum(n_first) == branches * blocks          # k-means from scratch once per branch and layer
+    assert n_first == firsts                          # the second generation starts from scratch again
+    assert torch.equal(first, second)                 # nothing leaks from one generation to the next
+    assert stats1 == stats2                           # statistics are per generation
+
+
+def test_composes_with_a_cache_section(baselines):
+    pipe, base = baselines("flux")
+    policy = {**_policy(), "cache": {"method": "fora", "interval": 2}}
+    with dit_accel.accelerated(pipe, policy):
+        out = tiny_generate(pipe, "flux", **SIZES["flux"])
+        stats = dit_accel.stats(pipe)
+    assert stats.blocks_reused > 0 and stats.extra["attention"]["calls"]["sparse"] > 0
+    assert torch.isfinite(out).all()
+    assert torch.equal(tiny_generate(pipe, "flux", **SIZES["flux"]), base)
+
+
+def test_calibrated_paro_and_static_masks_run(baselines, tmp_path):
+    from dit_accel.testing import tiny_call_kwargs
+
+    pipe, _ = baselines("wan")
+    kwargs = tiny_call_kwargs("wan", **SIZES["wan"])
+    kwargs.pop("prompt")
+    policy = {"name": "paro-static", "attention": {"sparse": {"method": "static", "threshold": 0.5},
+                                                    "reorder": "paro", "block_size": 16, "warmup_steps": 1}}
+    calibrated = dit_accel.calibrate(pipe, ["a cat"], policy, **kwargs)
+    att = calibrated.attention
+    assert len(att.paro_orders) == 4 and all(len(h) == 2 for h in att.paro_orders)
+    assert att.sparse.masks["grid"] == [3, 4, 4] and set(att.sparse.masks["layers"]) == {0, 1, 2, 3}
+    calibrated.save(tmp_path / "p.yaml")
+    with dit_accel.accelerated(pipe, str(tmp_path / "p.yaml")):
+        tiny_generate(pipe, "wan", **SIZES["wan"])
+        att_stats = dit_accel.stats(pipe).extra["attention"]
+    assert att_stats["calls"]["sparse"] == 24 and att_stats["sparse_density"] < 1.0
