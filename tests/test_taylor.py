@@ -241,21 +241,39 @@ def test_taylorseer_order_zero_is_fora():
     assert all(torch.equal(a, b) for a, b in zip(fora, taylor))
 
 
-def test_taylorseer_factors_in_model_dtype_count_in_cache_bytes():
+@pytest.mark.parametrize("granularity,ranges", [("block", 4), ("stack", 1)])
+def test_taylorseer_factors_in_model_dtype_count_in_cache_bytes(granularity, ranges):
     model = PolyToy(degree=2, dtype=torch.bfloat16)
     x = input_for(model)
-    attach(model, {"method": "taylorseer", "order": 2, "warmup_steps": 3, "interval": 3})
+    attach(model, {"method": "taylorseer", "order": 2, "warmup_steps": 3, "interval": 3, "granularity": granularity})
     run_steps(model, x, 5)
     runtime = model._dit_accel["transformer"]
     (state,) = runtime.states.values()
-    for rid in range(4):
+    assert len(runtime.method.plan.ranges) == ranges
+    for rid in range(ranges):
         series = state.method[f"taylor_h:{rid}"]
         assert isinstance(series, _taylor.Series) and len(series) == 3
         assert all(f.dtype == torch.bfloat16 and f.shape == x.shape for f in series)
     assert not state.residuals
     stats = dit_accel.stats(model)
     dit_accel.remove(model)
-    assert stats.cache_bytes == 4 * 3 * x.numel() * 2 == state.cache_bytes()
+    assert stats.cache_bytes == ranges * 3 * x.numel() * 2 == state.cache_bytes()
+
+
+@pytest.mark.parametrize("cache", [{"method": "fora", "interval": 3},
+                                   {"method": "taylorseer", "order": 2, "warmup_steps": 3, "interval": 3}])
+def test_stack_granularity_equals_per_block(cache):
+    """One residual / forecast for the whole range telescopes to the sum of the per-block ones."""
+    model = PolyToy(degree=2)
+    xs = [torch.randn(1, 3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(s)) for s in range(9)]
+    outs = {}
+    for granularity in ("block", "stack"):
+        attach(model, {**cache, "granularity": granularity})
+        outs[granularity], computed = run_steps(model, xs, 9)
+        dit_accel.remove(model)
+        assert not all(computed), "some steps must reuse"
+    for a, b in zip(outs["block"], outs["stack"]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------

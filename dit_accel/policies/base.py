@@ -153,6 +153,20 @@ def per_block_ranges(num_blocks: int, fn_compute: int, bn_compute: int) -> tuple
     return tuple((i, i + 1) for i in range(fn_compute, num_blocks - bn_compute))
 
 
+GRANULARITIES = ("stack", "block")
+
+
+def cache_ranges(num_blocks: int, fn_compute: int, bn_compute: int, granularity: str) -> tuple[tuple[int, int], ...]:
+    """The cacheable ranges of a schedule-driven method: one range over all cached blocks (``"stack"``:
+    one residual, one add on a reused step) or one per block (``"block"``). When every cached block is
+    reused together the two are the same computation up to rounding (the block residuals telescope),
+    and the stack costs less per step."""
+    ranges = per_block_ranges(num_blocks, fn_compute, bn_compute)
+    if granularity == "block":
+        return ranges
+    return ((ranges[0][0], ranges[-1][1]),)
+
+
 def batch_agrees(below: torch.Tensor, state: BranchState) -> bool:
     """True if every sample's gate says reuse (``below`` is a bool tensor, one per sample or pooled).
 

@@ -9,7 +9,9 @@ deterministic and needs no host sync, which makes speed benchmarks comparable ac
 Departures: FORA caches the attention and MLP outputs separately; at block granularity their
 sum is the block residual, which is what we cache (half the memory). ``warmup_steps`` always
 computes the first steps, and ``fn_compute``/``bn_compute`` exclude the first/last blocks from
-caching (both 0 in the paper).
+caching (both 0 in the paper). ``granularity: stack`` (default) caches one residual for the
+whole cached range instead of one per block: the same result up to rounding (the block residuals
+telescope on a reused step) with one add instead of one per block; ``block`` keeps per-block residuals.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..config import ConfigBase, option
-from .base import BranchState, CacheMethod, CachePlan, per_block_ranges
+from .base import GRANULARITIES, BranchState, CacheMethod, CachePlan, cache_ranges
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,8 @@ class FORAConfig(ConfigBase):
     warmup_steps: int = option(0, ge=0, doc="steps always computed at the start of each call")
     fn_compute: int = option(0, ge=0, doc="first blocks never cached")
     bn_compute: int = option(0, ge=0, doc="last blocks never cached")
+    granularity: str = option("stack", choices=GRANULARITIES,
+                              doc="stack: one residual for all cached blocks; block: one per block (same result)")
 
 
 class FORA(CacheMethod):
@@ -36,7 +40,8 @@ class FORA(CacheMethod):
     config_cls = FORAConfig
 
     def make_plan(self, num_blocks: int) -> CachePlan:
-        return CachePlan(ranges=per_block_ranges(num_blocks, self.config.fn_compute, self.config.bn_compute))
+        c = self.config
+        return CachePlan(ranges=cache_ranges(num_blocks, c.fn_compute, c.bn_compute, c.granularity))
 
     def is_compute_step(self, step: int) -> bool:
         c = self.config

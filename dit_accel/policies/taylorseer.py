@@ -37,6 +37,10 @@ Granularity and where we depart:
 * Factors are kept and combined in the model dtype (as the reference and diffusers do) in the
   branch state, so they count in ``stats().cache_bytes``. ``fn_compute`` / ``bn_compute`` exclude
   the first/last blocks from forecasting (both 0 in the paper).
+* ``granularity: stack`` (default) forecasts one residual for the whole forecast range instead of
+  one per block: finite differences and the Taylor sum are linear and the block residuals telescope,
+  so it is the same forecast up to rounding, with one factor set and one add per step instead of one
+  per block (``block`` keeps per-block factors; the reference and diffusers work per module).
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ import torch
 
 from ..config import ConfigBase, option
 from . import _taylor
-from .base import BranchState, CacheMethod, CachePlan, per_block_ranges
+from .base import GRANULARITIES, BranchState, CacheMethod, CachePlan, cache_ranges
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,8 @@ class TaylorSeerConfig(ConfigBase):
                             doc="taylor: the paper's series; newton: divided differences, exact for polynomials")
     fn_compute: int = option(0, ge=0, doc="first blocks never forecast")
     bn_compute: int = option(0, ge=0, doc="last blocks never forecast")
+    granularity: str = option("stack", choices=GRANULARITIES,
+                              doc="stack: one forecast for all forecast blocks; block: one per block (same result)")
 
 
 def is_full_step(step: int, warmup_steps: int, interval: int) -> bool:
@@ -75,7 +81,8 @@ class TaylorSeer(CacheMethod):
     config_cls = TaylorSeerConfig
 
     def make_plan(self, num_blocks: int) -> CachePlan:
-        return CachePlan(ranges=per_block_ranges(num_blocks, self.config.fn_compute, self.config.bn_compute))
+        c = self.config
+        return CachePlan(ranges=cache_ranges(num_blocks, c.fn_compute, c.bn_compute, c.granularity))
 
     def is_full_step(self, step: int) -> bool:
         return is_full_step(step, self.config.warmup_steps, self.config.interval)
