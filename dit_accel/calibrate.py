@@ -36,6 +36,8 @@ hooks exist only while ``calibrate`` runs (``Recorder.close``); the blocks' outp
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -50,6 +52,7 @@ from .config import ConfigBase, PolicyError, option
 from .policies import get_method
 from .policies.base import BlockCall, BranchState, CacheMethod, CachePlan
 from .policies.dbcache import relative_l1
+from .quant import quantized
 from .policy import Policy, PolicyLike, load_policy
 
 
@@ -304,7 +307,8 @@ def calibrate(pipe: Any, prompts: Sequence[str | dict], policy: PolicyLike, **ca
     if policy.attention is not None and policy.attention.needs_calibration:  # PARO orders / static masks
         from .attention.calibrate import calibrate_attention
 
-        policy = calibrate_attention(pipe, prompts, policy, **call_kwargs)
+        with quantized(pipe, policy.quant):
+            policy = calibrate_attention(pipe, prompts, policy, **call_kwargs)
         if policy.cache is None or not hasattr(get_method(policy.cache.method), "calibrated"):
             return policy
     if policy.cache is None:
@@ -315,9 +319,12 @@ def calibrate(pipe: Any, prompts: Sequence[str | dict], policy: PolicyLike, **ca
     if not prompts:
         raise PolicyError("calibrate needs at least one prompt")
     custom = getattr(method, "calibrate_pipeline", None)
-    if custom is not None:
-        return Policy(name=policy.name, cache=custom(pipe, prompts, policy.cache, **call_kwargs),
-                      attention=policy.attention)
-    records, family = record(pipe, prompts, getattr(method, "record_options", {}), **call_kwargs)
-    return Policy(name=policy.name, cache=method.calibrated(policy.cache, records, family),
-                  attention=policy.attention)
+    # Cache and quantization errors compound (CacheQuant, Liu et al. 2025): calibrate the gate on the
+    # quantized model it will serve, not on the full-precision one.
+    with quantized(pipe, policy.quant):
+        if custom is not None:
+            cache = custom(pipe, prompts, policy.cache, **call_kwargs)
+        else:
+            records, family = record(pipe, prompts, getattr(method, "record_options", {}), **call_kwargs)
+            cache = method.calibrated(policy.cache, records, family)
+    return dataclasses.replace(policy, cache=cache)  # guidance, attention and quant sections kept

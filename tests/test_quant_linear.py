@@ -127,3 +127,21 @@ def test_quantized_context_restores_after_the_block():
     with dit_accel.quant.quantized(pipe, None):
         assert all(type(m.weight.data) is torch.Tensor for m in pipe.transformer.modules()
                    if isinstance(m, torch.nn.Linear))
+
+
+def test_calibrate_measures_the_gate_on_the_quantized_model_and_keeps_sections():
+    """CacheQuant: cache and quantization errors compound, so the gate is calibrated with quant on."""
+    pipe = tiny_pipeline("dit")
+    kwargs = dict(num_inference_steps=6)
+    prompts = lambda: [{"class_labels": [1, 7], "generator": torch.Generator().manual_seed(0)}]  # noqa: E731
+    plain = dit_accel.calibrate(pipe, prompts(), {"name": "m", "cache": {"method": "magcache"}}, **kwargs)
+    spec = {"name": "mq", "cache": {"method": "magcache"}, "quant": {"linear": "int8_weight_only"},
+            "guidance": {"method": "adaptive", "threshold": 0.99}}
+    quant = dit_accel.calibrate(pipe, prompts(), spec, **kwargs)
+    assert quant.quant == dit_accel.load_policy(spec).quant and quant.guidance is not None
+    assert quant.cache.mag_ratios != plain.cache.mag_ratios, "ratios must come from the quantized model"
+    weights = _weights(pipe.transformer)
+    again = dit_accel.calibrate(pipe, prompts(), spec, **kwargs)
+    assert dit_accel.calibrate(pipe, prompts(), "magcache", **kwargs).cache.mag_ratios == plain.cache.mag_ratios
+    assert again.cache.mag_ratios == quant.cache.mag_ratios
+    assert all(torch.equal(p, weights[n]) for n, p in _weights(pipe.transformer).items()), "weights restored"
