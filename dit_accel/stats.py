@@ -70,7 +70,9 @@ class Stats:
             density = attention["sparse_density"]
             lines.append(f"attention {attention['method']}: {calls['sparse']} sparse self-attention calls"
                          + (f" at density {density:.3f}" if density is not None else "")
-                         + f", {sum(calls.values()) - calls['sparse']} dense (warm-up {calls['dense_warmup']}, "
+                         + (f", {calls['quant_dense']} quantized dense" if calls.get("quant_dense") else "")
+                         + f", {sum(calls.values()) - calls['sparse'] - calls.get('quant_dense', 0)} dense "
+                         f"(warm-up {calls['dense_warmup']}, "
                          f"dense layers {calls['dense_layer']}, unhandled {calls['dense_unhandled']})")
         if self.mixed_batch_decisions:
             lines.append(f"{self.mixed_batch_decisions} gate decisions where samples disagreed (computed)")

@@ -84,7 +84,7 @@ def test_dense_layers_and_cross_attention_stay_untouched(baselines):
         blocks = pipe.transformer.transformer_blocks
         assert all(not isinstance(b.attn2.processor, SparseAttentionProcessor) for b in blocks)
     # 4 layers x 4 steps: step 0 dense (4), layers 0 and 2 dense on steps 1-3 (6), the rest sparse (6)
-    assert calls == {"sparse": 6, "dense_warmup": 4, "dense_layer": 6, "dense_unhandled": 0}
+    assert calls == {"sparse": 6, "quant_dense": 0, "dense_warmup": 4, "dense_layer": 6, "dense_unhandled": 0}
 
 
 @pytest.mark.parametrize("family", ["wan", "sd3"])  # separate and batched CFG
@@ -142,3 +142,22 @@ def test_calibrated_paro_and_static_masks_run(baselines, tmp_path):
         tiny_generate(pipe, "wan", **SIZES["wan"])
         att_stats = dit_accel.stats(pipe).extra["attention"]
     assert att_stats["calls"]["sparse"] == 24 and att_stats["sparse_density"] < 1.0
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3", "wan", "dit"])
+def test_quantized_dense_attention_section(family, baselines):
+    """``attention: {sparse: null, quant: int8}``: every self-attention call after the warm-up runs the
+    quantized kernel densely (joint text included); close to, not equal to, the baseline; remove is exact."""
+    pipe, base = baselines(family)
+    policy = {"name": "qattn", "attention": {"sparse": None, "quant": "int8", "warmup_steps": 1, "dense_layers": [0]}}
+    with dit_accel.accelerated(pipe, policy):
+        out = tiny_generate(pipe, family, **SIZES[family])
+        stats = dit_accel.stats(pipe)
+    calls = stats.extra["attention"]["calls"]
+    assert calls["quant_dense"] > 0 and calls["sparse"] == 0 and calls["dense_unhandled"] == 0
+    assert calls["dense_layer"] > 0 and calls["dense_warmup"] > 0
+    assert "quantized dense" in stats.summary() and "dense+int8" in stats.summary()
+    assert not torch.equal(out, base)
+    rel = ((out - base).norm() / base.norm()).item()
+    assert rel < 0.05, rel
+    assert torch.equal(tiny_generate(pipe, family, **SIZES[family]), base)

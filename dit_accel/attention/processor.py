@@ -35,7 +35,7 @@ from ..config import PolicyError
 from .config import AttentionConfig
 from .reorder_paro import head_permutations
 from .select import decode_mask
-from .sparse import SparseRequest, joint_attention
+from .sparse import SparseRequest, joint_attention, quant_dense_attention
 
 logger = logging.getLogger("dit_accel")
 _SDPA = torch.nn.functional.scaled_dot_product_attention
@@ -153,7 +153,7 @@ class AttentionController:
             self._handle = None
 
     def new_generation(self) -> None:
-        self.counts = {"sparse": 0, "dense_warmup": 0, "dense_layer": 0, "dense_unhandled": 0}
+        self.counts = {"sparse": 0, "quant_dense": 0, "dense_warmup": 0, "dense_layer": 0, "dense_unhandled": 0}
         self._kept = None
         self._total = 0.0
 
@@ -173,7 +173,7 @@ class AttentionController:
         state = self.runtime.current
         if state is None or self.layout is None:
             return "dense_unhandled"
-        if self.config.sparse is None:
+        if self.config.sparse is None and self.config.quant == "none":
             return "dense_layer"
         if state.step < self.config.warmup_steps:
             return "dense_warmup"
@@ -218,6 +218,13 @@ class AttentionController:
         if q.shape != k.shape or k.shape != v.shape or call.get("is_causal") or call.get("enable_gqa") \
                 or call.get("dropout_p", 0.0):
             return None
+        if self.config.sparse is None and self.recorder is None:  # quantized dense attention, text included
+            if call.get("attn_mask") is not None:
+                return None
+            with torch.no_grad():
+                out = quant_dense_attention(q, k, v, call.get("scale"), self.config.quant)
+            self.counts["quant_dense"] += 1
+            return out
         visual = self._visual_slice(q.shape[2])
         if visual is None:
             return None
@@ -304,6 +311,6 @@ class AttentionController:
     def describe(self) -> str:
         c = self.config
         if c.sparse is None:
-            return "dense"
+            return "dense" if c.quant == "none" else f"dense+{c.quant}"
         return (f"{c.sparse.method}+{c.reorder}" + ("+compensate" if c.compensate else "")
                 + (f"+{c.quant}" if c.quant != "none" else ""))

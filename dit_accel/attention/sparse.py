@@ -100,6 +100,26 @@ def _pair_counts(block_mask: torch.Tensor, n: int, block_size: int) -> torch.Ten
     return torch.einsum("bhqk,q,k->", block_mask.float(), sizes, sizes)
 
 
+def quant_dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+                          quant: str) -> torch.Tensor:
+    """Dense attention through the quantized kernel (``attention: {sparse: null, quant: int8|fp8}``):
+    every token, text included. Head dims the kernel lacks are zero-padded; float32 inputs run in bfloat16.
+    CUDA: the Triton kernel; CPU: its PyTorch reference (the Triton interpreter is for kernel tests only)."""
+    from ..kernels.quant_attention import quant_attention, quant_attention_reference
+
+    d = q.shape[-1]
+    dp = _padded_head_dim(d)
+    dtype = q.dtype
+    if dp != d:
+        q, k, v = (torch.nn.functional.pad(t, (0, dp - d)) for t in (q, k, v))
+    if dtype == torch.float32:
+        q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    fn = quant_attention if q.is_cuda else quant_attention_reference
+    out = fn(q.contiguous(), k.contiguous(), v.contiguous(), mode=quant, sm_scale=scale)
+    return out[..., :d].to(dtype)
+
+
 def sparse_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, request: SparseRequest,
                           scale: float | None = None) -> SparseResult:
     """Reordered block-sparse attention over one set of (visual) tokens ``[B, H, N, D]``."""

@@ -4,8 +4,10 @@ GPU code paths are chosen at run time: the Triton kernel runs on CUDA tensors (o
 tensors under ``TRITON_INTERPRET=1``); everywhere else the reference runs. Importing this
 package never imports Triton.
 
-Modules: ``block_sparse`` (block-sparse attention API, block tables, reference) and
-``_block_sparse_triton`` (the Triton kernel, imported on first use).
+Modules: ``block_sparse`` (block-sparse attention API, block tables, reference),
+``quant_attention`` (SageAttention-style INT8/FP8 attention, dense or with the same block tables,
+and its reference), and the Triton kernels ``_block_sparse_triton`` / ``_quant_attention_triton``
+(imported on first use).
 """
 
 from .block_sparse import (
@@ -18,6 +20,7 @@ from .block_sparse import (
     mask_to_block_table,
     triton_available,
 )
+from .quant_attention import quant_attention, quant_attention_reference
 
 __all__ = [
     "SUPPORTED_BLOCK_SIZES",
@@ -27,5 +30,7 @@ __all__ = [
     "block_table_to_mask",
     "dense_block_table",
     "mask_to_block_table",
+    "quant_attention",
+    "quant_attention_reference",
     "triton_available",
 ]
