@@ -29,7 +29,6 @@ cache-dit is optional: when it is not installed (or fails on this machine) its r
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -45,7 +44,9 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 import dit_accel  # noqa: E402
 
 QUICK_CONFIG = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=16,
@@ -273,31 +274,9 @@ def assert_untouched(transformer: torch.nn.Module, after: str, children: list[st
 
 
 # ---- measurement --------------------------------------------------------------------------------
-def timer(device: str) -> Callable[[Callable[[], Any]], float]:
-    def cuda_time(fn: Callable[[], Any]) -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end)
-
-    def host_time(fn: Callable[[], Any]) -> float:
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-
-    return cuda_time if device == "cuda" else host_time
-
-
 def environment(device: str) -> dict:
-    import diffusers
-
-    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": " ".join(["python", *sys.argv]), "python": platform.python_version(),
-           "torch": torch.__version__, "diffusers": diffusers.__version__, "cuda": torch.version.cuda,
-           "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"}
+    env = common.environment()
+    env["device"] = env.get("gpu", platform.processor() or "cpu") if device == "cuda" else platform.processor() or "cpu"
     try:
         import cache_dit
 
@@ -305,6 +284,16 @@ def environment(device: str) -> dict:
     except Exception as err:  # noqa: BLE001
         env["cache_dit"] = f"not available ({type(err).__name__})"
     return env
+
+
+def timer(device: str) -> Callable[[Callable[[], Any]], float]:
+    """CUDA events on the GPU (``common.time_call``), the host clock for the CPU smoke run."""
+    def host_time(fn: Callable[[], Any]) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    return common.time_call if device == "cuda" else host_time
 
 
 def run(args: argparse.Namespace) -> dict:

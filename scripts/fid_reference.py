@@ -34,25 +34,13 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _zoo_import import import_zoo  # noqa: E402
 INPUT_RANGE_TF = (-1.0, 0.9921875)
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def import_zoo():
-    """``dit_accel.zoo``, imported by path so that this script works without the rest of dit_accel."""
-    name = "_dit_accel_zoo"
-    if name in sys.modules:
-        return sys.modules[name]
-    zoo_dir = REPO / "dit_accel" / "zoo"
-    spec = importlib.util.spec_from_file_location(name, zoo_dir / "__init__.py",
-                                                  submodule_search_locations=[str(zoo_dir)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # ----------------------------------------------------------------------------------------------- Inception

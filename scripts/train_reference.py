@@ -61,17 +61,8 @@ def _load_by_path(name: str, path: Path):
 
 
 # The zoo is imported by path: the training script does not need (or import) the rest of dit_accel.
-def _load_zoo():
-    name = "_dit_accel_zoo"
-    if name not in sys.modules:
-        zoo_dir = REPO / "dit_accel" / "zoo"
-        spec = importlib.util.spec_from_file_location(name, zoo_dir / "__init__.py",
-                                                      submodule_search_locations=[str(zoo_dir)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _zoo_import import import_zoo as _load_zoo  # noqa: E402
 
 ZOO_CONFIGS = _load_by_path("_dit_accel_zoo_configs", REPO / "dit_accel" / "zoo" / "configs.py")
 

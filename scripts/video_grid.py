@@ -9,7 +9,6 @@ one row per prompt, one column per frame, prompts written on the left. Not cherr
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -18,23 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _zoo_import import import_zoo  # noqa: E402
+
 PROMPTS = ["the digit 0 bouncing", "the digit 1 bouncing", "the digit 2 bouncing", "the digit 7 bouncing",
            "the digits 3 and 8 bouncing", "the digits 4 and 5 bouncing", "the digits 6 and 9 bouncing",
            "a video of the digits one and two moving"]
-
-
-def import_zoo():
-    """``dit_accel.zoo`` imported by path (no need for the rest of dit_accel)."""
-    name = "_dit_accel_zoo"
-    if name not in sys.modules:
-        zoo_dir = REPO / "dit_accel" / "zoo"
-        spec = importlib.util.spec_from_file_location(name, zoo_dir / "__init__.py",
-                                                      submodule_search_locations=[str(zoo_dir)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
 
 
 def save_video_grid(frames: np.ndarray, prompts: list[str], path: str, scale: int = 2, left: int = 230) -> dict:
@@ -74,7 +62,9 @@ def main(argv=None) -> int:
     frames = pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.cfg, generator=g).frames
     u8 = (frames * 255).round().astype(np.uint8)
     info = save_video_grid(u8, prompts, args.out)
-    info.update(seconds=round(time.time() - t, 1), seed=args.seed, **{k: v for k, v in pipe.defaults.items()})
+    info.update(seconds=round(time.time() - t, 1), seed=args.seed,
+                num_inference_steps=args.steps or pipe.defaults["num_inference_steps"],
+                guidance_scale=args.cfg if args.cfg is not None else pipe.defaults["guidance_scale"])
     print(json.dumps(info))
     return 0
 

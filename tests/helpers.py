@@ -29,9 +29,10 @@ def tiny_baseline(family: str):
     return pipe, tiny_generate(pipe, family)
 
 
-def zoo_versus_fora(policy: dict, steps: int = 20) -> dict[str, tuple[float, float]]:
+def zoo_versus_fora(policy: dict, steps: int = 20, extra=None) -> dict[str, tuple[float, float]]:
     """Calibrate ``policy`` on the reference model (labels 1, 7, seed 1), then generate labels 0, 3
-    (seed 0) with it and with FORA interval 3: {name: (PSNR vs baseline, saved share)}."""
+    (seed 0) with it (``"policy"``), with FORA interval 3 (``"fora"``) and with the policies
+    ``extra(calibrated)`` returns by name: {name: (PSNR vs baseline, saved share)}."""
     from dit_accel import zoo
 
     pipe = zoo.load("cifar10_dit")
@@ -44,8 +45,10 @@ def zoo_versus_fora(policy: dict, steps: int = 20) -> dict[str, tuple[float, flo
     baseline = generate()
     calibrated = dit_accel.calibrate(pipe, [{"class_labels": [1, 7]}], policy, num_inference_steps=steps,
                                      generator=torch.Generator().manual_seed(1))
+    variants = {"fora": {"cache": {"method": "fora", "interval": 3}}, "policy": calibrated,
+                **(extra(calibrated) if extra is not None else {})}
     results = {}
-    for name, p in (("fora", {"cache": {"method": "fora", "interval": 3}}), ("policy", calibrated)):
+    for name, p in variants.items():
         with dit_accel.accelerated(pipe, p):
             out = generate()
             results[name] = (psnr(out, baseline), dit_accel.stats(pipe).saved_share)

@@ -161,3 +161,27 @@ def test_quantized_dense_attention_section(family, baselines):
     rel = ((out - base).norm() / base.norm()).item()
     assert rel < 0.05, rel
     assert torch.equal(tiny_generate(pipe, family, **SIZES[family]), base)
+
+
+@pytest.mark.parametrize("reorder", ["none", "svg2"])
+def test_selection_reused_between_refreshes(reorder, baselines):
+    """``sparse.refresh_interval: 2``: each layer (per CFG branch) scores and selects blocks on every other
+    sparse step and reuses that permutation + mask in between; interval 1 selects on every call."""
+    pipe, _ = baselines("wan")
+    svg2 = {"svg2": {"q_clusters": 4, "k_clusters": 4}} if reorder == "svg2" else {}
+    policy = lambda interval: {"name": "reuse", "attention": {  # noqa: E731
+        "sparse": {"method": "xattention", "threshold": 0.5, "refresh_interval": interval}, "reorder": reorder,
+        "block_size": 16, "warmup_steps": 1, **svg2}}
+    with dit_accel.accelerated(pipe, policy(1)):
+        every = tiny_generate(pipe, "wan", **SIZES["wan"])
+        att1 = dit_accel.stats(pipe).extra["attention"]
+    with dit_accel.accelerated(pipe, policy(2)):
+        reused = tiny_generate(pipe, "wan", **SIZES["wan"])
+        att2 = dit_accel.stats(pipe).extra["attention"]
+        again = tiny_generate(pipe, "wan", **SIZES["wan"])  # a new generation starts without old selections
+    sparse = att1["calls"]["sparse"]
+    assert att1["selections"] == sparse and att2["calls"]["sparse"] == sparse
+    # 4 steps, the first dense: sparse steps 1, 2, 3 -> selections at steps 1 and 3 of each layer and branch
+    assert att2["selections"] * 3 == sparse * 2
+    assert torch.isfinite(reused).all() and not torch.equal(reused, every)
+    assert torch.equal(again, reused)

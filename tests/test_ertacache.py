@@ -176,28 +176,14 @@ def test_ertacache_beats_fora_and_timestep_adjustment_helps_on_the_trained_model
     """
     from dit_accel.policy import Policy
 
-    from helpers import psnr
+    from helpers import zoo_versus_fora
 
-    pipe = zoo.load("cifar10_dit")
-    pipe.set_progress_bar_config(disable=True)
-    steps = 20
+    def unadjusted(calibrated):
+        return {"unadjusted": Policy(name="no-adjust", cache={**calibrated.cache.to_dict(), "timestep_adjust": False,
+                                                              "step_scale": None})}
 
-    def generate():
-        return pipe(class_labels=[0, 3], generator=torch.Generator().manual_seed(0), num_inference_steps=steps,
-                    output_type="pt").images
-
-    baseline = generate()
-    calibrated = dit_accel.calibrate(pipe, [{"class_labels": [1, 7]}], {"cache": {"method": "ertacache",
-                                                                                   "budget": 0.35}},
-                                     num_inference_steps=steps, generator=torch.Generator().manual_seed(1))
-    unadjusted = Policy(name="no-adjust", cache={**calibrated.cache.to_dict(), "timestep_adjust": False,
-                                                 "step_scale": None})
-    results = {}
-    for name, p in (("fora", {"cache": {"method": "fora", "interval": 3}}), ("adjusted", calibrated),
-                    ("unadjusted", unadjusted)):
-        with dit_accel.accelerated(pipe, p):
-            out = generate()
-            results[name] = (psnr(out, baseline), dit_accel.stats(pipe).saved_share)
+    results = zoo_versus_fora({"cache": {"method": "ertacache", "budget": 0.35}}, extra=unadjusted)
+    results["adjusted"] = results.pop("policy")
     assert results["adjusted"][1] == pytest.approx(results["fora"][1]) == pytest.approx(0.65)
     assert results["adjusted"][0] >= results["fora"][0] + 1.0, results
     assert results["adjusted"][0] >= results["unadjusted"][0] + 0.3, results

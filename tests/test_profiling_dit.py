@@ -12,7 +12,6 @@ import yaml
 import dit_accel
 from dit_accel import zoo
 from dit_accel.calibrate import RecordConfig, attention_statistics
-from dit_accel.demo import psnr
 from dit_accel.policies.profiling_dit import classify
 from dit_accel.testing import tiny_call_kwargs, tiny_pipeline
 
@@ -177,28 +176,21 @@ def test_profiling_dit_on_the_trained_model():
     Asserted: equal saved share with FORA interval 3; ProfilingDiT ≥ FORA + 0.5 dB, ≥ the inverted
     classes + 1.5 dB, and within 1 dB of its measured PSNR.
     """
-    pipe = zoo.load("cifar10_dit")
-    pipe.set_progress_bar_config(disable=True)
-    steps = 20
+    from helpers import zoo_versus_fora
 
-    def generate():
-        return pipe(class_labels=[0, 3], generator=torch.Generator().manual_seed(0), num_inference_steps=steps,
-                    output_type="pt").images
-
-    baseline = generate()
     config = {"method": "profiling_dit", "foreground_interval": 2, "background_interval": 5, "warmup_steps": 0,
               "background_share": 0.5}
-    calibrated = dit_accel.calibrate(pipe, [{"class_labels": [1, 7]}], {"cache": config},
-                                     num_inference_steps=steps, generator=torch.Generator().manual_seed(1))
-    classes = calibrated.cache.block_classes
-    inverted = {"cache": {**config, "block_classes": ["fg" if c == "bg" else "bg" for c in classes]}}
-    results = {}
-    for name, p in (("fora", {"cache": {"method": "fora", "interval": 3}}), ("policy", calibrated),
-                    ("inverted", inverted)):
-        with dit_accel.accelerated(pipe, p):
-            out = generate()
-            results[name] = (psnr(out, baseline), dit_accel.stats(pipe).saved_share)
-    assert classes == ["bg", "fg", "fg", "fg", "bg", "fg", "fg", "bg", "bg", "bg"], calibrated.cache.block_entropy
+
+    seen = {}
+
+    def inverted(calibrated):
+        seen["cache"] = calibrated.cache
+        classes = calibrated.cache.block_classes
+        return {"inverted": {"cache": {**config, "block_classes": ["fg" if c == "bg" else "bg" for c in classes]}}}
+
+    results = zoo_versus_fora({"cache": config}, extra=inverted)
+    assert seen["cache"].block_classes == ["bg", "fg", "fg", "fg", "bg", "fg", "fg", "bg", "bg", "bg"], \
+        seen["cache"].block_entropy
     assert results["policy"][1] == pytest.approx(results["fora"][1]) == pytest.approx(0.65)
     assert results["inverted"][1] == pytest.approx(0.65)
     assert results["policy"][0] >= results["fora"][0] + 0.5, results

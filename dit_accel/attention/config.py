@@ -8,6 +8,7 @@ attention:
     stride: 8            # XAttention: antidiagonal stride
     top_p: 0.9           # topp: cumulative (size-weighted) block probability kept per q-block
     density: null        # optional fixed budget: every q-block keeps this share of kv-blocks (top scores)
+    refresh_interval: 1  # re-select every N sparse steps (per layer and CFG branch), reuse in between
   reorder: none          # none | paro | svg2
   block_size: 64         # tokens per q-/kv-block of the block table
   warmup_steps: 2        # first steps of every CFG branch run dense
@@ -48,6 +49,8 @@ class SparseConfig(ConfigBase):
     density: float | None = option(None, gt=0.0, le=1.0, doc="fixed share of kv-blocks kept per q-block "
                                                              "(overrides threshold / top_p)")
     masks: dict | None = option(None, doc="static: calibrated block masks {grid, block_size, layers: {i: [hex]}}")
+    refresh_interval: int = option(1, ge=1, doc="select blocks (and SVG2 clusters) every N sparse steps per layer "
+                                                "and CFG branch; reuse the selection in between")
 
     def validate(self) -> None:
         super().validate()

@@ -154,6 +154,7 @@ class AttentionController:
 
     def new_generation(self) -> None:
         self.counts = {"sparse": 0, "quant_dense": 0, "dense_warmup": 0, "dense_layer": 0, "dense_unhandled": 0}
+        self.counts_selected = 0  # sparse calls that scored and selected blocks (the rest reused a selection)
         self._kept = None
         self._total = 0.0
 
@@ -255,9 +256,18 @@ class AttentionController:
         if svg2 is not None:
             request.svg2_init = svg2.get(layer)
             request.svg2_first = request.svg2_init is None
+        kept = state.method.setdefault("attention_selection", {})  # layer -> (step selected, Selection)
+        interval = cfg.sparse.refresh_interval
+        if interval > 1 and layer in kept and state.step - kept[layer][0] < interval:
+            request.selection = kept[layer][1]
+        reused = request.selection
         with torch.no_grad():
             out, result = joint_attention(q, k, v, visual, request, func, mask, scale)
-        if svg2 is not None:
+        if request.selection is not reused:  # a new selection was made
+            self.counts_selected += 1
+            if interval > 1:
+                kept[layer] = (state.step, request.selection)
+        if svg2 is not None and "centroids" in request.svg2_out:
             svg2[layer] = request.svg2_out["centroids"]
         self.counts["sparse"] += 1
         self._kept = result.kept if self._kept is None else self._kept + result.kept
@@ -306,7 +316,7 @@ class AttentionController:
         if calls:
             overall = ((sparse_density or 0.0) * self.counts["sparse"] + dense_calls) / calls
         return {"method": self.describe(), "calls": dict(self.counts), "sparse_density": sparse_density,
-                "density": overall}
+                "density": overall, "selections": self.counts_selected}
 
     def describe(self) -> str:
         c = self.config

@@ -37,6 +37,20 @@ class SparseRequest:
     svg2_init: tuple[torch.Tensor, torch.Tensor] | None = None
     svg2_first: bool = True                        # first sparse step of the generation: more k-means iterations
     svg2_out: dict = field(default_factory=dict)   # receives "centroids" for the next step
+    selection: "Selection | None" = None           # reuse this permutation + block mask (no scoring)
+
+
+@dataclass
+class Selection:
+    """A layer's token permutations and block mask, kept to be reused on the next steps
+    (``attention.sparse.refresh_interval``)."""
+
+    q_perm: torch.Tensor | None   # long [B, H, N] or None (natural order)
+    k_perm: torch.Tensor | None
+    block_mask: torch.Tensor      # bool [B, H, nq, nk], permuted order
+
+    def fits(self, b: int, h: int, n: int) -> bool:
+        return tuple(self.block_mask.shape[:2]) == (b, h) and (self.q_perm is None or self.q_perm.shape[-1] == n)
 
 
 @dataclass
@@ -120,14 +134,12 @@ def quant_dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     return out[..., :d].to(dtype)
 
 
-def sparse_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, request: SparseRequest,
-                          scale: float | None = None) -> SparseResult:
-    """Reordered block-sparse attention over one set of (visual) tokens ``[B, H, N, D]``."""
+def _select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, request: SparseRequest, scale: float):
+    """Permute (PARO / SVG2) and choose the kept blocks: ``(q_perm, k_perm, mask, qp, kp, vp)``."""
     cfg = request.config
     sparse = cfg.sparse
-    b, h, n, d = q.shape
+    b, h, n, _ = q.shape
     bs = cfg.block_size
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
     q_perm = k_perm = None
     semantic: SemanticPermutation | None = None
     if cfg.reorder == "paro" and request.head_perm is not None:
@@ -152,6 +164,24 @@ def sparse_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, req
             scores = xattention_scores(qp, kp, bs, sparse.stride, scale)
             threshold = sparse.threshold
         mask = select_blocks(scores, threshold=threshold, density=sparse.density, always=always)
+    return q_perm, k_perm, mask, qp, kp, vp
+
+
+def sparse_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, request: SparseRequest,
+                          scale: float | None = None) -> SparseResult:
+    """Reordered block-sparse attention over one set of (visual) tokens ``[B, H, N, D]``. A fitting
+    ``request.selection`` is reused (no permutation or scoring); otherwise the new one is left there."""
+    cfg = request.config
+    b, h, n, d = q.shape
+    bs = cfg.block_size
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    reused = request.selection
+    if reused is not None and reused.fits(b, h, n):
+        q_perm, k_perm, mask = reused.q_perm, reused.k_perm, reused.block_mask
+        qp, kp, vp = _gather(q, q_perm), _gather(k, k_perm), _gather(v, k_perm)
+    else:
+        q_perm, k_perm, mask, qp, kp, vp = _select(q, k, v, request, scale)
+        request.selection = Selection(q_perm, k_perm, mask)
     out, lse = run_kernel(qp, kp, vp, mask, bs, scale, cfg.quant)
     if cfg.compensate:
         out, lse = compensate_skipped(out, lse, qp, kp, vp, mask, bs, scale)

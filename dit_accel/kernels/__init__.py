@@ -7,7 +7,8 @@ package never imports Triton.
 Modules: ``block_sparse`` (block-sparse attention API, block tables, reference),
 ``quant_attention`` (SageAttention-style INT8/FP8 attention, dense or with the same block tables,
 and its reference), and the Triton kernels ``_block_sparse_triton`` / ``_quant_attention_triton``
-(imported on first use).
+(imported on first use). The quantized kernel's functions are not re-exported here (the function
+``quant_attention`` would shadow its module): ``from dit_accel.kernels.quant_attention import quant_attention``.
 """
 
 from .block_sparse import (
@@ -20,7 +21,6 @@ from .block_sparse import (
     mask_to_block_table,
     triton_available,
 )
-from .quant_attention import quant_attention, quant_attention_reference
 
 __all__ = [
     "SUPPORTED_BLOCK_SIZES",
@@ -30,7 +30,5 @@ __all__ = [
     "block_table_to_mask",
     "dense_block_table",
     "mask_to_block_table",
-    "quant_attention",
-    "quant_attention_reference",
     "triton_available",
 ]

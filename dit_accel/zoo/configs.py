@@ -21,6 +21,17 @@ CIFAR10_CLASSES = (
     "truck",
 )
 
+#: hyper-parameters shared by every reference model's training (``train`` overrides per model)
+_TRAIN_DEFAULTS: dict = {
+    "lr": 5e-4,
+    "min_lr_frac": 0.02,
+    "weight_decay": 0.0,
+    "betas": [0.9, 0.99],
+    "grad_clip": 1.0,
+    "label_dropout": 0.1,
+    "t_sampling": "logit_normal",
+}
+
 # Each entry: everything needed to build the model + scheduler and to train it.
 #   transformer: kwargs for diffusers.DiTTransformer2DModel(**kwargs)
 #   scheduler:   kwargs for diffusers.FlowMatchEulerDiscreteScheduler(**kwargs)
@@ -58,19 +69,7 @@ MODEL_CONFIGS: dict[str, dict] = {
         "classes": list(CIFAR10_CLASSES),
         "null_class_id": 10,
         "defaults": {"num_inference_steps": 50, "guidance_scale": 2.0},
-        "train": {
-            "batch_size": 512,
-            "lr": 5e-4,
-            "min_lr_frac": 0.02,
-            "warmup_steps": 1000,
-            "weight_decay": 0.0,
-            "betas": [0.9, 0.99],
-            "grad_clip": 1.0,
-            "ema_decay": 0.9995,
-            "label_dropout": 0.1,
-            "t_sampling": "logit_normal",
-            "hflip": True,
-        },
+        "train": {**_TRAIN_DEFAULTS, "batch_size": 512, "warmup_steps": 1000, "ema_decay": 0.9995, "hflip": True},
     },
     "cifar10_mmdit": {
         "description": "text-conditional MM-DiT (SD3-style joint attention), CIFAR-10 32x32 with captions, "
@@ -107,19 +106,7 @@ MODEL_CONFIGS: dict[str, dict] = {
         "channels": 3,
         "classes": list(CIFAR10_CLASSES),
         "defaults": {"num_inference_steps": 28, "guidance_scale": 2.0},
-        "train": {
-            "batch_size": 512,
-            "lr": 5e-4,
-            "min_lr_frac": 0.02,
-            "warmup_steps": 1000,
-            "weight_decay": 0.0,
-            "betas": [0.9, 0.99],
-            "grad_clip": 1.0,
-            "ema_decay": 0.999,
-            "label_dropout": 0.1,
-            "t_sampling": "logit_normal",
-            "hflip": True,
-        },
+        "train": {**_TRAIN_DEFAULTS, "batch_size": 512, "warmup_steps": 1000, "ema_decay": 0.999, "hflip": True},
     },
     "digits_wan": {
         "description": "text-conditional video DiT (Wan 2.1-style: 3D patches, 3D RoPE, self- + cross-attention), "
@@ -159,19 +146,7 @@ MODEL_CONFIGS: dict[str, dict] = {
         "channels": 1,
         "video": {"digit_size": 14, "max_digits": 2},
         "defaults": {"num_inference_steps": 28, "guidance_scale": 3.0},
-        "train": {
-            "batch_size": 64,
-            "lr": 5e-4,
-            "min_lr_frac": 0.02,
-            "warmup_steps": 500,
-            "weight_decay": 0.0,
-            "betas": [0.9, 0.99],
-            "grad_clip": 1.0,
-            "ema_decay": 0.999,
-            "label_dropout": 0.1,
-            "t_sampling": "logit_normal",
-            "hflip": False,
-        },
+        "train": {**_TRAIN_DEFAULTS, "batch_size": 64, "warmup_steps": 500, "ema_decay": 0.999, "hflip": False},
     },
 }
 

@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from diffusers import DiffusionPipeline, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -156,16 +157,25 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
     @staticmethod
     def postprocess(x: torch.Tensor, output_type: str = "pil"):
+        """Model space (about [-1, 1], ``B x C x H x W``) -> ``output_type`` (``raw``, ``pt``, ``np``, ``pil``)."""
         if output_type == "raw":
             return x
-        x = (x.float() / 2 + 0.5).clamp(0, 1)
+        x = to_unit_range(x)
         if output_type == "pt":
             return x
         arr = x.permute(0, 2, 3, 1).cpu().numpy()
         if output_type == "np":
             return arr
         if output_type == "pil":
-            from PIL import Image
-
-            return [Image.fromarray(a) for a in (arr * 255).round().astype(np.uint8)]
+            return [Image.fromarray(a) for a in to_uint8(arr)]
         raise ValueError(f"unknown output_type {output_type!r} (pil, np, pt, raw)")
+
+
+def to_unit_range(x: torch.Tensor) -> torch.Tensor:
+    """Model space (about [-1, 1]) -> float32 in [0, 1]."""
+    return (x.float() / 2 + 0.5).clamp(0, 1)
+
+
+def to_uint8(arr: np.ndarray) -> np.ndarray:
+    """[0, 1] floats -> uint8 (rounded)."""
+    return (arr * 255).round().astype(np.uint8)

@@ -25,7 +25,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .pipeline_class_conditional import ClassConditionalPipeline
+from .pipeline_class_conditional import ClassConditionalPipeline, to_uint8, to_unit_range
 from .text import encode_prompts
 
 
@@ -208,9 +208,10 @@ class TextToVideoPipeline(_TextPipelineMixin, DiffusionPipeline):
 
     @staticmethod
     def postprocess_video(x: torch.Tensor, output_type: str = "np"):
+        """Model space ``[B, C, F, H, W]`` -> ``output_type`` (``raw``, ``pt``, ``np``, ``pil``)."""
         if output_type == "raw":
             return x
-        x = (x.float() / 2 + 0.5).clamp(0, 1)
+        x = to_unit_range(x)
         if output_type == "pt":
             return x
         arr = x.permute(0, 2, 3, 4, 1).cpu().numpy()  # B F H W C
@@ -221,6 +222,5 @@ class TextToVideoPipeline(_TextPipelineMixin, DiffusionPipeline):
         if output_type == "pil":
             from PIL import Image
 
-            u8 = (arr * 255).round().astype(np.uint8)
-            return [[Image.fromarray(fr) for fr in clip] for clip in u8]
+            return [[Image.fromarray(fr) for fr in clip] for clip in to_uint8(arr)]
         raise ValueError(f"unknown output_type {output_type!r} (np, pil, pt, raw)")
