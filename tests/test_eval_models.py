@@ -71,3 +71,30 @@ def test_zoo_model_sweep(tmp_path):
     run_sweep(spec, tmp_path, progress=False)
     fora = next(r for r in ResultStore(tmp_path).rows("config") if r["variant"] == "fora")
     assert 0 < fora["ssim"] < 1 and fora["psnr"] > 10 and fora["fid"] >= 0
+
+
+@pytest.mark.parametrize("name,frames", [("cifar10_mmdit", 1), ("digits_wan", 16)])
+def test_text_zoo_models_take_class_conditions(name, frames):
+    """The text reference models run in the harness with class ids (their canonical prompts)."""
+    from dit_accel import zoo
+
+    if name not in zoo.available():
+        pytest.skip("reference model weights not installed")
+    model = load_model(f"zoo:{name}")
+    assert model.conditioning == "class" and model.num_classes == 10
+    assert model.class_names[3] in ("cat", "digit 3")
+    out = model.generate(3, 0, 1)
+    assert out.shape == (frames, 3, 32, 32) and float(out.min()) >= 0 and float(out.max()) <= 1
+
+
+def test_sweep_records_attention_density(tmp_path):
+    """A sparse-attention policy's density reaches the store; a policy without an attention section is dense."""
+    sparse = {"name": "topp-half", "attention": {"sparse": {"method": "topp", "density": 0.5}, "block_size": 16,
+                                                 "warmup_steps": 0}}
+    spec = SweepSpec.from_dict({"models": [{"name": "tiny-flux", "kwargs": {"height": 64, "width": 64}}],
+                                "policies": ["fora", sparse], "steps": [3], "seeds": 1, "prompts": ["a cat"],
+                                "device": "cpu", "metrics": ["psnr"], "timing": {"warmup": 0, "repeats": 1}})
+    run_sweep(spec, tmp_path, progress=False)
+    rows = {r["variant"]: r for r in ResultStore(tmp_path).rows("config")}
+    assert rows["fora"]["attention_density"] == 1.0
+    assert 0.3 < rows["topp-half"]["attention_density"] < 0.9

@@ -17,11 +17,12 @@ Floors were measured with exactly these settings (seed 0, float32, one CPU threa
     fora                    25.72 dB           64.3%
     broken gate (always)    15.36 dB           80.4%
 
-``digits_wan`` (2026-12-01; one prompt, 4 frames, 12 steps, guidance 3.0, separate CFG calls):
+``digits_wan`` (2026-12-01; one prompt, 4 frames, 12 steps, guidance 3.0, separate "cond"/"uncond" calls;
+FBCache's default threshold 0.08 never reuses here, so the loosened 0.25 is guarded):
 
-    fbcache                 22.49 dB           36.5%
-    fora                    19.63 dB           66.7%
-    broken gate (always)    14.73 dB           83.9%
+    fbcache, threshold 0.25 31.01 dB           36.5%
+    fora                    22.72 dB           66.7%
+    broken gate (always)    15.07 dB           80.2%
 
 Each policy must stay within 1 dB of its PSNR and 3 points of its saved share (a gate that
 stops reusing would pass a PSNR floor trivially). A gate that always reuses must fall below
@@ -45,7 +46,7 @@ MEASURED = {
         "cifar10_dit-magcache": (39.57, 0.520),
     },
     "cifar10_mmdit": {"fbcache": (37.26, 0.327), "fora": (25.72, 0.643)},
-    "digits_wan": {"fbcache": (22.49, 0.365), "fora": (19.63, 0.667)},
+    "digits_wan": {"fbcache-0.25": (31.01, 0.365), "fora": (22.72, 0.667)},
 }
 PSNR_MARGIN_DB = 1.0
 SAVED_MARGIN = 0.03
@@ -58,6 +59,7 @@ CALLS = {
                                        generator=g, output_type="pt").frames,
 }
 CASES = [(model, policy) for model, table in MEASURED.items() for policy in table]
+POLICIES = {"fbcache-0.25": {"name": "fbcache-0.25", "cache": {"method": "fbcache", "threshold": 0.25}}}
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +86,7 @@ def generate(model: str, pipe) -> torch.Tensor:
 @pytest.mark.parametrize("model,policy", CASES)
 def test_policy_keeps_measured_quality_and_savings(pipes, model, policy):
     pipe, baseline = pipes(model)
-    with dit_accel.accelerated(pipe, policy):
+    with dit_accel.accelerated(pipe, POLICIES.get(policy, policy)):
         out = generate(model, pipe)
         saved = dit_accel.stats(pipe).saved_share
     floor_db, measured_saved = MEASURED[model][policy]
@@ -97,4 +99,5 @@ def test_broken_gate_falls_below_the_floor(pipes, model):
     pipe, baseline = pipes(model)
     with dit_accel.accelerated(pipe, BROKEN_GATE):
         out = generate(model, pipe)
-    assert psnr(out, baseline) < MEASURED[model]["fbcache"][0] - PSNR_MARGIN_DB
+    fbcache_floor = next(db for name, (db, _) in MEASURED[model].items() if name.startswith("fbcache"))
+    assert psnr(out, baseline) < fbcache_floor - PSNR_MARGIN_DB

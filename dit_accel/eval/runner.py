@@ -284,13 +284,15 @@ class SweepRunner:
 
 
 def _stats(pipe: Any, policy: Any) -> dict[str, Any]:
-    """Share of block evaluations computed, and attention density: ``Stats.extra["attention_density"]`` when
-    the policy reports it, 1.0 (dense) when the policy has no attention section, else unknown (None)."""
+    """Share of block evaluations computed, and attention density: the share of self-attention query-key
+    pairs computed over all calls (``Stats.extra["attention"]["density"]``) when the policy has an attention
+    section, 1.0 (dense) when it has none, else unknown (None)."""
     stats = api.stats(pipe)
     items = list(stats.values()) if isinstance(stats, dict) else [stats]
     computed = sum(s.blocks_computed for s in items)
     total = computed + sum(s.blocks_reused for s in items)
-    density = [s.extra["attention_density"] for s in items if "attention_density" in s.extra]
+    density = [s.extra["attention"]["density"] for s in items
+               if s.extra.get("attention", {}).get("density") is not None]
     dense = policy.to_dict().get("attention") is None
     return {"blocks_computed_share": computed / total if total else 1.0,
             "transformer_calls": sum(s.transformer_calls for s in items),

@@ -8,7 +8,7 @@ adapters see the same call pattern as on the real models:
 * :class:`TextToImagePipeline` (``SD3Transformer2DModel``): one transformer call per step on the batch
   ``[uncond, cond]``, like ``StableDiffusion3Pipeline``;
 * :class:`TextToVideoPipeline` (``WanTransformer3DModel``): a conditional call, then an unconditional
-  call per step, like ``WanPipeline``.
+  call per step, each inside ``transformer.cache_context("cond" / "uncond")``, like ``WanPipeline``.
 
 The unconditional prompt is the empty string (the models were trained with 10 % empty captions).
 """
@@ -196,10 +196,13 @@ class TextToVideoPipeline(_TextPipelineMixin, DiffusionPipeline):
 
         def velocity(x: torch.Tensor, t: torch.Tensor, cfg: bool) -> torch.Tensor:
             t_in = t.expand(x.shape[0])
-            v_c = tr(hidden_states=x, timestep=t_in, encoder_hidden_states=cond, return_dict=False)[0]
+            # named branches, as WanPipeline: caches and step counters stay per branch (diffusers' CacheMixin)
+            with tr.cache_context("cond"):
+                v_c = tr(hidden_states=x, timestep=t_in, encoder_hidden_states=cond, return_dict=False)[0]
             if not cfg:
                 return v_c
-            v_u = tr(hidden_states=x, timestep=t_in, encoder_hidden_states=uncond, return_dict=False)[0]
+            with tr.cache_context("uncond"):
+                v_u = tr(hidden_states=x, timestep=t_in, encoder_hidden_states=uncond, return_dict=False)[0]
             return v_u + scale * (v_c - v_u)
 
         x = self._sample(x, steps, scale, velocity, callback_on_step_end)
