@@ -1,5 +1,6 @@
 """PARO orders and SVG2 k-means permutations."""
 
+import pytest
 import torch
 
 from dit_accel.attention import AttentionConfig
@@ -30,11 +31,12 @@ def test_tile_order_groups_local_tiles_into_blocks():
     assert f[first].max() == 3 and h[first].max() == 3 and w[first].max() == 3
 
 
-def test_paro_calibration_recovers_the_axis_each_head_attends_along():
+@pytest.mark.parametrize("with_values", [False, True])  # concentration criterion / output error at 25 %
+def test_paro_calibration_recovers_the_axis_each_head_attends_along(with_values):
     grid = (8, 8, 8)
-    q, k, _ = structured_qkv(grid, heads=3, head_dim=64, kinds=("temporal", "row", "spatial"), seed=1)
+    q, k, v = structured_qkv(grid, heads=3, head_dim=64, kinds=("temporal", "row", "spatial"), seed=1)
     recorder = AttentionRecorder(AttentionConfig(block_size=32, warmup_steps=0), threshold=0.9)
-    recorder.observe(0, q, k, grid, None)
+    recorder.observe(0, q, k, grid, None, v=v if with_values else None)
     temporal, row, spatial = recorder.paro_orders(1, {0: 3})[0]
     assert temporal[-1] == "f"          # frames innermost: the same location across frames is one block
     assert row in ("fhw", "hfw")        # w innermost, f and h outside it
@@ -69,3 +71,13 @@ def test_centroid_block_scores_are_row_distributions():
     assert scores.shape == (2, 2, 8, 8)
     assert torch.allclose(scores.sum(-1), torch.ones(2, 2, 8), atol=1e-5)
     assert (scores >= 0).all()
+
+
+def test_paro_keeps_the_natural_order_unless_another_is_clearly_better():
+    """An order replaces the natural one only when its score beats it by the margin (5 % by default)."""
+    recorder = AttentionRecorder(AttentionConfig(block_size=32, warmup_steps=0), threshold=0.9)
+    recorder.density[0] = {"fhw": [torch.tensor([1.0, 1.0, 1.0])], "fwh": [torch.tensor([0.97, 0.5, 1.2])],
+                           "tile": [torch.tensor([0.99, 0.6, 0.96])]}
+    assert recorder.paro_orders(1, {0: 3})[0] == ("fhw", "fwh", "fhw")
+    recorder.margin = 0.0
+    assert recorder.paro_orders(1, {0: 3})[0] == ("fwh", "fwh", "tile")

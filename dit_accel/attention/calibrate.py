@@ -48,13 +48,41 @@ def _density_at(mass: torch.Tensor, threshold: float) -> torch.Tensor:
     return (before < threshold).float().sum(-1) / mass.shape[-1]
 
 
+def _kept_error(p: torch.Tensor, mass: torch.Tensor, v: torch.Tensor, n: int, block_size: int,
+                density: float) -> torch.Tensor:
+    """Relative L2 error per head of keeping, for each sampled query block, its ``density`` share of
+    kv-blocks with the most mass (plus nothing else), vs exact attention: ``p`` ``[B, H, R, N]`` exact
+    rows, ``mass`` ``[B, H, R/bs, nk]``, ``v`` ``[B, H, N, D]`` in the same token order."""
+    nk = mass.shape[-1]
+    keep = max(1, math.ceil(density * nk))
+    top = mass.topk(keep, dim=-1).indices
+    block_keep = torch.zeros_like(mass, dtype=torch.bool).scatter_(-1, top, True)          # [B, H, nqs, nk]
+    token_keep = block_keep.repeat_interleave(block_size, dim=-1)[..., :n]                  # [B, H, nqs, N]
+    token_keep = token_keep.repeat_interleave(block_size, dim=-2)[..., :p.shape[-2], :]      # [B, H, R, N]
+    kept = p * token_keep
+    kept = kept / kept.sum(-1, keepdim=True).clamp_min(1e-30)
+    exact, approx = p @ v, kept @ v
+    return ((approx - exact).flatten(2).norm(dim=-1) / exact.flatten(2).norm(dim=-1).clamp_min(1e-30)).mean(0)
+
+
 class AttentionRecorder:
-    """Receives (layer, q, k) of dense calls and accumulates PARO scores or static block maps."""
+    """Receives (layer, q, k, v) of dense calls and accumulates PARO scores or static block maps.
+
+    PARO order score per (layer, head): with values available (the default), the relative output error
+    of keeping ``error_density`` of the kv-blocks per query block in that order — what the sparse path
+    will actually do; otherwise the block density needed to keep ``threshold`` of the attention mass
+    (PAROAttention's concentration criterion). A reordering replaces the natural order only when it
+    beats it by ``margin`` (relative): on near-uniform heads the orders differ by noise, and a wrong
+    order costs more than it saves.
+    """
 
     def __init__(self, config: AttentionConfig, threshold: float, sample_blocks: int = 16,
-                 orders: tuple | None = None, record_maps: bool = False) -> None:
+                 orders: tuple | None = None, record_maps: bool = False, error_density: float = 0.25,
+                 margin: float = 0.05) -> None:
         self.config = config
         self.threshold = threshold
+        self.error_density = error_density
+        self.margin = margin
         self.sample_blocks = sample_blocks
         self.orders = orders              # chosen PARO orders (static-mask pass), or None
         self.record_maps = record_maps
@@ -76,9 +104,10 @@ class AttentionRecorder:
         if self.record_maps:
             self._record_map(layer, q, k, scale)
         else:
-            self._record_orders(layer, q, k, scale)
+            self._record_orders(layer, q, k, scale, v)
 
-    def _record_orders(self, layer: int, q: torch.Tensor, k: torch.Tensor, scale: float) -> None:
+    def _record_orders(self, layer: int, q: torch.Tensor, k: torch.Tensor, scale: float,
+                       v: torch.Tensor | None = None) -> None:
         bs = self.config.block_size
         n = q.shape[2]
         nq = -(-n // bs)
@@ -92,7 +121,11 @@ class AttentionRecorder:
             extra = picks.numel() * bs - rows.numel()  # a partial last q-block: pad its rows with zeros
             p = torch.nn.functional.pad(p, (0, 0, 0, extra))
             mass = _block_rows(p, n, bs)
-            self.density[layer][order].append(_density_at(mass, self.threshold).mean(dim=(0, 2)).cpu())
+            if v is None:
+                score = _density_at(mass, self.threshold).mean(dim=(0, 2))
+            else:
+                score = _kept_error(p[:, :, :rows.numel()], mass, v.float()[:, :, perm], n, bs, self.error_density)
+            self.density[layer][order].append(score.cpu())
 
     def _record_map(self, layer: int, q: torch.Tensor, k: torch.Tensor, scale: float) -> None:
         bs = self.config.block_size
@@ -120,7 +153,14 @@ class AttentionRecorder:
             names = list(table)
             scores = torch.stack([torch.stack(table[o]).mean(0) for o in names])  # [orders, H]
             best = scores.argmin(0)
-            result.append(tuple(names[int(i)] for i in best))
+            natural = scores[names.index("fhw")] if "fhw" in names else None
+            chosen = []
+            for head, i in enumerate(best.tolist()):
+                if natural is not None and scores[i, head] > (1 - self.margin) * natural[head]:
+                    chosen.append("fhw")  # not clearly better than the natural order
+                else:
+                    chosen.append(names[i])
+            result.append(tuple(chosen))
         return tuple(result)
 
     def static_masks(self, threshold: float) -> dict[str, Any]:
@@ -164,7 +204,8 @@ def calibrate_attention(pipe: Any, prompts: Sequence[str | dict], policy: Policy
     threshold = config.sparse.threshold if config.sparse is not None else 0.9
     orders = config.paro_orders
     if config.reorder == "paro" and orders is None:
-        recorder = AttentionRecorder(config, threshold, sample_blocks)
+        density = config.sparse.density if config.sparse is not None and config.sparse.density else 0.25
+        recorder = AttentionRecorder(config, threshold, sample_blocks, error_density=density)
         heads = _record(pipe, prompts, recorder, config, call_kwargs)
         if recorder.grid is None:
             raise PolicyError(f"calibrate: no self-attention call after the {config.warmup_steps} warm-up steps")
