@@ -124,16 +124,18 @@ def block_table_to_mask(kv_indices: torch.Tensor, kv_counts: torch.Tensor, num_k
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, sm_scale):
-    """Shape/dtype checks shared by the kernel and the reference (no device sync)."""
-    fn = "block_sparse_attention"
+def check_qkv(fn: str, q, k, v, dtypes: tuple, head_dims: tuple) -> None:
+    """The q/k/v checks every attention kernel here shares: 4-D tensors ``[B, H, S, D]`` of one shape,
+    dtype (in ``dtypes``) and device, ``D`` in ``head_dims``, no empty dimension."""
+    words = [str(d).replace("torch.", "") for d in dtypes]
+    names = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{fn}: {name} must be 4-D [B, H, S, D], got shape {tuple(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{fn}: {name} must be float16, bfloat16 or float32, got {t.dtype}")
+        if t.dtype not in dtypes:
+            raise ValueError(f"{fn}: {name} must be one of {names}, got {t.dtype}")
     if not (q.shape == k.shape == v.shape):
         raise ValueError(f"{fn}: q, k, v must have the same shape [B, H, S, D] (self-attention), got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -142,21 +144,26 @@ def _check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, sm_scale):
     if not (q.device == k.device == v.device):
         raise ValueError(f"{fn}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     B, H, S, D = q.shape
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"{fn}: head dim D={D} not supported; supported: {SUPPORTED_HEAD_DIMS}")
-    if S == 0:
-        raise ValueError(f"{fn}: sequence length must be positive")
-    for name, bs in (("block_m", block_m), ("block_n", block_n)):
-        if not isinstance(bs, int) or bs not in SUPPORTED_BLOCK_SIZES:
-            raise ValueError(f"{fn}: {name}={bs!r} not supported; supported: {SUPPORTED_BLOCK_SIZES}")
-    if sm_scale is not None and not (isinstance(sm_scale, (int, float)) and math.isfinite(sm_scale) and sm_scale > 0):
+    if D not in head_dims:
+        raise ValueError(f"{fn}: head dim D={D} not supported; supported: {head_dims}")
+    if S == 0 or B == 0 or H == 0:
+        raise ValueError(f"{fn}: B, H and S must be positive, got shape {tuple(q.shape)}")
+
+
+def check_sm_scale(fn: str, sm_scale) -> None:
+    if sm_scale is not None and not (isinstance(sm_scale, (int, float)) and not isinstance(sm_scale, bool)
+                                     and math.isfinite(sm_scale) and sm_scale > 0):
         raise ValueError(f"{fn}: sm_scale must be a positive finite float or None, got {sm_scale!r}")
+
+
+def check_table_shapes(fn: str, q: torch.Tensor, kv_indices, kv_counts, block_m: int) -> None:
+    """int32 block tables on q's device, shaped ``[B, H, ceil(S/block_m), >=1]`` and ``[B, H, ceil(S/block_m)]``."""
+    B, H, S, _ = q.shape
     nq = _cdiv(S, block_m)
     for name, t in (("kv_indices", kv_indices), ("kv_counts", kv_counts)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype != torch.int32:
-            raise ValueError(f"{fn}: {name} must be int32, got {t.dtype}")
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32:
+            raise ValueError(f"{fn}: {name} must be int32 (a torch.Tensor), got "
+                             f"{getattr(t, 'dtype', type(t).__name__)}")
         if t.device != q.device:
             raise ValueError(f"{fn}: {name} is on {t.device} but q is on {q.device}")
     if kv_indices.dim() != 4 or tuple(kv_indices.shape[:3]) != (B, H, nq) or kv_indices.shape[3] < 1:
@@ -165,6 +172,17 @@ def _check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, sm_scale):
     if tuple(kv_counts.shape) != (B, H, nq):
         raise ValueError(f"{fn}: kv_counts must have shape [B, H, num_q_blocks] = [{B}, {H}, {nq}] for "
                          f"S={S}, block_m={block_m}; got {tuple(kv_counts.shape)}")
+
+
+def _check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, sm_scale):
+    """Shape/dtype checks shared by the kernel and the reference (no device sync)."""
+    fn = "block_sparse_attention"
+    check_qkv(fn, q, k, v, _FLOAT_DTYPES, SUPPORTED_HEAD_DIMS)
+    for name, bs in (("block_m", block_m), ("block_n", block_n)):
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs not in SUPPORTED_BLOCK_SIZES:
+            raise ValueError(f"{fn}: {name}={bs!r} not supported; supported: {SUPPORTED_BLOCK_SIZES}")
+    check_sm_scale(fn, sm_scale)
+    check_table_shapes(fn, q, kv_indices, kv_counts, block_m)
 
 
 def _check_table_values(kv_indices, kv_counts, S, block_n):

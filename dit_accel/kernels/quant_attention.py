@@ -53,6 +53,9 @@ from .block_sparse import (
     _interpret,
     _use_triton,
     block_sparse_attention_reference,
+    check_qkv,
+    check_sm_scale,
+    check_table_shapes,
     dense_block_table,
 )
 
@@ -126,25 +129,7 @@ def _quantize_v_fp8(v: torch.Tensor) -> torch.Tensor:
 
 
 def _check(q, k, v, kv_indices, kv_counts, block_m, block_n, mode, pv, sm_scale) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{_FN}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{_FN}: {name} must be 4-D [B, H, S, D], got shape {tuple(t.shape)}")
-        if t.dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(f"{_FN}: {name} must be float16 or bfloat16, got {t.dtype}")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"{_FN}: q, k, v must have the same shape [B, H, S, D] (self-attention), got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"{_FN}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"{_FN}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    B, H, S, D = q.shape
-    if D not in QUANT_HEAD_DIMS:
-        raise ValueError(f"{_FN}: head dim D={D} not supported; supported: {QUANT_HEAD_DIMS}")
-    if S == 0 or B == 0 or H == 0:
-        raise ValueError(f"{_FN}: B, H and S must be positive, got shape {tuple(q.shape)}")
+    check_qkv(_FN, q, k, v, (torch.float16, torch.bfloat16), QUANT_HEAD_DIMS)
     for name, bs in (("block_m", block_m), ("block_n", block_n)):
         if isinstance(bs, bool) or not isinstance(bs, int) or bs not in QUANT_BLOCK_SIZES:
             raise ValueError(f"{_FN}: {name}={bs!r} not supported; supported: {QUANT_BLOCK_SIZES}")
@@ -154,26 +139,11 @@ def _check(q, k, v, kv_indices, kv_counts, block_m, block_n, mode, pv, sm_scale)
         raise ValueError(f"{_FN}: pv must be one of {PV_MODES} (or None for the default), got {pv!r}")
     if (mode == "fp8" or pv == "fp8") and not fp8_supported(q.device):
         raise ValueError(f"{_FN}: FP8 needs compute capability >= 8.9 (Ada/Hopper); use mode='int8', pv='fp16'")
-    if sm_scale is not None and not (isinstance(sm_scale, (int, float)) and not isinstance(sm_scale, bool)
-                                     and math.isfinite(sm_scale) and sm_scale > 0):
-        raise ValueError(f"{_FN}: sm_scale must be a positive finite float or None, got {sm_scale!r}")
+    check_sm_scale(_FN, sm_scale)
     if (kv_indices is None) != (kv_counts is None):
         raise ValueError(f"{_FN}: pass both kv_indices and kv_counts (block-sparse) or neither (dense)")
-    if kv_indices is None:
-        return
-    nq = _cdiv(S, block_m)
-    for name, t in (("kv_indices", kv_indices), ("kv_counts", kv_counts)):
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32:
-            raise ValueError(f"{_FN}: {name} must be an int32 tensor, got "
-                             f"{getattr(t, 'dtype', type(t).__name__)}")
-        if t.device != q.device:
-            raise ValueError(f"{_FN}: {name} is on {t.device} but q is on {q.device}")
-    if kv_indices.dim() != 4 or tuple(kv_indices.shape[:3]) != (B, H, nq) or kv_indices.shape[3] < 1:
-        raise ValueError(f"{_FN}: kv_indices must have shape [B, H, num_q_blocks, max_kv_blocks] = "
-                         f"[{B}, {H}, {nq}, >=1] for S={S}, block_m={block_m}; got {tuple(kv_indices.shape)}")
-    if tuple(kv_counts.shape) != (B, H, nq):
-        raise ValueError(f"{_FN}: kv_counts must have shape [B, H, num_q_blocks] = [{B}, {H}, {nq}] for "
-                         f"S={S}, block_m={block_m}; got {tuple(kv_counts.shape)}")
+    if kv_indices is not None:
+        check_table_shapes(_FN, q, kv_indices, kv_counts, block_m)
 
 
 def _check_values(kv_indices, kv_counts, S, block_n) -> None:

@@ -32,6 +32,17 @@ _TRAIN_DEFAULTS: dict = {
     "t_sampling": "logit_normal",
 }
 
+#: the text encoder of the text-conditional models: ``transformers.CLIPTextConfig`` kwargs (``vocab_size``
+#: is set from the vocabulary), trained jointly with the transformer
+_TEXT_ENCODER: dict = {
+    "hidden_size": 64,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 16,
+    "hidden_act": "gelu",
+}
+
 # Each entry: everything needed to build the model + scheduler and to train it.
 #   transformer: kwargs for diffusers.DiTTransformer2DModel(**kwargs)
 #   scheduler:   kwargs for diffusers.FlowMatchEulerDiscreteScheduler(**kwargs)
@@ -89,14 +100,7 @@ MODEL_CONFIGS: dict[str, dict] = {
             "pooled_projection_dim": 64,
             "pos_embed_max_size": 16,
         },
-        "text_encoder": {  # transformers.CLIPTextConfig kwargs (vocab_size is set from the vocabulary)
-            "hidden_size": 64,
-            "intermediate_size": 256,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 16,
-            "hidden_act": "gelu",
-        },
+        "text_encoder": dict(_TEXT_ENCODER),
         "vocab": "cifar10",
         "max_text_length": 16,
         "scheduler_class": "FlowMatchEulerDiscreteScheduler",
@@ -128,14 +132,7 @@ MODEL_CONFIGS: dict[str, dict] = {
             "eps": 1e-6,
             "rope_max_seq_len": 1024,
         },
-        "text_encoder": {
-            "hidden_size": 64,
-            "intermediate_size": 256,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 16,
-            "hidden_act": "gelu",
-        },
+        "text_encoder": dict(_TEXT_ENCODER),
         "vocab": "digits",
         "max_text_length": 16,
         "scheduler_class": "FlowMatchEulerDiscreteScheduler",

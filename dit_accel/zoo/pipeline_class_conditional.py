@@ -158,24 +158,26 @@ class ClassConditionalPipeline(DiffusionPipeline):
     @staticmethod
     def postprocess(x: torch.Tensor, output_type: str = "pil"):
         """Model space (about [-1, 1], ``B x C x H x W``) -> ``output_type`` (``raw``, ``pt``, ``np``, ``pil``)."""
-        if output_type == "raw":
-            return x
-        x = to_unit_range(x)
-        if output_type == "pt":
-            return x
-        arr = x.permute(0, 2, 3, 1).cpu().numpy()
-        if output_type == "np":
-            return arr
-        if output_type == "pil":
-            return [Image.fromarray(a) for a in to_uint8(arr)]
-        raise ValueError(f"unknown output_type {output_type!r} (pil, np, pt, raw)")
+        return to_output(x, output_type)
 
 
-def to_unit_range(x: torch.Tensor) -> torch.Tensor:
-    """Model space (about [-1, 1]) -> float32 in [0, 1]."""
-    return (x.float() / 2 + 0.5).clamp(0, 1)
-
-
-def to_uint8(arr: np.ndarray) -> np.ndarray:
-    """[0, 1] floats -> uint8 (rounded)."""
-    return (arr * 255).round().astype(np.uint8)
+def to_output(x: torch.Tensor, output_type: str):
+    """Model-space images ``[B, C, H, W]`` or clips ``[B, C, F, H, W]`` (about [-1, 1]) as ``output_type``:
+    ``"raw"`` (unchanged), ``"pt"`` (float in [0, 1], same layout), ``"np"`` (channels last, grey as RGB:
+    ``[B, H, W, 3]`` / ``[B, F, H, W, 3]``) or ``"pil"`` (list of images / list of lists of frames)."""
+    if output_type == "raw":
+        return x
+    x = (x.float() / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return x
+    arr = x.movedim(1, -1).cpu().numpy()
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    if output_type == "np":
+        return arr
+    if output_type == "pil":
+        u8 = (arr * 255).round().astype(np.uint8)
+        if u8.ndim == 4:
+            return [Image.fromarray(a) for a in u8]
+        return [[Image.fromarray(fr) for fr in clip] for clip in u8]
+    raise ValueError(f"unknown output_type {output_type!r} (pil, np, pt, raw)")

@@ -18,14 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .pipeline_class_conditional import ClassConditionalPipeline, to_uint8, to_unit_range
+from .pipeline_class_conditional import to_output
 from .text import encode_prompts
 
 
@@ -142,7 +141,7 @@ class TextToImagePipeline(_TextPipelineMixin, DiffusionPipeline):
             return v_u + scale * (v_c - v_u)
 
         x = self._sample(x, steps, scale, velocity, callback_on_step_end)
-        images = ClassConditionalPipeline.postprocess(x, output_type)
+        images = to_output(x, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
 
@@ -212,18 +211,4 @@ class TextToVideoPipeline(_TextPipelineMixin, DiffusionPipeline):
     @staticmethod
     def postprocess_video(x: torch.Tensor, output_type: str = "np"):
         """Model space ``[B, C, F, H, W]`` -> ``output_type`` (``raw``, ``pt``, ``np``, ``pil``)."""
-        if output_type == "raw":
-            return x
-        x = to_unit_range(x)
-        if output_type == "pt":
-            return x
-        arr = x.permute(0, 2, 3, 4, 1).cpu().numpy()  # B F H W C
-        if arr.shape[-1] == 1:
-            arr = np.repeat(arr, 3, axis=-1)
-        if output_type == "np":
-            return arr
-        if output_type == "pil":
-            from PIL import Image
-
-            return [[Image.fromarray(fr) for fr in clip] for clip in to_uint8(arr)]
-        raise ValueError(f"unknown output_type {output_type!r} (np, pil, pt, raw)")
+        return to_output(x, output_type)
