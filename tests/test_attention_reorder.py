@@ -81,3 +81,32 @@ def test_paro_keeps_the_natural_order_unless_another_is_clearly_better():
     assert recorder.paro_orders(1, {0: 3})[0] == ("fhw", "fwh", "fhw")
     recorder.margin = 0.0
     assert recorder.paro_orders(1, {0: 3})[0] == ("fwh", "fwh", "tile")
+
+
+def test_kmeans_on_bf16_inputs_with_many_clusters_uses_spaced_seeds():
+    """Above GREEDY_SEEDING_MAX clusters the seeds are evenly spaced tokens; 16-bit inputs cluster like float32."""
+    from dit_accel.attention.reorder_svg2 import GREEDY_SEEDING_MAX
+
+    g = torch.Generator().manual_seed(0)
+    c = GREEDY_SEEDING_MAX + 16
+    centres = torch.randn(c, 16, generator=g) * 10
+    truth = torch.arange(c).repeat_interleave(8)[torch.randperm(8 * c, generator=g)]
+    x = (centres[truth] + 0.05 * torch.randn(8 * c, 16, generator=g))[None]
+    purity = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        labels, cent = kmeans(x.to(dtype), c, iterations=10)
+        assert cent.dtype == torch.float32
+        # share of found clusters that hold a single planted cluster
+        purity[dtype] = sum(len(set(truth[labels[0] == k].tolist())) <= 1 for k in range(c)) / c
+    assert purity[torch.float32] > 0.7 and purity[torch.bfloat16] > purity[torch.float32] - 0.05, purity
+
+
+def test_xattention_scores_in_bf16_match_float32():
+    from dit_accel.attention.select import xattention_scores
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 256, 32, generator=g), torch.randn(1, 2, 256, 32, generator=g)
+    ref = xattention_scores(q, k, 32, 8, 32 ** -0.5)
+    low = xattention_scores(q.to(torch.bfloat16), k.to(torch.bfloat16), 32, 8, 32 ** -0.5)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, ref, atol=2e-2, rtol=0)

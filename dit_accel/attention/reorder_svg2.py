@@ -7,7 +7,10 @@ step so that a step needs only a few iterations. Departures: our kernel has fixe
 sorted sequence is cut into ``block_size`` blocks (a block may span two clusters) and a block's score
 is the centroid-estimated attention mass it receives (:func:`centroid_block_scores`), not the
 cluster-pair score of the paper's variable-size kernel; any batch size (the reference implementation
-asserts batch 1); deterministic greedy k-center seeding instead of random initial centroids.
+asserts batch 1); deterministic seeding instead of random initial centroids: greedy k-center for up to
+``GREEDY_SEEDING_MAX`` clusters, evenly spaced tokens beyond (greedy seeding takes one sequential pass
+over all tokens per cluster: 500 passes per head and layer at the paper's 500 key clusters). The
+distance products run in the inputs' 16-bit dtype on 16-bit inputs (float32 centroid updates).
 """
 
 from __future__ import annotations
@@ -17,11 +20,22 @@ from dataclasses import dataclass
 import torch
 
 
+GREEDY_SEEDING_MAX = 64
+
+
 def _assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Nearest centroid (squared Euclidean) of each row: x ``[G, S, D]``, centroids ``[G, C, D]``."""
+    """Nearest centroid (squared Euclidean) of each row: x ``[G, S, D]``, centroids ``[G, C, D]`` (float32);
+    the product runs in x's dtype (16-bit inputs: tensor cores)."""
     # argmin |x - c|^2 = argmax (x.c - |c|^2 / 2)
-    scores = torch.baddbmm((-0.5 * centroids.pow(2).sum(-1)).unsqueeze(1), x, centroids.transpose(1, 2))
+    c = centroids.to(x.dtype)
+    scores = torch.baddbmm((-0.5 * centroids.pow(2).sum(-1)).to(x.dtype).unsqueeze(1), x, c.transpose(1, 2))
     return scores.argmax(-1)
+
+
+def spaced_init(x: torch.Tensor, num_clusters: int) -> torch.Tensor:
+    """Evenly spaced tokens as initial centroids: x ``[G, S, D]`` -> float32 ``[G, C, D]`` (one gather)."""
+    idx = torch.linspace(0, x.shape[1] - 1, num_clusters, device=x.device).round().long()
+    return x[:, idx].float().clone()
 
 
 def farthest_point_init(x: torch.Tensor, num_clusters: int) -> torch.Tensor:
@@ -43,23 +57,27 @@ def kmeans(x: torch.Tensor, num_clusters: int, iterations: int, init: torch.Tens
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched Lloyd k-means over groups: x ``[G, S, D]`` -> (labels long ``[G, S]``, centroids ``[G, C, D]``).
 
-    Runs in float32. ``init`` (``[G, C, D]``) warm-starts; else :func:`farthest_point_init`. A cluster
+    Centroids in float32, distance products in x's dtype. ``init`` (``[G, C, D]``) warm-starts; else
+    :func:`farthest_point_init` (up to ``GREEDY_SEEDING_MAX`` clusters) or :func:`spaced_init`. A cluster
     that loses all its tokens keeps its previous centroid.
     """
     g, s, d = x.shape
     xf = x.float()
+    xa = x if x.dtype in (torch.float16, torch.bfloat16) else xf  # the distance products' dtype
     c = min(num_clusters, s)
     if init is not None and init.shape == (g, c, d):
         centroids = init.float().clone()
-    else:
+    elif c <= GREEDY_SEEDING_MAX:
         centroids = farthest_point_init(xf, c)
-    labels = _assign(xf, centroids)
+    else:
+        centroids = spaced_init(xf, c)
+    labels = _assign(xa, centroids)
     for _ in range(iterations):
         sums = torch.zeros(g, c, d, device=x.device).scatter_add_(1, labels.unsqueeze(-1).expand(-1, -1, d), xf)
         ones = torch.ones_like(labels, dtype=torch.float32)
         counts = torch.zeros(g, c, device=x.device).scatter_add_(1, labels, ones)
         centroids = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp_min(1).unsqueeze(-1), centroids)
-        labels = _assign(xf, centroids)
+        labels = _assign(xa, centroids)
     return labels, centroids
 
 

@@ -33,14 +33,16 @@ def _cdiv(a: int, b: int) -> int:
 
 def xattention_scores(q: torch.Tensor, k: torch.Tensor, block_size: int, stride: int, scale: float,
                       max_chunk_elements: int = 1 << 25) -> torch.Tensor:
-    """Antidiagonal block scores ``[B, H, nq, nk]`` (rows sum to 1) of q, k ``[B, H, S, D]``."""
+    """Antidiagonal block scores ``[B, H, nq, nk]`` (rows sum to 1) of q, k ``[B, H, S, D]``. The reduced
+    products run in the inputs' dtype when it is 16-bit (tensor cores; softmax in float32)."""
     b, h, s, d = q.shape
     stride = max(1, min(stride, block_size))
     while block_size % stride:  # the reduced block must be whole
         stride -= 1
     pad = _cdiv(s, block_size) * block_size - s
-    qf = torch.nn.functional.pad(q.float(), (0, 0, 0, pad))
-    kf = torch.nn.functional.pad(k.float(), (0, 0, 0, pad))
+    work = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32  # products in 16-bit inputs' dtype
+    qf = torch.nn.functional.pad(q.to(work), (0, 0, 0, pad))
+    kf = torch.nn.functional.pad(k.to(work), (0, 0, 0, pad))
     # Query phase r pairs with key phase stride-1-r: each reduced product is an antidiagonal sum.
     q_red = rearrange(qf.flip(-2), "b h (n r) d -> b h n (r d)", r=stride).flip(-2)
     k_red = rearrange(kf, "b h (n r) d -> b h n (r d)", r=stride)
@@ -52,7 +54,7 @@ def xattention_scores(q: torch.Tensor, k: torch.Tensor, block_size: int, stride:
     rows_per_chunk = max(sub, (max_chunk_elements // max(1, b * h * n)) // sub * sub)
     for r0 in range(0, n, rows_per_chunk):
         r1 = min(n, r0 + rows_per_chunk)
-        logits = (q_red[:, :, r0:r1] @ k_red.transpose(-1, -2)) * (scale / stride)
+        logits = (q_red[:, :, r0:r1] @ k_red.transpose(-1, -2)).float() * (scale / stride)
         logits = logits.masked_fill(~valid_keys, float("-inf"))
         p = torch.softmax(logits, dim=-1)
         p = rearrange(p, "b h (qb i) (kb j) -> b h qb kb (i j)", i=sub, j=sub).sum(-1)
