@@ -5,7 +5,13 @@
     image = pipe("a cat").images[0]
     print(dit_accel.stats(pipe))
     dit_accel.remove(pipe)
+
+Sub-packages load on first use: ``dit_accel.zoo`` (trained reference models), ``dit_accel.eval``
+(metrics, sweeps, reports), ``dit_accel.attention``, ``dit_accel.quant``, ``dit_accel.kernels``,
+``dit_accel.testing`` (tiny offline pipelines).
 """
+
+import importlib as _importlib
 
 from .api import accelerate, accelerated, is_accelerated, policy_of, remove, reset, stats
 from .calibrate import calibrate
@@ -18,3 +24,12 @@ __version__ = "0.1.0"
 __all__ = ["Policy", "PolicyError", "Stats", "accelerate", "accelerated", "calibrate", "is_accelerated",
            "load_policy",
            "policy_of", "preset_names", "remove", "reset", "stats", "__version__"]
+
+_SUBPACKAGES = ("zoo", "eval", "attention", "quant", "kernels", "testing")
+
+
+def __getattr__(name: str):
+    """``dit_accel.zoo`` etc. without an explicit import (loaded on first access)."""
+    if name in _SUBPACKAGES:
+        return _importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'dit_accel' has no attribute {name!r}")

@@ -210,3 +210,11 @@ def test_demo_runs_on_the_text_models(name, frames):
     out = model.call()
     assert out.ndim == 4 and out.shape[1] == 3 and out.shape[-2:] == (32, 32)
     assert out.shape[0] == (frames or 2)
+
+
+def test_subpackages_load_on_attribute_access():
+    import dit_accel
+
+    assert dit_accel.zoo.load is zoo.load
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        dit_accel.nope  # noqa: B018
