@@ -218,3 +218,12 @@ def test_subpackages_load_on_attribute_access():
     assert dit_accel.zoo.load is zoo.load
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         dit_accel.nope  # noqa: B018
+
+
+def test_unknown_prompt_words_are_named_once(mmdit, caplog):
+    assert text.unknown_words(mmdit.tokenizer, ["A red sports-car!", "a photo of a cat"]) == ["red", "sports-car"]
+    with caplog.at_level("WARNING", logger="dit_accel"):
+        mmdit("a red cat", num_inference_steps=1)
+        mmdit("a red cat", num_inference_steps=1)
+    warnings = [r for r in caplog.records if "vocabulary" in r.getMessage()]
+    assert len(warnings) == 1 and "'red'" in warnings[0].getMessage()

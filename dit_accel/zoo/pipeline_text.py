@@ -15,6 +15,7 @@ The unconditional prompt is the empty string (the models were trained with 10 % 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -24,8 +25,10 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+logger = logging.getLogger("dit_accel")
+
 from .pipeline_class_conditional import to_output
-from .text import encode_prompts
+from .text import encode_prompts, unknown_words
 
 
 @dataclass
@@ -52,7 +55,13 @@ class _TextPipelineMixin:
     @torch.no_grad()
     def encode_prompt(self, prompts: Sequence[str], device: torch.device, dtype: torch.dtype
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(hidden [B, L, D], pooled [B, D])`` in ``dtype``."""
+        """``(hidden [B, L, D], pooled [B, D])`` in ``dtype``. Words outside the model's small vocabulary
+        are encoded as ``[UNK]``; a warning names them (once per word and pipeline)."""
+        unknown = [w for w in unknown_words(self.tokenizer, prompts) if w not in self._warned_words]
+        if unknown:
+            self._warned_words.update(unknown)
+            logger.warning("dit_accel.zoo: %s not in this model's vocabulary (encoded as [UNK]); known words: "
+                           "pipe.tokenizer.get_vocab()", ", ".join(repr(w) for w in unknown))
         hidden, pooled = encode_prompts(self.tokenizer, self.text_encoder, prompts, device)
         return hidden.to(dtype), pooled.to(dtype)
 
@@ -99,6 +108,7 @@ class TextToImagePipeline(_TextPipelineMixin, DiffusionPipeline):
         self.register_modules(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder,
                               tokenizer=tokenizer)
         self.defaults = {"num_inference_steps": 28, "guidance_scale": 2.0}
+        self._warned_words: set[str] = set()
 
     @torch.no_grad()
     def __call__(
@@ -158,6 +168,7 @@ class TextToVideoPipeline(_TextPipelineMixin, DiffusionPipeline):
         self.register_modules(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder,
                               tokenizer=tokenizer)
         self.defaults = {"num_inference_steps": 28, "guidance_scale": 3.0}
+        self._warned_words: set[str] = set()
         self.video_size = (16, 32, 32)  # frames, height, width of the training clips
 
     @torch.no_grad()

@@ -54,6 +54,14 @@ def build_text_encoder(config: dict, tokenizer):
     return CLIPTextModel(cfg)
 
 
+def unknown_words(tokenizer, prompts: Sequence[str]) -> list[str]:
+    """Words of ``prompts`` outside the tokenizer's vocabulary (they become ``[UNK]``), in order, once each."""
+    vocab = tokenizer.get_vocab()
+    normalize = tokenizer.backend_tokenizer.normalizer.normalize_str
+    words = [w for p in prompts for w in normalize(p).split()]
+    return list(dict.fromkeys(w for w in words if w not in vocab))
+
+
 def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str], device: torch.device | str | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(hidden [B, L, D], pooled [B, D])`` of ``prompts``; all ``L = model_max_length`` positions are kept
