@@ -133,6 +133,20 @@ def run_interleaved(fns: dict, warmup: int, rounds: int, min_ms: float) -> tuple
     return {n: statistics.median(s) for n, s in samples.items()}, outs, errors
 
 
+def timed_row(row: dict, fns: dict, flops: float, ref: str, baselines: dict, args) -> dict:
+    """Time ``fns`` interleaved into ``row`` (``errors`` and one entry per variant: ms, TFLOP/s, speed-up
+    ``vs_<name>`` over ``baselines`` (name -> ms) and ``ref``, relative L1 vs ``ref``'s output); returns ms."""
+    ms, outs, errors = run_interleaved(fns, args.warmup, args.rounds, args.min_ms)
+    row["errors"] = errors
+    speeds = {**baselines, **({ref: ms[ref]} if ref in ms else {})}
+    for name, t in ms.items():
+        row[name] = {"ms": t, "tflops": flops / t / 1e9, **{f"vs_{b}": base / t for b, base in speeds.items()}}
+        if ref in outs and name != ref:
+            row[name][f"rel_l1_vs_{ref}"] = rel_l1(outs[name], outs[ref])
+    outs.clear()
+    return ms
+
+
 def environment(args) -> dict:
     import diffusers
 
@@ -198,18 +212,10 @@ def attention_rows(args, variants, device) -> list[dict]:
             dense["sage1"] = lambda: sage(q, k, v, tensor_layout="HND", is_causal=False)
         dense = {n: f for n, f in dense.items() if n in variants}
         print(f"S={S} H={H}: dense {list(dense)}", flush=True)
-        ms, outs, errors = run_interleaved(dense, args.warmup, args.rounds, args.min_ms)
-        row = {"S": S, "H": H, "B": B, "D": D, "kind": "dense", "density": 1.0, "errors": errors}
-        ref = outs.get("cudnn")
-        for name, t in ms.items():
-            row[name] = {"ms": t, "tflops": flops / t / 1e9}
-            if "cudnn" in ms:
-                row[name]["vs_cudnn"] = ms["cudnn"] / t
-            if ref is not None and name != "cudnn":
-                row[name]["rel_l1_vs_cudnn"] = rel_l1(outs[name], ref)
+        row = {"S": S, "H": H, "B": B, "D": D, "kind": "dense", "density": 1.0}
+        ms = timed_row(row, dense, flops, "cudnn", {}, args)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        outs.clear()
 
         sparse_names = [n for n in SPARSE_VARIANTS if n in variants]
         if sparse_names:
@@ -224,21 +230,11 @@ def attention_rows(args, variants, device) -> list[dict]:
                                                                  mode="int8", pv="fp8")}
             sparse = {n: sparse[n] for n in sparse_names}
             print(f"S={S} H={H}: sparse {list(sparse)} at density {args.density}", flush=True)
-            sms, souts, serrors = run_interleaved(sparse, args.warmup, args.rounds, args.min_ms)
             srow = {"S": S, "H": H, "B": B, "D": D, "kind": "sparse", "density": args.density,
-                    "actual_density": float(mask.float().mean()), "block": blk, "errors": serrors}
-            sref = souts.get("bsa_bf16")
-            for name, t in sms.items():
-                srow[name] = {"ms": t, "tflops": useful / t / 1e9}
-                if "cudnn" in ms:
-                    srow[name]["vs_cudnn"] = ms["cudnn"] / t
-                if "bsa_bf16" in sms:
-                    srow[name]["vs_bsa_bf16"] = sms["bsa_bf16"] / t
-                if sref is not None and name != "bsa_bf16":
-                    srow[name]["rel_l1_vs_bsa_bf16"] = rel_l1(souts[name], sref)
+                    "actual_density": float(mask.float().mean()), "block": blk}
+            timed_row(srow, sparse, useful, "bsa_bf16", {"cudnn": ms["cudnn"]} if "cudnn" in ms else {}, args)
             rows.append(srow)
             print(json.dumps(srow), flush=True)
-            souts.clear()
         q = k = v = None  # free before the next shape
         if device == "cuda":
             torch.cuda.empty_cache()
