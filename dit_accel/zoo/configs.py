@@ -43,6 +43,14 @@ _TEXT_ENCODER: dict = {
     "hidden_act": "gelu",
 }
 
+#: every reference model: pixel space, 32x32, rectified flow sampled with FlowMatchEulerDiscreteScheduler
+_PIXEL_FLOW: dict = {
+    "scheduler_class": "FlowMatchEulerDiscreteScheduler",
+    "scheduler": {"num_train_timesteps": 1000, "shift": 1.0},
+    "prediction": "flow_velocity",
+    "image_size": 32,
+}
+
 # Each entry: everything needed to build the model + scheduler and to train it.
 #   transformer: kwargs for diffusers.DiTTransformer2DModel(**kwargs)
 #   scheduler:   kwargs for diffusers.FlowMatchEulerDiscreteScheduler(**kwargs)
@@ -72,10 +80,7 @@ MODEL_CONFIGS: dict[str, dict] = {
             "norm_elementwise_affine": False,
             "norm_eps": 1e-5,
         },
-        "scheduler_class": "FlowMatchEulerDiscreteScheduler",
-        "scheduler": {"num_train_timesteps": 1000, "shift": 1.0},
-        "prediction": "flow_velocity",
-        "image_size": 32,
+        **_PIXEL_FLOW,
         "channels": 3,
         "classes": list(CIFAR10_CLASSES),
         "null_class_id": 10,
@@ -103,10 +108,7 @@ MODEL_CONFIGS: dict[str, dict] = {
         "text_encoder": dict(_TEXT_ENCODER),
         "vocab": "cifar10",
         "max_text_length": 16,
-        "scheduler_class": "FlowMatchEulerDiscreteScheduler",
-        "scheduler": {"num_train_timesteps": 1000, "shift": 1.0},
-        "prediction": "flow_velocity",
-        "image_size": 32,
+        **_PIXEL_FLOW,
         "channels": 3,
         "classes": list(CIFAR10_CLASSES),
         "defaults": {"num_inference_steps": 28, "guidance_scale": 2.0},
@@ -135,10 +137,7 @@ MODEL_CONFIGS: dict[str, dict] = {
         "text_encoder": dict(_TEXT_ENCODER),
         "vocab": "digits",
         "max_text_length": 16,
-        "scheduler_class": "FlowMatchEulerDiscreteScheduler",
-        "scheduler": {"num_train_timesteps": 1000, "shift": 1.0},
-        "prediction": "flow_velocity",
-        "image_size": 32,
+        **_PIXEL_FLOW,
         "num_frames": 16,
         "channels": 1,
         "video": {"digit_size": 14, "max_digits": 2},
