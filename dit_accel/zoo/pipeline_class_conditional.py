@@ -9,15 +9,14 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 from diffusers import DiffusionPipeline, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-from diffusers.utils.torch_utils import randn_tensor
+
+from .sampling import FlowSamplerMixin, to_output
 
 
-class ClassConditionalPipeline(DiffusionPipeline):
+class ClassConditionalPipeline(FlowSamplerMixin, DiffusionPipeline):
     r"""Class-conditional pixel-space generation with classifier-free guidance.
 
     Args:
@@ -31,6 +30,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "transformer"
+    fallback_defaults = {"num_inference_steps": 50, "guidance_scale": 2.0}
 
     def __init__(
         self,
@@ -105,51 +105,25 @@ class ClassConditionalPipeline(DiffusionPipeline):
                 ``"pt"`` (``B x C x H x W`` float tensor in [0, 1]) or ``"raw"`` (model space, about [-1, 1]).
             callback_on_step_end: optional ``fn(pipe, step_index, timestep, {"latents": x}) -> dict``.
         """
-        defaults = getattr(self, "defaults", None) or {}
-        if num_inference_steps is None:
-            num_inference_steps = int(defaults.get("num_inference_steps", 50))
-        if guidance_scale is None:
-            guidance_scale = float(defaults.get("guidance_scale", 2.0))
+        num_inference_steps, guidance_scale = self._settings(num_inference_steps, guidance_scale)
         device = self._execution_device
         tr = self.transformer
-        dtype = tr.dtype
         labels = self._label_tensor(class_labels, device)
-        batch = labels.shape[0]
-        size = int(tr.config.sample_size)
-        channels = int(tr.config.in_channels)
-        shape = (batch, channels, size, size)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        else:
-            if tuple(latents.shape) != shape:
-                raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-            latents = latents.to(device=device, dtype=dtype)
+        size, channels = int(tr.config.sample_size), int(tr.config.in_channels)
+        latents = self._initial((labels.shape[0], channels, size, size), generator, latents, device, tr.dtype)
+        null = torch.full_like(labels, self.null_class_id)
+        labels_cfg = torch.cat([null, labels], 0)
 
-        do_cfg = guidance_scale > 1.0
-        if do_cfg:
-            null = torch.full_like(labels, self.null_class_id)
-            labels_in = torch.cat([null, labels], 0)
-        else:
-            labels_in = labels
+        def velocity(x: torch.Tensor, t: torch.Tensor, cfg: bool) -> torch.Tensor:
+            x_in = torch.cat([x, x], 0) if cfg else x
+            v = tr(x_in, timestep=t.expand(x_in.shape[0]).to(device=x.device), class_labels=labels_cfg if cfg else labels,
+                   return_dict=False)[0]
+            if not cfg:
+                return v
+            v_u, v_c = v.chunk(2, dim=0)
+            return v_u + guidance_scale * (v_c - v_u)
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        self._num_timesteps = len(timesteps)
-        self._guidance_scale = guidance_scale
-
-        for i, t in enumerate(self.progress_bar(timesteps)):
-            x_in = torch.cat([latents, latents], 0) if do_cfg else latents
-            t_in = t.expand(x_in.shape[0]).to(device=device)
-            v = tr(x_in, timestep=t_in, class_labels=labels_in, return_dict=False)[0]
-            if do_cfg:
-                v_u, v_c = v.chunk(2, dim=0)
-                v = v_u + guidance_scale * (v_c - v_u)
-            latents = self.scheduler.step(v, t, latents, return_dict=False)[0]
-            if callback_on_step_end is not None:
-                out = callback_on_step_end(self, i, t, {"latents": latents}) or {}
-                latents = out.get("latents", latents)
-
-        self.maybe_free_model_hooks()
+        latents = self._sample(latents, num_inference_steps, guidance_scale, velocity, callback_on_step_end)
         images = self.postprocess(latents, output_type)
         if not return_dict:
             return (images,)
@@ -159,25 +133,3 @@ class ClassConditionalPipeline(DiffusionPipeline):
     def postprocess(x: torch.Tensor, output_type: str = "pil"):
         """Model space (about [-1, 1], ``B x C x H x W``) -> ``output_type`` (``raw``, ``pt``, ``np``, ``pil``)."""
         return to_output(x, output_type)
-
-
-def to_output(x: torch.Tensor, output_type: str):
-    """Model-space images ``[B, C, H, W]`` or clips ``[B, C, F, H, W]`` (about [-1, 1]) as ``output_type``:
-    ``"raw"`` (unchanged), ``"pt"`` (float in [0, 1], same layout), ``"np"`` (channels last, grey as RGB:
-    ``[B, H, W, 3]`` / ``[B, F, H, W, 3]``) or ``"pil"`` (list of images / list of lists of frames)."""
-    if output_type == "raw":
-        return x
-    x = (x.float() / 2 + 0.5).clamp(0, 1)
-    if output_type == "pt":
-        return x
-    arr = x.movedim(1, -1).cpu().numpy()
-    if arr.shape[-1] == 1:
-        arr = np.repeat(arr, 3, axis=-1)
-    if output_type == "np":
-        return arr
-    if output_type == "pil":
-        u8 = (arr * 255).round().astype(np.uint8)
-        if u8.ndim == 4:
-            return [Image.fromarray(a) for a in u8]
-        return [[Image.fromarray(fr) for fr in clip] for clip in u8]
-    raise ValueError(f"unknown output_type {output_type!r} (pil, np, pt, raw)")

@@ -23,11 +23,10 @@ import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import randn_tensor
 
 logger = logging.getLogger("dit_accel")
 
-from .pipeline_class_conditional import to_output
+from .sampling import FlowSamplerMixin, to_output
 from .text import encode_prompts, unknown_words
 
 
@@ -38,7 +37,7 @@ class VideoPipelineOutput(BaseOutput):
     frames: Any
 
 
-class _TextPipelineMixin:
+class _TextPipelineMixin(FlowSamplerMixin):
     """Prompt handling and the sampler loop shared by the two text-conditional pipelines."""
 
     def _prompts(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None):
@@ -64,35 +63,6 @@ class _TextPipelineMixin:
                            "pipe.tokenizer.get_vocab()", ", ".join(repr(w) for w in unknown))
         hidden, pooled = encode_prompts(self.tokenizer, self.text_encoder, prompts, device)
         return hidden.to(dtype), pooled.to(dtype)
-
-    def _settings(self, num_inference_steps: int | None, guidance_scale: float | None) -> tuple[int, float]:
-        defaults = getattr(self, "defaults", None) or {}
-        steps = int(num_inference_steps if num_inference_steps is not None else defaults.get("num_inference_steps", 28))
-        scale = float(guidance_scale if guidance_scale is not None else defaults.get("guidance_scale", 2.0))
-        return steps, scale
-
-    def _initial(self, shape: tuple, generator, latents, device, dtype) -> torch.Tensor:
-        if latents is None:
-            return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        if tuple(latents.shape) != tuple(shape):
-            raise ValueError(f"latents must have shape {tuple(shape)}, got {tuple(latents.shape)}")
-        return latents.to(device=device, dtype=dtype)
-
-    def _sample(self, latents: torch.Tensor, steps: int, guidance_scale: float,
-                velocity: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor],
-                callback_on_step_end: Callable | None) -> torch.Tensor:
-        self.scheduler.set_timesteps(steps, device=latents.device)
-        self._num_timesteps = len(self.scheduler.timesteps)
-        self._guidance_scale = guidance_scale
-        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            v = velocity(latents, t, guidance_scale > 1.0)
-            latents = self.scheduler.step(v, t, latents, return_dict=False)[0]
-            if callback_on_step_end is not None:
-                out = callback_on_step_end(self, i, t, {"latents": latents}) or {}
-                latents = out.get("latents", latents)
-        self.maybe_free_model_hooks()
-        return latents
-
 
 class TextToImagePipeline(_TextPipelineMixin, DiffusionPipeline):
     r"""Text-to-image with an MM-DiT (``SD3Transformer2DModel``): ``pipe("a photo of a cat").images``.
