@@ -31,29 +31,17 @@ class DemoModel:
 
 def _zoo_model(name: str, steps: int | None, batch: int) -> DemoModel:
     from . import zoo
-    from .zoo import text
 
     pipe = zoo.load(name)
     pipe.set_progress_bar_config(disable=True)
-    labels = [i % 10 for i in range(batch)]
-    seed = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-
     if isinstance(pipe, zoo.TextToVideoPipeline):  # one clip of 8 frames, shown frame by frame
-        prompts = [text.digits_prompt([3, 7])]
-
-        def call(override: int | None = None) -> torch.Tensor:
-            clips = pipe(prompts, num_frames=8, num_inference_steps=override or steps, generator=seed(),
-                         output_type="pt").frames  # [B, C, F, H, W]
-            return clips.transpose(1, 2).flatten(0, 1).expand(-1, 3, -1, -1)  # frames as RGB images
-    elif isinstance(pipe, zoo.TextToImagePipeline):
-        prompts = [text.cifar10_prompt(label) for label in labels]
-
-        def call(override: int | None = None) -> torch.Tensor:
-            return pipe(prompts, num_inference_steps=override or steps, generator=seed(), output_type="pt").images
+        conditions = {"prompt": [zoo.text.digits_prompt([3, 7])], "num_frames": 8}
     else:
-        def call(override: int | None = None) -> torch.Tensor:
-            return pipe(class_labels=labels, num_inference_steps=override or steps, generator=seed(),
-                        output_type="pt").images
+        conditions = zoo.class_conditions(pipe, [i % 10 for i in range(batch)])
+
+    def call(override: int | None = None) -> torch.Tensor:
+        return zoo.generate_images(pipe, conditions, num_inference_steps=override or steps,
+                                   generator=torch.Generator().manual_seed(0))
     calibrated = tuple(p for p in (f"{name}-teacache", f"{name}-magcache") if p in preset_names())
     return DemoModel(name, pipe, call, is_image=True, policies=("fbcache", "fora", *calibrated))
 

@@ -88,33 +88,18 @@ def _tiny(family: str, device: torch.device, dtype: torch.dtype | None, kwargs: 
 
 def _zoo(name: str, device: torch.device, dtype: torch.dtype | None, kwargs: dict) -> EvalModel:
     """A reference model of ``dit_accel.zoo``. Conditions are class ids for all of them: the text models
-    get the class's canonical prompt (``"a photo of a cat"``; digits_wan: ``"the digit 3 bouncing"``)."""
+    get the class's canonical prompt (``"a photo of a cat"``; digits_wan: ``"the digit 3 bouncing"``,
+    scored frame by frame)."""
     from .. import zoo
-    from ..zoo import CIFAR10_CLASSES, text
 
     pipe = zoo.load(name, device=device, dtype=dtype or torch.float32)
     call_defaults = {k: v for k, v in pipe.defaults.items() if k != "num_inference_steps"}
-    if isinstance(pipe, zoo.TextToVideoPipeline):
-        names = [f"digit {d}" for d in range(10)]
-        prompt = lambda c: text.digits_prompt([c])  # noqa: E731
 
-        def generate(condition: Condition, seed: int, steps: int) -> torch.Tensor:
-            clips = pipe(prompt(int(condition)), num_inference_steps=steps, generator=generator(seed),
-                         output_type="pt", **{**call_defaults, **kwargs}).frames  # [1, C, F, H, W]
-            return clips.transpose(1, 2).flatten(0, 1).expand(-1, 3, -1, -1)  # frames as RGB images
-    elif isinstance(pipe, zoo.TextToImagePipeline):
-        names = list(CIFAR10_CLASSES)
+    def generate(condition: Condition, seed: int, steps: int) -> torch.Tensor:
+        return zoo.generate_images(pipe, zoo.class_conditions(pipe, [int(condition)]), num_inference_steps=steps,
+                                   generator=generator(seed), **{**call_defaults, **kwargs})
 
-        def generate(condition: Condition, seed: int, steps: int) -> torch.Tensor:
-            return pipe(text.cifar10_prompt(int(condition)), num_inference_steps=steps, generator=generator(seed),
-                        output_type="pt", **{**call_defaults, **kwargs}).images
-    else:
-        names = [pipe.id2label[i] for i in range(pipe.num_classes)]
-
-        def generate(condition: Condition, seed: int, steps: int) -> torch.Tensor:
-            return pipe(class_labels=[int(condition)], num_inference_steps=steps, generator=generator(seed),
-                        output_type="pt", **{**call_defaults, **kwargs}).images
-
+    names = zoo.class_names(pipe)
     return EvalModel(f"zoo:{name}", pipe, generate, output="image", conditioning="class",
                      num_classes=len(names), class_names=names, device=device)
 

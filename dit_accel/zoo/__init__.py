@@ -26,6 +26,7 @@ import torch
 from .configs import CIFAR10_CLASSES, MODEL_CONFIGS, get_config
 from .pipeline_class_conditional import ClassConditionalPipeline
 from .pipeline_text import TextToImagePipeline, TextToVideoPipeline, VideoPipelineOutput
+from . import text
 from .text import build_text_encoder, build_tokenizer
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -38,6 +39,9 @@ __all__ = [
     "TextToVideoPipeline",
     "VideoPipelineOutput",
     "build_components",
+    "class_conditions",
+    "class_names",
+    "generate_images",
     "load_components",
     "WEIGHTS_DIR",
     "available",
@@ -180,6 +184,34 @@ def build_pipeline(components, meta: dict):
     pipe.defaults = dict(meta.get("defaults", {}))
     pipe.model_name = meta.get("name")
     return pipe
+
+
+def class_conditions(pipe, labels) -> dict:
+    """Call arguments conditioning a zoo pipeline on class ids: ``class_labels``, or each class's canonical
+    prompt (``"a photo of a cat"``; the video model: ``"the digit 3 bouncing"``)."""
+    if isinstance(pipe, TextToVideoPipeline):
+        return {"prompt": [text.digits_prompt([int(c)]) for c in labels]}
+    if isinstance(pipe, TextToImagePipeline):
+        return {"prompt": [text.cifar10_prompt(int(c)) for c in labels]}
+    return {"class_labels": [int(c) for c in labels]}
+
+
+def class_names(pipe) -> list[str]:
+    """The class id -> name table that :func:`class_conditions` follows."""
+    if isinstance(pipe, TextToVideoPipeline):
+        return [f"digit {d}" for d in range(10)]
+    if isinstance(pipe, TextToImagePipeline):
+        return list(CIFAR10_CLASSES)
+    return [pipe.id2label[i] for i in range(pipe.num_classes)]
+
+
+def generate_images(pipe, conditions: dict, **call_kwargs) -> torch.Tensor:
+    """Run a zoo pipeline and return ``[N, 3, H, W]`` floats in [0, 1]: its images, or its clips' frames
+    (clip by clip, grey as RGB)."""
+    out = pipe(**conditions, output_type="pt", **call_kwargs)
+    if isinstance(pipe, TextToVideoPipeline):
+        return out.frames.transpose(1, 2).flatten(0, 1).expand(-1, 3, -1, -1)  # [B, C, F, H, W] -> frames
+    return out.images
 
 
 def load(
