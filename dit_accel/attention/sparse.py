@@ -79,31 +79,36 @@ def _padded_head_dim(d: int) -> int:
     raise ValueError(f"head dim {d} is larger than the block-sparse kernel supports ({max(SUPPORTED_HEAD_DIMS)})")
 
 
-def run_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor, block_size: int,
+def run_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor | None, block_size: int,
                scale: float, quant: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-sparse attention with a bool block mask; head dims the kernel lacks are zero-padded
-    (q.k and the kept columns of the output are unchanged by zero channels). Returns (out, lse).
+    """Block-sparse attention with a bool block mask (``None``: dense, quantized kernel only); head dims the
+    kernel lacks are zero-padded (q.k and the kept columns of the output are unchanged by zero channels).
+    Returns (out, lse).
 
     ``quant`` "int8" / "fp8": the quantized kernel (:func:`dit_accel.kernels.quant_attention.quant_attention`,
-    same block table) instead; it takes 16-bit inputs, so float32 inputs are cast to bfloat16 for it."""
+    same block table, or its default tiles when dense) instead; it takes 16-bit inputs, so float32 inputs
+    are cast to bfloat16 for it. CUDA: the Triton kernels; CPU: their PyTorch references (the Triton
+    interpreter is for kernel tests only)."""
     d = q.shape[-1]
     dp = _padded_head_dim(d)
     if dp != d:
         q, k, v = (torch.nn.functional.pad(t, (0, dp - d)) for t in (q, k, v))
     q, k, v = (t.contiguous() for t in (q, k, v))
-    kv_indices, kv_counts = mask_to_block_table(block_mask)
-    # CUDA: the Triton kernel. CPU: the PyTorch reference (the Triton interpreter is for kernel tests only).
+    tables = mask_to_block_table(block_mask) if block_mask is not None else (None, None)
     if quant != "none":
-        from ..kernels.quant_attention import quant_attention
+        from ..kernels.quant_attention import quant_attention, quant_attention_reference
 
         dtype = q.dtype
         if dtype == torch.float32:
             q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
-        out, lse = quant_attention(q, k, v, kv_indices, kv_counts, block_m=block_size, block_n=block_size,
-                                   mode=quant, sm_scale=scale, return_lse=True, validate=False)
+        tiles = {} if block_mask is None else {"block_m": block_size, "block_n": block_size}
+        kernel = quant_attention if q.is_cuda else quant_attention_reference
+        out, lse = kernel(q, k, v, *tables, mode=quant, sm_scale=scale, return_lse=True, validate=False, **tiles)
         return out[..., :d].to(dtype), lse
+    if block_mask is None:
+        raise ValueError("run_kernel: a dense call needs a quantized kernel (quant 'int8' or 'fp8')")
     kernel = block_sparse_attention if q.is_cuda else block_sparse_attention_reference
-    out, lse = kernel(q, k, v, kv_indices, kv_counts, block_m=block_size, block_n=block_size,
+    out, lse = kernel(q, k, v, *tables, block_m=block_size, block_n=block_size,
                       sm_scale=scale, return_lse=True, validate=False)
     return out[..., :d], lse
 
@@ -117,21 +122,9 @@ def _pair_counts(block_mask: torch.Tensor, n: int, block_size: int) -> torch.Ten
 def quant_dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
                           quant: str) -> torch.Tensor:
     """Dense attention through the quantized kernel (``attention: {sparse: null, quant: int8|fp8}``):
-    every token, text included. Head dims the kernel lacks are zero-padded; float32 inputs run in bfloat16.
-    CUDA: the Triton kernel; CPU: its PyTorch reference (the Triton interpreter is for kernel tests only)."""
-    from ..kernels.quant_attention import quant_attention, quant_attention_reference
-
-    d = q.shape[-1]
-    dp = _padded_head_dim(d)
-    dtype = q.dtype
-    if dp != d:
-        q, k, v = (torch.nn.functional.pad(t, (0, dp - d)) for t in (q, k, v))
-    if dtype == torch.float32:
-        q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    fn = quant_attention if q.is_cuda else quant_attention_reference
-    out = fn(q.contiguous(), k.contiguous(), v.contiguous(), mode=quant, sm_scale=scale)
-    return out[..., :d].to(dtype)
+    every token, text included (:func:`run_kernel` without a block mask)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return run_kernel(q, k, v, None, 0, scale, quant)[0]
 
 
 def _select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, request: SparseRequest, scale: float):
