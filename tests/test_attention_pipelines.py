@@ -185,3 +185,16 @@ def test_selection_reused_between_refreshes(reorder, baselines):
     assert att2["selections"] * 3 == sparse * 2
     assert torch.isfinite(reused).all() and not torch.equal(reused, every)
     assert torch.equal(again, reused)
+
+
+def test_sparse_and_quantized_attention_compose(baselines):
+    """``sparse`` + ``quant: int8``: the kept blocks run the quantized kernel; close to the bf16 sparse output."""
+    pipe, _ = baselines("flux")
+    outs = {}
+    for quant in ("none", "int8"):
+        with dit_accel.accelerated(pipe, _policy(quant=quant)):
+            outs[quant] = tiny_generate(pipe, "flux", **SIZES["flux"])
+            calls = dit_accel.stats(pipe).extra["attention"]["calls"]
+        assert calls["sparse"] > 0 and calls["quant_dense"] == 0
+    assert not torch.equal(outs["none"], outs["int8"])
+    assert ((outs["int8"] - outs["none"]).norm() / outs["none"].norm()).item() < 0.05
