@@ -22,6 +22,10 @@ top of the work it does. Variants are timed interleaved in rounds (CUDA events; 
     python benchmarks/bench_cache_peers.py --out benchmarks/results      # H200/H100, under 4 minutes
     python benchmarks/bench_cache_peers.py --quick --out /tmp/peers      # tiny model on CPU, seconds
 
+``--profile REGEX`` adds, for the matching variants, one more call under ``torch.profiler``: host time,
+summed GPU kernel time, GPU idle time (host − kernels), the synchronising CUDA runtime calls and the
+ops that cost the host most — where an overhead comes from, not only how large it is.
+
 cache-dit is optional: when it is not installed (or fails on this machine) its rows say
 "skipped: <reason>".
 """
@@ -373,9 +377,54 @@ def run(args: argparse.Namespace) -> dict:
             print(f"stopping after {timed_rounds} timed rounds: another would pass --max-seconds "
                   f"{args.max_seconds:.0f}", flush=True)
             break
+    profiles = {}
+    if args.profile:
+        which = re.compile(args.profile)
+        for v in variants:
+            if not v.skipped and which.search(v.name):
+                current[:] = [v]
+                profiles[v.name] = profile_variant(v, call, device, steps)
+                assert_untouched(tr, v.name, children)
     return {"env": environment(device), "args": {**vars(args), "steps": steps, "resolution": resolution,
                                                   "repeats": timed_rounds, "device": device},
-            "variants": variants, "wall_s": time.perf_counter() - t_start}
+            "variants": variants, "profiles": profiles, "wall_s": time.perf_counter() - t_start}
+
+
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+              "cudaMemcpyAsync", "cudaMalloc", "cudaFree", "cudaHostAlloc")
+
+
+def profile_variant(v: Variant, call: Callable[[], Any], device: str, steps: int) -> dict:
+    """One attached call under ``torch.profiler`` (after an unprofiled one): where the time goes."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    v.setup()
+    try:
+        call()
+        sync()
+        with profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            call()
+            sync()
+            host_ms = (time.perf_counter() - t0) * 1e3
+    finally:
+        v.teardown()
+    events = prof.events()
+    kernel_us = sum(e.time_range.elapsed_us() for e in events if e.device_type == DeviceType.CUDA)
+    runtime: dict[str, int] = {}
+    for e in events:
+        if e.device_type == DeviceType.CPU and e.name.startswith(SYNC_CALLS):
+            runtime[e.name] = runtime.get(e.name, 0) + 1
+    top = sorted((e for e in prof.key_averages() if e.self_cpu_time_total > 0),
+                 key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    return {"host_ms_per_step": host_ms / steps, "kernel_ms_per_step": kernel_us / 1e3 / steps,
+            "idle_ms_per_step": (host_ms - kernel_us / 1e3) / steps, "runtime_calls": runtime,
+            "kernels": sum(1 for e in events if e.device_type == DeviceType.CUDA),
+            "top_host_ops": [{"name": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3}
+                             for e in top]}
 
 
 # ---- report -------------------------------------------------------------------------------------
@@ -412,7 +461,7 @@ def summarise(result: dict) -> dict:
             else:
                 entry["note"] = r["skipped"] or ours.get("skipped") or "not measured"
             pairs.append(entry)
-    return {"base_ms_per_step": base_step, "rows": rows, "pairs": pairs}
+    return {"base_ms_per_step": base_step, "rows": rows, "pairs": pairs, "profiles": result.get("profiles", {})}
 
 
 def markdown(result: dict, summary: dict) -> str:
@@ -450,6 +499,16 @@ def markdown(result: dict, summary: dict) -> str:
             continue
         lines.append(f"| {p['peer']} | {p['ours']} | {p['peer_overhead']:+.2f} | {p['ours_overhead']:+.2f} | "
                      f"{p['ours_minus_peer']:+.2f} | {p['peer_share']:.3f} / {p['ours_share']:.3f} |")
+    if summary.get("profiles"):
+        lines += ["", "## Profiles (one more call each, under `torch.profiler`; its own overhead inflates host time)", "",
+                  "*idle* = host time − summed kernel time: the GPU waiting for the host.", "",
+                  "| variant | host ms/step | kernel ms/step | idle ms/step | kernels | sync-type runtime calls | "
+                  "top host ops (self ms) |", "|---|---|---|---|---|---|---|"]
+        for name, p in summary["profiles"].items():
+            calls = ", ".join(f"{k} {n}" for k, n in sorted(p["runtime_calls"].items())) or "none"
+            ops = ", ".join(f"{o['name']} {o['self_cpu_ms']:.0f}" for o in p["top_host_ops"][:5])
+            lines.append(f"| {name} | {p['host_ms_per_step']:.2f} | {p['kernel_ms_per_step']:.2f} | "
+                         f"{p['idle_ms_per_step']:.2f} | {p['kernels']} | {calls} | {ops} |")
     return "\n".join(lines) + "\n"
 
 
@@ -465,6 +524,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-seconds", type=float, default=200.0,
                     help="stop timing further rounds (after at least 2) once another would end past this many "
                          "seconds of benchmark time (model build and imports not counted)")
+    ap.add_argument("--profile", default=None,
+                    help="regex: profile one more call of the matching variants (torch.profiler; slow on CPU)")
     ap.add_argument("--only", default=None, help="regex: time only the variants whose name matches (+ baseline)")
     args = ap.parse_args(argv)
     result = run(args)

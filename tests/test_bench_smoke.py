@@ -23,7 +23,7 @@ def quick_result(tmp_path_factory):
     argv = sys.argv
     sys.argv = ["bench_cache_peers.py", "--quick"]  # what the result records as its command
     try:
-        payload = module.main(["--quick", "--repeats", "1", "--out", str(out)])
+        payload = module.main(["--quick", "--repeats", "1", "--out", str(out), "--profile", "^baseline$|fora N=3 F1$"])
     finally:
         sys.argv = argv
     return payload, out
@@ -35,6 +35,20 @@ def test_quick_run_writes_json_and_markdown(quick_result):
     md = (out / "cache_peers_quick.md").read_text()
     assert "Overhead per step, ours vs. each peer" in md and "diffusers" in payload["env"]
     assert payload["args"]["steps"] == 7 and payload["env"]["command"].endswith("--quick")
+
+
+def test_profile_rows_say_where_host_time_goes(quick_result):
+    payload, out = quick_result
+    profiles = payload["profiles"]
+    assert set(profiles) == {"baseline", "dit_accel fora N=3 F1"}
+    base, ours = profiles["baseline"], profiles["dit_accel fora N=3 F1"]
+    for p in (base, ours):
+        assert p["host_ms_per_step"] > 0 and p["kernels"] == 0  # CPU: no CUDA kernels, all host time
+        assert p["top_host_ops"] and all(op["calls"] > 0 for op in p["top_host_ops"])
+    base_mm = sum(op["calls"] for op in base["top_host_ops"] if op["name"] == "aten::addmm")
+    ours_mm = sum(op["calls"] for op in ours["top_host_ops"] if op["name"] == "aten::addmm")
+    assert 0 < ours_mm < base_mm  # FORA skips most blocks on 2 of 3 steps: fewer matmuls in the profile
+    assert "## Profiles" in (out / "cache_peers_quick.md").read_text()
 
 
 def test_every_variant_runs_its_fixed_schedule(quick_result):
