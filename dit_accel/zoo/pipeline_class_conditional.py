@@ -49,7 +49,7 @@ class ClassConditionalPipeline(FlowSamplerMixin, DiffusionPipeline):
         # name -> id, like DiTPipeline.labels
         self.labels = {name: i for i, name in enumerate(names)}
         self.null_class_id = n if null_class_id is None else int(null_class_id)
-        self.defaults = {"num_inference_steps": 50, "guidance_scale": 2.0}
+        self.defaults = dict(self.fallback_defaults)
 
     @property
     def num_classes(self) -> int:

@@ -40,6 +40,12 @@ class VideoPipelineOutput(BaseOutput):
 class _TextPipelineMixin(FlowSamplerMixin):
     """Prompt handling and the sampler loop shared by the two text-conditional pipelines."""
 
+    def _register_text_components(self, transformer, scheduler, text_encoder, tokenizer) -> None:
+        self.register_modules(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder,
+                              tokenizer=tokenizer)
+        self.defaults = dict(self.fallback_defaults)
+        self._warned_words: set[str] = set()
+
     def _prompts(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -72,13 +78,11 @@ class TextToImagePipeline(_TextPipelineMixin, DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->transformer"
+    fallback_defaults = {"num_inference_steps": 28, "guidance_scale": 2.0}
 
     def __init__(self, transformer, scheduler: FlowMatchEulerDiscreteScheduler, text_encoder, tokenizer):
         super().__init__()
-        self.register_modules(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder,
-                              tokenizer=tokenizer)
-        self.defaults = {"num_inference_steps": 28, "guidance_scale": 2.0}
-        self._warned_words: set[str] = set()
+        self._register_text_components(transformer, scheduler, text_encoder, tokenizer)
 
     @torch.no_grad()
     def __call__(
@@ -132,13 +136,11 @@ class TextToVideoPipeline(_TextPipelineMixin, DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->transformer"
+    fallback_defaults = {"num_inference_steps": 28, "guidance_scale": 3.0}
 
     def __init__(self, transformer, scheduler: FlowMatchEulerDiscreteScheduler, text_encoder, tokenizer):
         super().__init__()
-        self.register_modules(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder,
-                              tokenizer=tokenizer)
-        self.defaults = {"num_inference_steps": 28, "guidance_scale": 3.0}
-        self._warned_words: set[str] = set()
+        self._register_text_components(transformer, scheduler, text_encoder, tokenizer)
         self.video_size = (16, 32, 32)  # frames, height, width of the training clips
 
     @torch.no_grad()
