@@ -22,6 +22,9 @@ top of the work it does. Variants are timed interleaved in rounds (CUDA events; 
     python benchmarks/bench_cache_peers.py --out benchmarks/results      # H200/H100, under 4 minutes
     python benchmarks/bench_cache_peers.py --quick --out /tmp/peers      # tiny model on CPU, seconds
 
+``--quick --depth 19,38 --interval 28`` keeps FLUX's 57 blocks with tiny widths and reuses almost every
+step: what remains of each variant's time is mostly host work, i.e. the cost of skipping blocks.
+
 ``--profile REGEX`` adds, for the matching variants, one more call under ``torch.profiler``: host time,
 summed GPU kernel time, GPU idle time (host − kernels), the synchronising CUDA runtime calls and the
 ops that cost the host most — where an overhead comes from, not only how large it is.
@@ -59,12 +62,15 @@ QUICK_CONFIG = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layer
 
 
 # ---- setup ----------------------------------------------------------------------------------------
-def build_pipeline(quick: bool, device: str):
+def build_pipeline(quick: bool, device: str, depth: tuple[int, int] | None = None):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     with torch.device(device):
         torch.manual_seed(0)
-        transformer = FluxTransformer2DModel(**(QUICK_CONFIG if quick else {})).to(torch.bfloat16).eval()
+        config = dict(QUICK_CONFIG) if quick else {}
+        if quick and depth is not None:  # FLUX's real depth with tiny blocks: host cost per skipped block
+            config.update(num_layers=depth[0], num_single_layers=depth[1])
+        transformer = FluxTransformer2DModel(**config).to(torch.bfloat16).eval()
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
                         text_encoder_2=None, tokenizer_2=None, transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
@@ -306,7 +312,8 @@ def run(args: argparse.Namespace) -> dict:
     resolution = args.resolution or (32 if args.quick else 1024)
     repeats = args.repeats or (2 if args.quick else 3)
     n = args.interval
-    pipe = build_pipeline(args.quick, device)
+    depth = tuple(int(x) for x in args.depth.split(",")) if args.depth else None
+    pipe = build_pipeline(args.quick, device, depth)
     tr = pipe.transformer
     g = torch.Generator(device)
     text_dim = tr.config.joint_attention_dim
@@ -466,10 +473,12 @@ def summarise(result: dict) -> dict:
 
 def markdown(result: dict, summary: dict) -> str:
     env, a = result["env"], result["args"]
+    model_size = "full size, 11.9B" if not a["quick"] else (
+        f"tiny quick config, {a['depth']} double,single blocks" if a.get("depth") else "tiny quick config")
     lines = [f"# Caching policies vs. diffusers and cache-dit at a fixed compute ratio ({env['device']})", "",
              f"{env['date']}; torch {env['torch']}, diffusers {env['diffusers']}, cache-dit {env['cache_dit']}, "
              f"CUDA {env['cuda']}, Python {env['python']}. FLUX.1-dev-shaped transformer "
-             f"({'tiny quick config' if a['quick'] else 'full size, 11.9B'}; random weights, bf16), "
+             f"({model_size}; random weights, bf16), "
              f"{a['resolution']}², {a['steps']} steps, real `FluxPipeline` loop with stub encoders; "
              f"{a['repeats']} interleaved timed rounds after a warm-up round (median; ± half range); "
              f"benchmark wall time {result['wall_s']:.0f} s. Command: `{env['command']}`", "",
@@ -524,6 +533,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-seconds", type=float, default=200.0,
                     help="stop timing further rounds (after at least 2) once another would end past this many "
                          "seconds of benchmark time (model build and imports not counted)")
+    ap.add_argument("--depth", default=None,
+                    help="with --quick: DOUBLE,SINGLE block counts (19,38 is FLUX's depth; default 2,4)")
     ap.add_argument("--profile", default=None,
                     help="regex: profile one more call of the matching variants (torch.profiler; slow on CPU)")
     ap.add_argument("--only", default=None, help="regex: time only the variants whose name matches (+ baseline)")
