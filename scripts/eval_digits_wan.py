@@ -126,7 +126,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     from dit_accel.zoo.moving_digits import load_digits
 
-    torch.set_grad_enabled(True)
     t0 = time.time()
     images, labels = load_digits(args.data)
     model, ceiling = train_classifier(images, labels, args.classifier_steps, args.seed)
