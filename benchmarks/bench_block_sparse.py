@@ -61,7 +61,8 @@ def parse_args(argv=None):
     ap.add_argument("--block", type=int, default=128, help="block-table granularity (block_m = block_n)")
     ap.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls per variant (includes autotune/compile)")
-    ap.add_argument("--rounds", type=int, default=10, help="timed calls per variant, interleaved")
+    ap.add_argument("--rounds", type=int, default=10, help="timed samples per variant, interleaved")
+    ap.add_argument("--min-ms", type=float, default=20.0, help="each timed sample repeats a call to last this long")
     ap.add_argument("--variants", default="dit_accel,flex,cudnn",
                     help="subset of dit_accel,flex,cudnn,sdpa (sdpa: the default SDPA backend)")
     ap.add_argument("--seed", type=int, default=0)
@@ -156,7 +157,7 @@ def main(argv=None) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
 
-    from common import environment, median_spread, time_call, write_results
+    from common import environment, median_spread, reps_for, time_call, write_results
     from dit_accel.kernels import block_sparse_attention, mask_to_block_table
 
     cuda = torch.cuda.is_available()
@@ -219,10 +220,11 @@ def main(argv=None) -> None:
                     errors[name] = f"{type(exc).__name__}: {exc}"[:300]
                     print(f"{name} failed at S={S}, density={density}: {errors[name]}", flush=True)
                     del fns[name]
+            reps = {name: reps_for(fn, args.min_ms) for name, fn in fns.items()}
             times = {name: [] for name in fns}
             for _ in range(args.rounds):
                 for name, fn in fns.items():
-                    times[name].append(time_call(fn))
+                    times[name].append(time_call(fn, reps[name]))
             row = {"S": S, "H": H, "B": B, "D": D, "block": blk, "density": density,
                    "actual_density": float(mask.float().mean()), "useful_gflop": flops / 1e9, "errors": errors}
             for name in fns:

@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from common import reps_for, time_call  # noqa: E402
 
 DENSE_VARIANTS = ("cudnn", "int8", "int8_pv8", "fp8", "sage1")
 SPARSE_VARIANTS = ("bsa_bf16", "sparse_int8", "sparse_int8_pv8")
@@ -90,23 +91,6 @@ def sync():
         torch.cuda.synchronize()
 
 
-def timed_ms(fn, reps: int) -> float:
-    """Milliseconds per call over ``reps`` back-to-back calls (CUDA events; host clock on the CPU)."""
-    if torch.cuda.is_available():
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / reps
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) * 1e3 / reps
-
-
 def rel_l1(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.float(), b.float()
     return ((a - b).abs().sum() / b.abs().sum().clamp_min(1e-30)).item()
@@ -124,12 +108,11 @@ def run_interleaved(fns: dict, warmup: int, rounds: int, min_ms: float) -> tuple
             errors[name] = f"{type(exc).__name__}: {exc}"[:400]
             print(f"  {name} failed: {errors[name]}", flush=True)
             del fns[name]
-    reps = {name: max(1, math.ceil(min_ms / max(timed_ms(fn, 1), 1e-3))) if min_ms > 0 else 1
-            for name, fn in fns.items()}
+    reps = {name: reps_for(fn, min_ms) for name, fn in fns.items()}
     samples = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            samples[name].append(timed_ms(fn, reps[name]))
+            samples[name].append(time_call(fn, reps[name]))
     return {n: statistics.median(s) for n, s in samples.items()}, outs, errors
 
 

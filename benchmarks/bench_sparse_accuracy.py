@@ -149,11 +149,12 @@ def main(argv=None) -> None:
             label = f"{density:.2f}" if density is not None else "threshold 0.9"
             md.append(f"| {label} | {method} | " + " | ".join(cells) + f" | {' / '.join(used)} |")
     kinds = [KINDS[i % len(KINDS)] for i in range(heads)]
-    md += ["", f"Per head kind (mean relative L2 over the heads of that kind), top-p at density {densities[1]:.2f}:", "",
+    mid = densities[min(1, len(densities) - 1)]   # the middle density of the default 0.5 / 0.25 / 0.15
+    md += ["", f"Per head kind (mean relative L2 over the heads of that kind), top-p at density {mid:.2f}:", "",
            "| head kind | none | paro | svg2 |", "|---|---|---|---|"]
     for kind in dict.fromkeys(kinds):
         idx = [i for i, k in enumerate(kinds) if k == kind]
-        cells = [sum(find("topp", r, False, densities[1])["rel_l2_per_head"][i] for i in idx) / len(idx)
+        cells = [sum(find("topp", r, False, mid)["rel_l2_per_head"][i] for i in idx) / len(idx)
                  for r in ("none", "paro", "svg2")]
         md.append(f"| {kind} | " + " | ".join(f"{c:.4f}" for c in cells) + " |")
     wins = []

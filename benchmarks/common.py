@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -33,21 +34,29 @@ def environment() -> dict:
     return env
 
 
-def time_call(fn: Callable[[], object]) -> float:
-    """Milliseconds of one call, timed with CUDA events (host clock on CPU)."""
+def time_call(fn: Callable[[], object], reps: int = 1) -> float:
+    """Milliseconds per call over ``reps`` back-to-back calls, timed with CUDA events (host clock on CPU)."""
     if torch.cuda.is_available():
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
         start.record()
-        fn()
+        for _ in range(reps):
+            fn()
         end.record()
         torch.cuda.synchronize()
-        return start.elapsed_time(end)
+        return start.elapsed_time(end) / reps
     import time
 
     t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / reps
+
+
+def reps_for(fn: Callable[[], object], min_ms: float) -> int:
+    """Back-to-back calls per timed sample so that a sample lasts at least ``min_ms`` (1 when 0):
+    single short calls measure launch gaps and clock ramps as much as the kernel."""
+    return max(1, math.ceil(min_ms / max(time_call(fn), 1e-3))) if min_ms > 0 else 1
 
 
 def median_spread(values: list[float]) -> tuple[float, float]:

@@ -18,20 +18,20 @@ sub-tile lying wholly past ``S`` cannot produce ``-inf - -inf = nan``.
 The kernel is jitted lazily (:func:`_kernel`), so whether Triton interprets it is decided by
 ``TRITON_INTERPRET`` when it is first needed, not when this module is imported.
 
-Hopper (sm_90), checked ahead of time without a GPU (:func:`aot_compile`, Triton 3.9; not yet
-timed): both ``tl.dot`` become ``wgmma`` (SASS ``HGMMA.64x128x16.F32.BF16``), K/V tiles are
-prefetched with 16-byte ``cp.async`` (``LDGSTS.E.BYPASS.128``) ``num_stages`` deep — only when
-the pointers and row strides are 16-divisible, which the JIT specialises for contiguous
-``[B, H, S, D]`` inputs with D in {64, 128} — and there is no local-memory traffic. ptxas, D=128:
-128x128 tiles with 8 warps use 203 registers (255 with tail masking) and no spills; 128-row tiles
-with 4 warps spill (36 bytes), hence :func:`_prune` drops them for D=128. 128x128x3 stages with
-tail masking takes 224 KiB of shared memory, just under the 227 KiB limit. Not done yet:
-tensor-memory-accelerator (TMA) descriptor loads, warp specialisation / ping-pong of two
-softmax warpgroups (FlashAttention-3), a persistent grid ordered heaviest q-block first (rows
-with more kv-blocks finish last), FP8.
+Hopper (sm_90), checked ahead of time without a GPU (:func:`aot_compile`, Triton 3.9): both
+``tl.dot`` become ``wgmma`` (SASS ``HGMMA.64x128x16.F32.BF16``); K/V tiles arrive by TMA
+descriptors over ``[B, H, S, D]`` (any 16-byte-aligned strides; keys past ``S`` arrive as zeros)
+or, with ``DIT_ACCEL_TMA=0`` or unaligned strides, by 16-byte ``cp.async`` ``num_stages`` deep.
+ptxas, D=128: 128x128 tiles with 8 warps use 203 registers (255 with tail masking) and no spills;
+128-row tiles with 4 warps spill (36 bytes), hence :func:`_prune` drops them for D=128. On an H200
+TMA was 5% faster at 32,760 tokens and equal at 75,600. Not done: warp specialisation / ping-pong
+of two softmax warpgroups (FlashAttention-3; Triton 3.9 ignores ``warp_specialize`` on sm_90), a
+persistent grid ordered heaviest q-block first, FP8 (see :mod:`._quant_attention_triton`).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -51,10 +51,10 @@ def _bsa_fwd_kernel(
     stride_ob, stride_oh, stride_os, stride_od,
     stride_ib, stride_ih, stride_iq, stride_ik,
     stride_cb, stride_ch, stride_cq,
-    H, S, qk_scale,
+    H, S, qk_scale, KV_BUCKET,
     HEAD_DIM: tl.constexpr, TABLE_BM: tl.constexpr, TABLE_BN: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_F32: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     SUB: tl.constexpr = TABLE_BN // BLOCK_N
     pid_m = tl.program_id(0)
@@ -75,8 +75,9 @@ def _bsa_fwd_kernel(
         q = tl.load(q_ptrs, mask=offs_m[:, None] < S, other=0.0)
     if DOT_F32:  # interpreter only: its tl.dot mishandles bfloat16 (Triton 3.9)
         q = q.to(tl.float32)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    if not USE_TMA:
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
     idx_base = KV_IDX + b * stride_ib + h * stride_ih + qb * stride_iq
     count = tl.load(KV_CNT + b * stride_cb + h * stride_ch + qb * stride_cq)
 
@@ -88,12 +89,13 @@ def _bsa_fwd_kernel(
         kb = tl.load(idx_base + (t // SUB) * stride_ik)
         start_n = kb * TABLE_BN + (t % SUB) * BLOCK_N
         cols = start_n + offs_n
-        k_ptrs = k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd      # K^T tile [D, BLOCK_N]
-        v_ptrs = v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd      # V tile [BLOCK_N, D]
-        if EVEN_N:
-            k = tl.load(k_ptrs)
+        if USE_TMA:  # 4-d descriptors over [B, H, S, D]: keys past S arrive as zeros
+            k = K.load([b.to(tl.int32), h.to(tl.int32), start_n, 0]).reshape(BLOCK_N, HEAD_DIM).T
+        elif EVEN_N:
+            k = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd)  # K^T tile [D, BLOCK_N]
         else:
-            k = tl.load(k_ptrs, mask=cols[None, :] < S, other=0.0)
+            k = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd, mask=cols[None, :] < S,
+                        other=0.0)
         if DOT_F32:
             k = k.to(tl.float32)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)
@@ -104,10 +106,13 @@ def _bsa_fwd_kernel(
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if EVEN_N:
-            v = tl.load(v_ptrs)
+        if USE_TMA:
+            v = V.load([b.to(tl.int32), h.to(tl.int32), start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        elif EVEN_N:
+            v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd)  # V tile [BLOCK_N, D]
         else:
-            v = tl.load(v_ptrs, mask=cols[:, None] < S, other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=cols[:, None] < S,
+                        other=0.0)
         if DOT_F32:
             v = v.to(tl.float32)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
@@ -131,9 +136,39 @@ def _bsa_fwd_kernel(
             tl.store(lse_ptrs, lse, mask=offs_m < S)
 
 
+def _tma_pre_hook(nargs):
+    """Autotuner hook: give the K / V descriptors the block shape of the config being run."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    for name in ("K", "V"):
+        if isinstance(nargs[name], TensorDescriptor):
+            nargs[name].block_shape = [1, 1, nargs["BLOCK_N"], nargs["HEAD_DIM"]]
+
+
+def tma_ok(t: torch.Tensor) -> bool:
+    """Whether a TMA descriptor can address ``t``: unit inner stride, 16-byte base and outer strides."""
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(
+        (st * t.element_size()) % 16 == 0 for st in t.stride()[:-1])
+
+
+def tma_descriptor(t: torch.Tensor, block_n: int):
+    """A 4-d TMA descriptor over ``t [B, H, S, D]`` loading ``[1, 1, block_n, D]`` tiles (zeros past S)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, t.shape[-1]])
+
+
+#: K / V tiles by TMA descriptors on sm_90+ (``DIT_ACCEL_TMA=0``: cp.async pointer loads instead).
+USE_TMA = os.environ.get("DIT_ACCEL_TMA", "1") != "0"
+
+
 def hopper_configs() -> list[triton.Config]:
     """Autotune space on CUDA: tiles 64/128, 4/8 warps, 2/3 pipeline stages (pruned per table)."""
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    pinned = os.environ.get("DIT_ACCEL_BSA_CONFIG")
+    if pinned:
+        bm, bn, w, s = (int(x) for x in pinned.split(","))
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_tma_pre_hook)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_tma_pre_hook)
             for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for s in (2, 3)]
 
 
@@ -172,7 +207,8 @@ def _kernel(interpret: bool):
                 "to use the PyTorch reference on CPU.")
         jitted = triton.jit(_bsa_fwd_kernel)
         if not interpret:
-            jitted = triton.autotune(configs=hopper_configs(), key=["S", "HEAD_DIM", "TABLE_BM", "TABLE_BN"],
+            jitted = triton.autotune(configs=hopper_configs(), key=["S", "KV_BUCKET", "HEAD_DIM", "TABLE_BM", "TABLE_BN",
+                                                                     "USE_TMA"],
                                      prune_configs_by={"early_config_prune": _prune})(jitted)
         _KERNELS[key] = jitted
     return _KERNELS[key]
@@ -189,9 +225,19 @@ def block_sparse_attention_triton(q, k, v, kv_indices, kv_counts, *, block_m: in
                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                   # The interpreter's tl.dot is wrong on bfloat16 (Triton 3.9): upcast there only.
                   DOT_F32=interpret and q.dtype == torch.bfloat16)
-    args = (q, k, v, out, lse, kv_indices, kv_counts,
+    use_tma = (USE_TMA and (interpret or torch.cuda.get_device_capability(q.device) >= (9, 0))
+               and tma_ok(k) and tma_ok(v))
+    common["USE_TMA"] = use_tma
+    k_arg, v_arg = k, v
+    if use_tma:  # under the interpreter the tile below; on the GPU the autotuner's pre-hook sets each config's
+        bn0 = min(block_n, INTERPRET_BLOCK) if interpret else 64
+        k_arg, v_arg = tma_descriptor(k, bn0), tma_descriptor(v, bn0)
+    args = (q, k_arg, v_arg, out, lse, kv_indices, kv_counts,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            *kv_indices.stride(), *kv_counts.stride(), H, S, qk_scale)
+            *kv_indices.stride(), *kv_counts.stride(), H, S, qk_scale,
+            # autotune key only (unused in the kernel): the table's width, rounded up to a power of
+            # two, so a sparse table is not run with the tile tuned for a dense one of the same S
+            triton.next_power_of_2(kv_indices.shape[-1]))
     kernel = _kernel(interpret)
     if interpret:
         bm, bn = min(block_m, INTERPRET_BLOCK), min(block_n, INTERPRET_BLOCK)
@@ -223,7 +269,7 @@ def aot_compile(*, dtype: str = "bf16", head_dim: int = 128, block_m: int = 128,
     names = fn.arg_names
     unit = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_ik", "stride_cq")
     constexprs = dict(HEAD_DIM=head_dim, TABLE_BM=table_block, TABLE_BN=table_block, EVEN_M=even, EVEN_N=even,
-                      STORE_LSE=True, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", DOT_F32=False,
+                      STORE_LSE=True, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", DOT_F32=False, USE_TMA=False,
                       BLOCK_M=block_m, BLOCK_N=block_n, **{n: 1 for n in unit})
     pointers = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "O": f"*{dtype}", "LSE": "*fp32",
                 "KV_IDX": "*i32", "KV_CNT": "*i32"}

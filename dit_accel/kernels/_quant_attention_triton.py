@@ -1,6 +1,6 @@
 """Triton kernels of quantized attention (imported only when Triton is used).
 
-Three kernels, after SageAttention (Zhang et al., ICLR 2025) and SageAttention2 (Zhang et al.,
+Four kernels, after SageAttention (Zhang et al., ICLR 2025) and SageAttention2 (Zhang et al.,
 ICML 2025):
 
 * :func:`_kv_stats_kernel` — one pass over K (and V): per-chunk partial column sums of K (for
@@ -12,23 +12,32 @@ ICML 2025):
   that the P·V dot reads its B operand K-major, which Hopper's FP8 ``wgmma`` requires. Outputs
   are padded to ``S_pad`` (a multiple of 128) with zeros, so the attention kernel loads K and V
   without masks.
-* :func:`_attn_fwd_kernel` — FlashAttention-2-style forward. Q is quantized *inside* the kernel,
-  one scale per query row (finer than SageAttention's per-block Q, and free: Q is loaded once per
-  program and the row scale multiplies the scores like a block scale would), which costs no extra
-  pass over Q; ``sm_scale·log2(e)`` is folded into that scale and the softmax uses ``exp2``.
-  QK^T is an INT8 dot with int32 accumulation (or an FP8 dot), dequantized with one multiply by
-  ``q_scale · k_scale``. P·V: FP8 — P is scaled by 448 through the ``exp2`` offset
-  ``log2(448)`` (the scale cancels in ``acc / l``, SageAttention2's static P scale) and the
-  FP8 dot result is added to a float32 accumulator every tile (two-level accumulation, as
-  SageAttention2, because Hopper's FP8 MMA accumulates with fewer bits); or 16-bit — P in V's
-  dtype, the raw bf16/fp16 V, fp32 accumulation.
+* :func:`_q_quant_kernel` — Q per row (one scale per token, finer than SageAttention's per-block
+  Q), ``sm_scale·log2(e)`` folded into the stored scale, padded to ``S_pad`` rows; with an LSE it
+  also stores ``sm_scale · q·mean(K)`` per row. A separate pass, not in the attention kernel: loaded
+  straight from memory, the Q tile stays in shared memory as a ``wgmma`` operand and its row scale
+  arrives in the accumulator's layout (quantized in registers, Q was re-read through ``LDSM`` and
+  the scale crossed layouts through shared memory with two barriers, every kv step).
+* :func:`_attn_fwd_kernel` — FlashAttention-2-style forward with ``exp2``. QK^T is an INT8 dot
+  with int32 accumulation, turned into float32 by adding the bits of 1.5·2^23 (exact for
+  ``|qk| < 2^22``) instead of the conversion unit, which on Hopper runs at the rate of ``exp2``
+  (16/clk/SM); the offset is removed inside the scaling FMA. Or an FP8 dot. Dequantized with one
+  multiply by ``q_scale · k_scale``. P·V: FP8 — P is scaled by 448 through the ``exp2`` offset
+  ``log2(448)`` (the scale cancels in ``acc / l``, SageAttention2's static P scale) and the FP8 dot
+  result is added to a float32 accumulator every tile (two-level accumulation, as SageAttention2,
+  because Hopper's FP8 MMA accumulates with fewer bits); or 16-bit — P in V's dtype, the raw
+  bf16/fp16 V, fp32 accumulation. K / V tiles arrive by TMA descriptors on sm_90+
+  (``DIT_ACCEL_TMA=0``: ``cp.async`` pointer loads).
 
 The kv loop walks either all kv tiles (``DENSE``) or the kv-blocks of the table row, with the
 block-sparse conventions of :mod:`dit_accel.kernels.block_sparse` (empty row → zeros and
 ``lse = -inf``; tail keys masked). Hopper notes: the tile is ``BLOCK_M`` (128 with 8 warps or
-64 with 4, dividing ``block_m``) × ``BLOCK_N`` (64/128), autotuned with 2–3 pipeline stages; both
-dots take 8-bit K-major operands from shared memory (``IGMMA``/``QGMMA``); nothing is
-warp-specialised, no TMA, no persistent grid (FlashAttention-3's tricks; not done).
+64 with 4, dividing ``block_m``) × ``BLOCK_N`` (64/128), autotuned with 2–3 pipeline stages (on an
+H200 64×128 with 4 warps, two programs per SM, wins almost everywhere). Measured and dropped: bf16 P
+rounded by integer ops, half of the ``exp2`` as an FMA-pipe polynomial (FlashAttention-4), both
+slower. Not expressible here: FlashAttention-3's ping-pong warpgroups and QK^T ``wgmma`` kept in
+flight across the softmax (Triton 3.9 waits for it right after issue; ``warp_specialize`` is
+ignored on sm_90).
 """
 
 from __future__ import annotations
@@ -137,19 +146,51 @@ def _kv_quant_kernel(
         tl.store(VT + bh * HEAD_DIM * S_PAD + offs_d[None, :] * S_PAD + rows[:, None], vq)
 
 
-def _attn_fwd_kernel(
-    Q, KQ, KSCALE, V, VSCALE, O, LSE, KMEAN, KV_IDX, KV_CNT,
+def _q_quant_kernel(
+    Q, KMEAN, QQ, QSCALE, QKM,
     stride_qb, stride_qh, stride_qs, stride_qd,
+    H, S, S_PAD, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, Q_FP8: tl.constexpr, WITH_KM: tl.constexpr,
+    SOFT_FP8: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    bh = pid_bh.to(tl.int64)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    rows = pid_n * ROWS + tl.arange(0, ROWS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                mask=rows[:, None] < S, other=0.0).to(tl.float32)
+    if WITH_KM:  # the LSE correction of K smoothing: sm_scale * q . mean(K), per row
+        tl.store(QKM + bh * S_PAD + rows, tl.sum(q * tl.load(KMEAN + bh * HEAD_DIM + offs_d)[None, :], 1) * sm_scale)
+    amax = tl.maximum(tl.max(tl.abs(q), 1), 1e-30)              # one scale per query row
+    if Q_FP8:
+        scale = amax / 448.0
+        qq = q / scale[:, None]
+        if SOFT_FP8:
+            qq = _fp8_rne(qq)
+        qq = qq.to(tl.float8e4nv)
+    else:
+        scale = amax / 127.0
+        qq = q / scale[:, None]
+        qq = tl.where(qq >= 0, qq + 0.5, qq - 0.5).to(tl.int8)  # round half away from zero
+    tl.store(QQ + bh * S_PAD * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :], qq)
+    tl.store(QSCALE + bh * S_PAD + rows, scale * qk_scale)      # sm_scale*log2(e) folded in
+
+
+def _attn_fwd_kernel(
+    QQ, QSCALE, QKM, KQ, KSCALE, V, VSCALE, O, LSE, KV_IDX, KV_CNT,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_os, stride_od,
     stride_ib, stride_ih, stride_iq, stride_ik,
     stride_cb, stride_ch, stride_cq,
-    H, S, S_PAD, qk_scale, sm_scale,
+    H, S, S_PAD,
     HEAD_DIM: tl.constexpr, KGRAN: tl.constexpr, TABLE_BM: tl.constexpr, TABLE_BN: tl.constexpr,
     DENSE: tl.constexpr,
     QK_FP8: tl.constexpr, PV_FP8: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    STORE_LSE: tl.constexpr, SOFT_FP8: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    STORE_LSE: tl.constexpr, SOFT_FP8: tl.constexpr, DOT_F32: tl.constexpr, 
+    USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     KS_SCALAR: tl.constexpr = BLOCK_N <= KGRAN
     SUB: tl.constexpr = TABLE_BN // BLOCK_N
@@ -163,35 +204,21 @@ def _attn_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
 
-    # --- Q: load once, quantize in registers with one scale for the tile (sm_scale*log2e folded in).
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd
-    if EVEN_M:
-        q = tl.load(q_ptrs).to(tl.float32)
-    else:
-        q = tl.load(q_ptrs, mask=offs_m[:, None] < S, other=0.0).to(tl.float32)
-    if STORE_LSE:  # the LSE of the unsmoothed scores: add back sm_scale * q.mean(K) (q dies here)
-        q_km = tl.sum(q * tl.load(KMEAN + bh * HEAD_DIM + offs_d)[None, :], 1) * sm_scale
-    q_amax = tl.maximum(tl.max(tl.abs(q), 1), 1e-30)            # one scale per query row
-    if QK_FP8:
-        q_scale = q_amax / 448.0
-        qq = q / q_scale[:, None]
-        if SOFT_FP8:
-            qq = _fp8_rne(qq)
-        qq = qq.to(tl.float8e4nv)
-    else:
-        q_scale = q_amax / 127.0
-        qq = q / q_scale[:, None]
-        qq = tl.where(qq >= 0, qq + 0.5, qq - 0.5).to(tl.int8)
-    q_scale = q_scale * qk_scale
+    # --- Q: pre-quantized (``_q_quant_kernel``), padded to S_PAD rows: loaded once, no mask.
+    qq = tl.load(QQ + bh * S_PAD * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :])
+    q_scale = tl.load(QSCALE + bh * S_PAD + offs_m)
 
-    k_base = KQ + bh * S_PAD * HEAD_DIM
+    if not USE_TMA:
+        k_base = KQ + bh * S_PAD * HEAD_DIM
     ks_base = KSCALE + bh * (S_PAD // KGRAN)
     if PV_FP8:
-        v_base = V + bh * HEAD_DIM * S_PAD                       # V^T, fp8, padded
+        if not USE_TMA:
+            v_base = V + bh * HEAD_DIM * S_PAD                   # V^T, fp8, padded
         v_scale = tl.load(VSCALE + bh * HEAD_DIM + offs_d)
         p_offset = 8.807354922057604                              # log2(448)
     else:
-        v_base = V + b * stride_vb + h * stride_vh               # raw 16-bit V
+        if not USE_TMA:
+            v_base = V + b * stride_vb + h * stride_vh           # raw 16-bit V
         p_offset = 0.0
 
     if DENSE:
@@ -212,35 +239,49 @@ def _attn_fwd_kernel(
             kb = tl.load(idx_base + (t // SUB) * stride_ik)
             start_n = kb * TABLE_BN + (t % SUB) * BLOCK_N
         cols = start_n + offs_n
-        k = tl.load(k_base + cols[None, :] * HEAD_DIM + offs_d[:, None])              # K^T tile [D, BLOCK_N]
-        if QK_FP8:
-            qk = tl.dot(qq, k).to(tl.float32)
+        if USE_TMA:
+            k = KQ.load([(bh * S_PAD + start_n).to(tl.int32), 0]).T                   # K^T tile [D, BLOCK_N]
         else:
-            qk = tl.dot(qq, k, out_dtype=tl.int32).to(tl.float32)
+            k = tl.load(k_base + cols[None, :] * HEAD_DIM + offs_d[:, None])          # K^T tile [D, BLOCK_N]
+        if QK_FP8:
+            qk = tl.dot(qq, k)
+            bias = 0.0
+        else:
+            # int32 -> float32 without the conversion unit (16/clk/SM on Hopper, the same rate as
+            # exp2): |qk| <= 128*127*127 < 2^22, so the bits of 1.5*2^23 + qk are that float exactly;
+            # the 1.5*2^23 offset is subtracted inside the FMA below (per-row bias).
+            qk = (tl.dot(qq, k, out_dtype=tl.int32) + 0x4B400000).to(tl.float32, bitcast=True)
+            bias = 12582912.0
         if not EVEN_N:
             qk = tl.where(cols[None, :] < S, qk, float("-inf"))
         if KS_SCALAR:
             # One positive scale per row: max(qk)*scale, then a single FMA per score in exp2.
             rs = q_scale * tl.load(ks_base + start_n // KGRAN)
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * rs)
-            p = tl.math.exp2(qk * rs[:, None] - (m_new - p_offset)[:, None])
+            m_new = tl.maximum(m_i, (tl.max(qk, 1) - bias) * rs)
+            p = tl.math.exp2(qk * rs[:, None] - (m_new + bias * rs - p_offset)[:, None])
         else:
+            qk = qk - bias
             s = qk * q_scale[:, None] * tl.load(ks_base + cols // KGRAN)[None, :]
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.math.exp2(s - (m_new - p_offset)[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         if PV_FP8:
-            v = tl.load(v_base + offs_d[None, :] * S_PAD + cols[:, None])               # [BLOCK_N, D], N-major
+            if USE_TMA:
+                v = V.load([(bh * HEAD_DIM).to(tl.int32), start_n]).T                    # [BLOCK_N, D], N-major
+            else:
+                v = tl.load(v_base + offs_d[None, :] * S_PAD + cols[:, None])           # [BLOCK_N, D], N-major
             if SOFT_FP8:
                 p = _fp8_rne(p)
             acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v)
         else:
-            v_ptrs = v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd
-            if EVEN_N:
-                v = tl.load(v_ptrs)
+            if USE_TMA:  # 4-d descriptor over [B, H, S, D]: keys past S arrive as zeros
+                v = V.load([b.to(tl.int32), h.to(tl.int32), start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+            elif EVEN_N:
+                v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd)
             else:
-                v = tl.load(v_ptrs, mask=cols[:, None] < S, other=0.0)
+                v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=cols[:, None] < S,
+                            other=0.0)
             if DOT_F32:  # interpreter only: its tl.dot is wrong on bfloat16 (Triton 3.9)
                 acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc * alpha[:, None])
             else:
@@ -258,6 +299,7 @@ def _attn_fwd_kernel(
     else:
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < S)
     if STORE_LSE:
+        q_km = tl.load(QKM + bh * S_PAD + offs_m)
         lse = tl.where(empty, float("-inf"), (m_i - p_offset + tl.math.log2(l_safe)) * 0.6931471805599453 + q_km)
         lse_ptrs = LSE + bh * S + offs_m
         if EVEN_M:
@@ -283,8 +325,8 @@ def hopper_configs() -> list[triton.Config]:
     pinned = os.environ.get("DIT_ACCEL_QATTN_CONFIG")
     if pinned:
         bm, bn, w, s = (int(x) for x in pinned.split(","))
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_tma_pre_hook)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_tma_pre_hook)
             for bm, bn, w, s in ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2))]
 
 
@@ -296,6 +338,25 @@ def _prune(configs, named_args, **kwargs):
 
 
 _KERNELS: dict[str, object] = {}
+
+#: K / V tiles by TMA descriptors on sm_90+ (``DIT_ACCEL_TMA=0``: cp.async pointer loads instead).
+USE_TMA = os.environ.get("DIT_ACCEL_TMA", "1") != "0"
+
+
+def _tma_pre_hook(nargs):
+    """Autotuner hook: give the K / V descriptors the block shape of the config being run."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    bn, d = nargs["BLOCK_N"], nargs["HEAD_DIM"]
+    if isinstance(nargs["KQ"], TensorDescriptor):
+        nargs["KQ"].block_shape = [bn, d]
+    if isinstance(nargs["V"], TensorDescriptor):
+        nargs["V"].block_shape = [d, bn] if nargs["PV_FP8"] else [1, 1, bn, d]
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(
+        (st * t.element_size()) % 16 == 0 for st in t.stride()[:-1])
 
 #: tiles under the interpreter (numpy is slow; small tiles exercise the shared-row and sub-tile paths).
 INTERPRET_BLOCK_M = 16
@@ -315,14 +376,15 @@ def _jit(name: str, interpret: bool):
                 "process start, or unset it to use the PyTorch reference on CPU.")
         if _fp8_rne is None:  # triton's mode (compiled / interpreted) is fixed for the process
             _fp8_rne = triton.jit(_fp8_rne_py)
-        fn = {"stats": _kv_stats_kernel, "quant": _kv_quant_kernel, "attn": _attn_fwd_kernel}[name]
+        fn = {"stats": _kv_stats_kernel, "quant": _kv_quant_kernel, "qquant": _q_quant_kernel,
+              "attn": _attn_fwd_kernel}[name]
         # S is not specialised (its 16-divisibility would compile every kernel twice for the
         # benchmark's lengths); the tail is handled by the EVEN_* constexprs instead.
         jitted = triton.jit(fn, do_not_specialize=["S"])
         if name == "attn" and not interpret:
             jitted = triton.autotune(configs=hopper_configs(),
                                      key=["S", "HEAD_DIM", "TABLE_BM", "TABLE_BN", "KGRAN", "DENSE", "QK_FP8",
-                                          "PV_FP8"],
+                                          "PV_FP8", "USE_TMA"],
                                      prune_configs_by={"early_config_prune": _prune})(jitted)
         _KERNELS[key] = jitted
     return _KERNELS[key]
@@ -373,27 +435,61 @@ def _dummy_table(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return _DUMMY_TABLES[device]
 
 
+def quantize_q_triton(q: torch.Tensor, k_mean: torch.Tensor, s_pad: int, *, qk_scale: float, sm_scale: float,
+                      q_fp8: bool, with_km: bool, interpret: bool):
+    """Quantize Q per row (INT8 or FP8), padded to ``s_pad`` rows with zeros.
+
+    Returns ``(q_q [BH, s_pad, D], q_scale [BH, s_pad] fp32 with qk_scale folded in,
+    q_km [BH, s_pad] fp32 = sm_scale * q . k_mean, or None)``.
+    """
+    B, H, S, D = q.shape
+    BH, dev = B * H, q.device
+    q_q = torch.empty(BH, s_pad, D, dtype=torch.float8_e4m3fn if q_fp8 else torch.int8, device=dev)
+    q_scale = torch.empty(BH, s_pad, dtype=torch.float32, device=dev)
+    q_km = torch.empty(BH, s_pad, dtype=torch.float32, device=dev) if with_km else None
+    rows = 16 if interpret else 64
+    ctx = torch.cuda.device(dev) if q.is_cuda else contextlib.nullcontext()
+    with ctx:
+        _jit("qquant", interpret)[(s_pad // rows, BH)](
+            q, k_mean, q_q, q_scale, q_km if with_km else q_scale, *q.stride(), H, S, s_pad, qk_scale, sm_scale,
+            HEAD_DIM=D, ROWS=rows, Q_FP8=q_fp8, WITH_KM=with_km, SOFT_FP8=interpret,
+            num_warps=4 if rows * D <= 8192 else 8)
+    return q_q, q_scale, q_km
+
+
 def quant_attention_triton(q, k, v, kv_indices, kv_counts, *, block_m: int, block_n: int, qk_scale: float,
                            sm_scale: float, qk_fp8: bool, pv_fp8: bool, smooth_k: bool, interpret: bool,
                            return_lse: bool):
-    """Quantize K/V, then run the attention kernel; inputs are assumed checked (``quant_attention``)."""
+    """Quantize Q, K and V, then run the attention kernel; inputs are assumed checked (``quant_attention``)."""
     B, H, S, D = q.shape
     dense = kv_indices is None
     k_q, k_scale, v_t, v_scale, k_mean = quantize_kv_triton(k, v, kgran=block_n, k_fp8=qk_fp8, v_fp8=pv_fp8,
                                                             smooth_k=smooth_k, interpret=interpret)
     s_pad = k_q.shape[1]
+    q_q, q_scale, q_km = quantize_q_triton(q, k_mean, s_pad, qk_scale=qk_scale, sm_scale=sm_scale, q_fp8=qk_fp8,
+                                           with_km=return_lse, interpret=interpret)
     out = torch.empty_like(q)
     lse = torch.empty((B, H, S) if return_lse else (1,), dtype=torch.float32, device=q.device)
     if dense:
         kv_indices, kv_counts = _dummy_table(q.device)
     v_arg, vs_arg = (v_t, v_scale) if pv_fp8 else (v, k_scale)
+    k_arg = k_q
+    use_tma = USE_TMA and (interpret or torch.cuda.get_device_capability(q.device) >= (9, 0)) and _tma_ok(v)
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        # under the interpreter the tile below; on the GPU the autotuner's pre-hook sets each config's
+        bn0 = (INTERPRET_BLOCK_N[True] if dense else min(block_n, INTERPRET_BLOCK_N[False])) if interpret else 64
+        k_arg = TensorDescriptor(k_q.view(B * H * s_pad, D), [B * H * s_pad, D], [D, 1], [bn0, D])
+        v_arg = (TensorDescriptor(v_t.view(B * H * D, s_pad), [B * H * D, s_pad], [s_pad, 1], [D, bn0]) if pv_fp8
+                 else TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, bn0, D]))
     common = dict(HEAD_DIM=D, KGRAN=block_n, TABLE_BN=block_n, DENSE=dense, QK_FP8=qk_fp8, PV_FP8=pv_fp8,
                   TABLE_BM=block_m, STORE_LSE=return_lse, SOFT_FP8=interpret,
-                  DOT_F32=interpret and q.dtype == torch.bfloat16)
+                  DOT_F32=interpret and q.dtype == torch.bfloat16, USE_TMA=use_tma)
 
-    args = (q, k_q, k_scale, v_arg, vs_arg, out, lse, k_mean, kv_indices, kv_counts,
-            *q.stride(), *v.stride(), *out.stride(), *kv_indices.stride(), *kv_counts.stride(),
-            H, S, s_pad, qk_scale, sm_scale)
+    args = (q_q, q_scale, q_km if return_lse else q_scale, k_arg, k_scale, v_arg, vs_arg, out, lse,
+            kv_indices, kv_counts, *v.stride(), *out.stride(), *kv_indices.stride(), *kv_counts.stride(),
+            H, S, s_pad)
 
     kernel = _jit("attn", interpret)
     if interpret:  # small tiles: several query tiles per q-block, kv sub-tiles (the GPU's paths, cheaply)

@@ -9,8 +9,7 @@ plug-and-play inference acceleration", ICLR 2025) and SageAttention2 (Zhang et a
   common in DiT keys) stop eating the INT8 range. ``smooth_k=False`` turns it off (for tests).
 * **Q, K** (``mode="int8"``): INT8, symmetric; K with one scale per kv-block of ``block_n``
   tokens (SageAttention's per-block granularity, default 64 as its ``BLKK``), Q with one scale
-  per token (finer than SageAttention's per-block Q: Q is quantized inside the attention kernel,
-  where a per-row scale costs nothing extra and lowers the error, e.g. 0.0132 → 0.0112 mean
+  per token (finer than SageAttention's per-block Q; it lowers the error, e.g. 0.0132 → 0.0112 mean
   relative L1 on random data, S=2048, D=128); QK^T is an INT8 dot with int32 accumulation, dequantized with one multiply
   by ``q_scale · k_scale`` into which ``sm_scale · log2(e)`` is folded; the softmax uses ``exp2``.
   ``mode="fp8"``: Q and K in FP8 e4m3 with the same granularity (Hopper/Ada FP8 tensor cores).
