@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,6 +41,9 @@ def parse_args(argv=None):
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--densities", default="0.5,0.25,0.15")
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                    help="q/k/v dtype; auto = bfloat16 on CUDA (the Triton kernel's fast path; float32 there "
+                         "runs an FMA-dot kernel whose autotuning alone takes minutes), float32 on the CPU")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="sparse_accuracy")
     ap.add_argument("--zoo", default=None, help="also measure a trained reference model's attention (e.g. cifar10_dit)")
@@ -71,22 +75,33 @@ def main(argv=None) -> None:
     bs, heads, d = args.block_size, args.heads, args.head_dim
     densities = [float(x) for x in args.densities.split(",")]
     svg2 = {"q_clusters": 16, "k_clusters": 32} if args.quick else {}
+    t0 = time.perf_counter()
+
+    def stage(what: str) -> None:  # progress on stderr: where a slow run spends its time
+        print(f"[{time.perf_counter() - t0:7.1f} s] {what}", file=sys.stderr, flush=True)
+
     q, k, v = structured_qkv(grid, heads, d, seed=args.seed, device=device)
+    dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32}.get(args.dtype) or getattr(torch, args.dtype)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     cq, ck, _ = structured_qkv(grid, heads, d, seed=args.seed + 1, device=device)  # calibration draw
+    stage(f"inputs {tuple(q.shape)} {q.dtype} on {device}")
     with torch.no_grad():
-        dense = F.scaled_dot_product_attention(q, k, v)
+        dense = F.scaled_dot_product_attention(q.float(), k.float(), v.float())   # exact for these inputs
+    stage("dense reference")
 
     base = AttentionConfig.from_dict({"block_size": bs, "warmup_steps": 0})
     recorder = AttentionRecorder(base, threshold=0.9)
     recorder.observe(0, cq, ck, grid, None)
     orders = recorder.paro_orders(1, {0: heads})
     perm = head_permutations(grid, orders[0], bs, device)
+    stage("PARO orders calibrated")
     maps = {}
     for reorder, layer_orders in (("none", None), ("paro", orders)):
         rec = AttentionRecorder(base, threshold=0.9, orders=layer_orders, record_maps=True)
         rec.observe(0, cq, ck, grid, None)
         mean = rec.maps[0][0].to(device)
         maps[reorder] = mean / mean.sum(-1, keepdim=True)
+    stage("static maps recorded")
 
     def run(method: str, reorder: str, compensate: bool, density: float | None):
         sparse = {"method": method}
@@ -119,6 +134,7 @@ def main(argv=None) -> None:
                                  "density": density, "used_density": used, "rel_l2": err,
                                  "rel_l2_per_head": per_head})
                     print(rows[-1], flush=True)
+                    stage(f"row {len(rows)}")
 
     def find(method, reorder, compensate, density):
         return next(r for r in rows if (r["method"], r["reorder"], r["compensate"], r["density"]) ==
@@ -127,7 +143,8 @@ def main(argv=None) -> None:
     env = environment()
     md = [f"# Block-sparse attention accuracy vs dense ({env.get('gpu', 'cpu')})", "",
           f"Structured Q/K/V (`dit_accel.attention.synthetic.structured_qkv`, seed {args.seed}): grid {grid} = "
-          f"{q.shape[2]:,} tokens, {heads} heads (kinds cycle temporal / spatial / row / local / semantic), D={d}, block {bs}. "
+          f"{q.shape[2]:,} tokens, {heads} heads (kinds cycle temporal / spatial / row / local / semantic), D={d}, block {bs}, "
+          f"{str(q.dtype).replace('torch.', '')} (dense reference in float32 on the same values). "
           f"PARO orders and static masks calibrated on seed {args.seed + 1}: orders {list(orders[0])}.", "",
           "Relative L2 error of the output vs dense SDPA (lower is better); `+c` = SVG-EAR compensation. "
           "Fixed-density rows: every q-block keeps that share of kv-blocks plus its self block (the density "
@@ -231,7 +248,7 @@ def zoo_accuracy(args, densities):
                     perm = head_permutations(grid, orders[layer], bs, q.device) if reorder == "paro" else None
                     with torch.no_grad():
                         result = sparse_self_attention(q, k, v, SparseRequest(cfg, head_perm=perm))
-                        dense = F.scaled_dot_product_attention(q, k, v)
+                        dense = F.scaled_dot_product_attention(q.float(), k.float(), v.float())   # exact for these inputs
                     errs.append(float((result.out - dense).norm() / dense.norm()))
                     used.append(float(result.kept) / result.total)
                 rows.append({"method": method, "reorder": reorder, "density": density,
