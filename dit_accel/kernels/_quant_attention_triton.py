@@ -69,7 +69,36 @@ def _fp8_rne_py(x):
     return tl.where(x < 0, -r * ulp, r * ulp)
 
 
-_fp8_rne = None  # the jitted helper, made by _jit() in the mode (compiled / interpreted) of the kernels
+def _to_codes_py(x, FP8: tl.constexpr, SOFT_FP8: tl.constexpr):
+    """``x`` already divided by its scale → FP8 e4m3 codes (round to nearest even) or INT8 codes
+    (round half away from zero)."""
+    if FP8:  # a constexpr branch: one return type per specialisation
+        if SOFT_FP8:
+            x = _fp8_rne(x)
+        codes = x.to(tl.float8e4nv)
+    else:
+        codes = tl.where(x >= 0, x + 0.5, x - 0.5).to(tl.int8)
+    return codes
+
+
+def _load_rows_py(X, stride_b, stride_h, stride_s, stride_d, b, h, rows, S, HEAD_DIM: tl.constexpr):
+    """Rows ``rows`` of ``X[b, h]`` as float32 ``[len(rows), HEAD_DIM]``, zeros past ``S``."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    return tl.load(X + b * stride_b + h * stride_h + rows[:, None] * stride_s + offs_d[None, :] * stride_d,
+                   mask=rows[:, None] < S, other=0.0).to(tl.float32)
+
+
+def _row_tile_py(H):
+    """Grid ``(row tiles, B*H)``: this program's row-tile index, its flat (batch, head) and b, h (int64)."""
+    pid_bh = tl.program_id(1)
+    return tl.program_id(0), pid_bh.to(tl.int64), (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+
+
+# the jitted helpers, made by _jit() in the mode (compiled / interpreted) of the kernels
+_fp8_rne = None
+_to_codes = None
+_load_rows = None
+_row_tile = None
 
 
 def _kv_stats_kernel(
@@ -88,13 +117,9 @@ def _kv_stats_kernel(
     vmax = tl.zeros([HEAD_DIM], dtype=tl.float32)
     for i in range(ITERS):
         rows = (pid_c * ITERS + i) * ROWS + tl.arange(0, ROWS)
-        ok = rows[:, None] < S
-        k = tl.load(K + b * stride_kb + h * stride_kh + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                    mask=ok, other=0.0).to(tl.float32)
-        ksum += tl.sum(k, 0)
+        ksum += tl.sum(_load_rows(K, stride_kb, stride_kh, stride_ks, stride_kd, b, h, rows, S, HEAD_DIM), 0)
         if WITH_V:
-            v = tl.load(V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                        mask=ok, other=0.0).to(tl.float32)
+            v = _load_rows(V, stride_vb, stride_vh, stride_vs, stride_vd, b, h, rows, S, HEAD_DIM)
             vmax = tl.maximum(vmax, tl.max(tl.abs(v), 0))
     out = (pid_bh.to(tl.int64) * NCHUNK + pid_c) * HEAD_DIM + offs_d
     tl.store(KSUM + out, ksum)
@@ -110,39 +135,18 @@ def _kv_quant_kernel(
     HEAD_DIM: tl.constexpr, KGRAN: tl.constexpr, K_FP8: tl.constexpr, WITH_V: tl.constexpr,
     SOFT_FP8: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    bh = pid_bh.to(tl.int64)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    pid_n, bh, b, h = _row_tile(H)
     rows = pid_n * KGRAN + tl.arange(0, KGRAN)
     offs_d = tl.arange(0, HEAD_DIM)
-    ok = rows[:, None] < S
-    k = tl.load(K + b * stride_kb + h * stride_kh + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                mask=ok, other=0.0).to(tl.float32)
-    mean = tl.load(KMEAN + bh * HEAD_DIM + offs_d)
-    k = tl.where(ok, k - mean[None, :], 0.0)
-    amax = tl.max(tl.max(tl.abs(k), 1), 0)
-    if K_FP8:
-        scale = tl.maximum(amax, 1e-30) / 448.0
-        kq = k / scale
-        if SOFT_FP8:
-            kq = _fp8_rne(kq)
-        kq = kq.to(tl.float8e4nv)
-    else:
-        scale = tl.maximum(amax, 1e-30) / 127.0
-        kq = k / scale
-        kq = tl.where(kq >= 0, kq + 0.5, kq - 0.5).to(tl.int8)   # round half away from zero
-    tl.store(KQ + bh * S_PAD * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :], kq)
+    k = _load_rows(K, stride_kb, stride_kh, stride_ks, stride_kd, b, h, rows, S, HEAD_DIM)
+    k = tl.where(rows[:, None] < S, k - tl.load(KMEAN + bh * HEAD_DIM + offs_d)[None, :], 0.0)
+    scale = tl.maximum(tl.max(tl.max(tl.abs(k), 1), 0), 1e-30) / (448.0 if K_FP8 else 127.0)
+    tl.store(KQ + bh * S_PAD * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :],
+             _to_codes(k / scale, K_FP8, SOFT_FP8))
     tl.store(KSCALE + bh * (S_PAD // KGRAN) + pid_n, scale)
     if WITH_V:
-        v = tl.load(V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                    mask=ok, other=0.0).to(tl.float32)
-        vs = tl.load(VSCALE + bh * HEAD_DIM + offs_d)
-        vq = v / vs[None, :]
-        if SOFT_FP8:
-            vq = _fp8_rne(vq)
-        vq = vq.to(tl.float8e4nv)
+        v = _load_rows(V, stride_vb, stride_vh, stride_vs, stride_vd, b, h, rows, S, HEAD_DIM)
+        vq = _to_codes(v / tl.load(VSCALE + bh * HEAD_DIM + offs_d)[None, :], True, SOFT_FP8)
         tl.store(VT + bh * HEAD_DIM * S_PAD + offs_d[None, :] * S_PAD + rows[:, None], vq)
 
 
@@ -153,31 +157,16 @@ def _q_quant_kernel(
     HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, Q_FP8: tl.constexpr, WITH_KM: tl.constexpr,
     SOFT_FP8: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    bh = pid_bh.to(tl.int64)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    pid_n, bh, b, h = _row_tile(H)
     rows = pid_n * ROWS + tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                mask=rows[:, None] < S, other=0.0).to(tl.float32)
+    q = _load_rows(Q, stride_qb, stride_qh, stride_qs, stride_qd, b, h, rows, S, HEAD_DIM)
     if WITH_KM:  # the LSE correction of K smoothing: sm_scale * q . mean(K), per row
         tl.store(QKM + bh * S_PAD + rows, tl.sum(q * tl.load(KMEAN + bh * HEAD_DIM + offs_d)[None, :], 1) * sm_scale)
-    amax = tl.maximum(tl.max(tl.abs(q), 1), 1e-30)              # one scale per query row
-    if Q_FP8:
-        scale = amax / 448.0
-        qq = q / scale[:, None]
-        if SOFT_FP8:
-            qq = _fp8_rne(qq)
-        qq = qq.to(tl.float8e4nv)
-    else:
-        scale = amax / 127.0
-        qq = q / scale[:, None]
-        qq = tl.where(qq >= 0, qq + 0.5, qq - 0.5).to(tl.int8)  # round half away from zero
-    tl.store(QQ + bh * S_PAD * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :], qq)
+    scale = tl.maximum(tl.max(tl.abs(q), 1), 1e-30) / (448.0 if Q_FP8 else 127.0)   # one scale per query row
+    tl.store(QQ + bh * S_PAD * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :],
+             _to_codes(q / scale[:, None], Q_FP8, SOFT_FP8))
     tl.store(QSCALE + bh * S_PAD + rows, scale * qk_scale)      # sm_scale*log2(e) folded in
-
 
 def _attn_fwd_kernel(
     QQ, QSCALE, QKM, KQ, KSCALE, V, VSCALE, O, LSE, KV_IDX, KV_CNT,
@@ -366,7 +355,7 @@ INTERPRET_BLOCK_N = {True: 32, False: 16}   # dense: 32, sparse: min(16, block_n
 def _jit(name: str, interpret: bool):
     from ._block_sparse_triton import interpreter_ready
 
-    global _fp8_rne
+    global _fp8_rne, _to_codes, _load_rows, _row_tile
     key = f"{name}:{'interpret' if interpret else 'cuda'}"
     if key not in _KERNELS:
         if interpret and not interpreter_ready():
@@ -376,6 +365,9 @@ def _jit(name: str, interpret: bool):
                 "process start, or unset it to use the PyTorch reference on CPU.")
         if _fp8_rne is None:  # triton's mode (compiled / interpreted) is fixed for the process
             _fp8_rne = triton.jit(_fp8_rne_py)
+            _to_codes = triton.jit(_to_codes_py)
+            _load_rows = triton.jit(_load_rows_py)
+            _row_tile = triton.jit(_row_tile_py)
         fn = {"stats": _kv_stats_kernel, "quant": _kv_quant_kernel, "qquant": _q_quant_kernel,
               "attn": _attn_fwd_kernel}[name]
         # S is not specialised (its 16-divisibility would compile every kernel twice for the
