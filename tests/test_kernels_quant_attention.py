@@ -112,14 +112,14 @@ def test_sparse_with_all_blocks_equals_dense(interpret, pv):
 def test_tma_and_pointer_loads_agree(interpret, monkeypatch, pv):
     """K/V tiles by TMA descriptors (the sm_90 default) and by pointer loads give the same result,
     with tails past S (the descriptor zero-fills them, the pointer path masks them)."""
-    import dit_accel.kernels._quant_attention_triton as qat
+    import dit_accel.kernels._block_sparse_triton as bst   # one TMA switch for both kernels
 
     q, k, v = qkv(S=77, D=32, seed=8)
     g = torch.Generator().manual_seed(9)
     idx, cnt = mask_to_block_table(torch.rand(1, 2, 3, 5, generator=g) < 0.6)
     outs = []
     for tma in (True, False):
-        monkeypatch.setattr(qat, "USE_TMA", tma)
+        monkeypatch.setattr(bst, "USE_TMA", tma)
         outs.append(kernel(q, k, v, idx, cnt, block_m=32, block_n=16, pv=pv, return_lse=True))
     assert torch.equal(outs[0][0], outs[1][0])
     assert torch.equal(outs[0][1], outs[1][1])

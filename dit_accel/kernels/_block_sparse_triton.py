@@ -158,18 +158,31 @@ def tma_descriptor(t: torch.Tensor, block_n: int):
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, t.shape[-1]])
 
 
-#: K / V tiles by TMA descriptors on sm_90+ (``DIT_ACCEL_TMA=0``: cp.async pointer loads instead).
+#: K / V tiles by TMA descriptors on sm_90+, in both kernels (``DIT_ACCEL_TMA=0``: cp.async pointer loads).
 USE_TMA = os.environ.get("DIT_ACCEL_TMA", "1") != "0"
 
 
-def hopper_configs() -> list[triton.Config]:
-    """Autotune space on CUDA: tiles 64/128, 4/8 warps, 2/3 pipeline stages (pruned per table)."""
-    pinned = os.environ.get("DIT_ACCEL_BSA_CONFIG")
+def use_tma(device: torch.device, interpret: bool, *tensors: torch.Tensor) -> bool:
+    """TMA on (:data:`USE_TMA`), an sm_90+ GPU (or the interpreter), and every tensor addressable by it."""
+    return (USE_TMA and (interpret or torch.cuda.get_device_capability(device) >= (9, 0))
+            and all(tma_ok(t) for t in tensors))
+
+
+def tile_configs(space, env: str, pre_hook) -> list[triton.Config]:
+    """``triton.Config`` per ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of ``space``, or only the one
+    pinned by the environment variable ``env`` ("BLOCK_M,BLOCK_N,num_warps,num_stages": no autotuning)."""
+    pinned = os.environ.get(env)
     if pinned:
-        bm, bn, w, s = (int(x) for x in pinned.split(","))
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_tma_pre_hook)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_tma_pre_hook)
-            for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for s in (2, 3)]
+        space = [tuple(int(x) for x in pinned.split(","))]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=pre_hook)
+            for bm, bn, w, s in space]
+
+
+def hopper_configs() -> list[triton.Config]:
+    """Autotune space on CUDA: tiles 64/128, 4/8 warps, 2/3 pipeline stages (pruned per table);
+    ``DIT_ACCEL_BSA_CONFIG`` pins one."""
+    return tile_configs([(bm, bn, w, s) for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for s in (2, 3)],
+                        "DIT_ACCEL_BSA_CONFIG", _tma_pre_hook)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -225,11 +238,10 @@ def block_sparse_attention_triton(q, k, v, kv_indices, kv_counts, *, block_m: in
                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                   # The interpreter's tl.dot is wrong on bfloat16 (Triton 3.9): upcast there only.
                   DOT_F32=interpret and q.dtype == torch.bfloat16)
-    use_tma = (USE_TMA and (interpret or torch.cuda.get_device_capability(q.device) >= (9, 0))
-               and tma_ok(k) and tma_ok(v))
-    common["USE_TMA"] = use_tma
+    tma = use_tma(q.device, interpret, k, v)
+    common["USE_TMA"] = tma
     k_arg, v_arg = k, v
-    if use_tma:  # under the interpreter the tile below; on the GPU the autotuner's pre-hook sets each config's
+    if tma:  # under the interpreter the tile below; on the GPU the autotuner's pre-hook sets each config's
         bn0 = min(block_n, INTERPRET_BLOCK) if interpret else 64
         k_arg, v_arg = tma_descriptor(k, bn0), tma_descriptor(v, bn0)
     args = (q, k_arg, v_arg, out, lse, kv_indices, kv_counts,

@@ -43,11 +43,12 @@ ignored on sm_90).
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ._block_sparse_triton import interpreter_ready, tile_configs, tma_descriptor, use_tma
 
 #: padded length multiple of the quantized K / V buffers (covers every tile and table block).
 PAD = 128
@@ -306,17 +307,13 @@ def hopper_configs() -> list[triton.Config]:
     accumulator), 64x64 and 64x128 with 4 warps (one warpgroup, two programs per SM).
 
     Checked ahead of time for sm_90 with Triton 3.9 (not timed): the dots become ``IGMMA.S8.S8`` /
-    ``QGMMA.E4M3.E4M3`` (and ``HGMMA.BF16`` for 16-bit P·V), K/V tiles arrive by ``cp.async``;
+    ``QGMMA.E4M3.E4M3`` (and ``HGMMA.BF16`` for 16-bit P·V), K/V tiles arrive by TMA (or ``cp.async``);
     128x64 tiles fit in 175-252 registers without spills, 128x128 tiles with FP8 P·V spill ~250
     bytes (kept so the autotuner can reject them by timing). ``DIT_ACCEL_QATTN_CONFIG=
     "BLOCK_M,BLOCK_N,num_warps,num_stages"`` pins one config (no autotuning).
     """
-    pinned = os.environ.get("DIT_ACCEL_QATTN_CONFIG")
-    if pinned:
-        bm, bn, w, s = (int(x) for x in pinned.split(","))
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_tma_pre_hook)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_tma_pre_hook)
-            for bm, bn, w, s in ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2))]
+    return tile_configs(((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2)),
+                        "DIT_ACCEL_QATTN_CONFIG", _tma_pre_hook)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -327,10 +324,6 @@ def _prune(configs, named_args, **kwargs):
 
 
 _KERNELS: dict[str, object] = {}
-
-#: K / V tiles by TMA descriptors on sm_90+ (``DIT_ACCEL_TMA=0``: cp.async pointer loads instead).
-USE_TMA = os.environ.get("DIT_ACCEL_TMA", "1") != "0"
-
 
 def _tma_pre_hook(nargs):
     """Autotuner hook: give the K / V descriptors the block shape of the config being run."""
@@ -343,18 +336,12 @@ def _tma_pre_hook(nargs):
         nargs["V"].block_shape = [d, bn] if nargs["PV_FP8"] else [1, 1, bn, d]
 
 
-def _tma_ok(t: torch.Tensor) -> bool:
-    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(
-        (st * t.element_size()) % 16 == 0 for st in t.stride()[:-1])
-
 #: tiles under the interpreter (numpy is slow; small tiles exercise the shared-row and sub-tile paths).
 INTERPRET_BLOCK_M = 16
 INTERPRET_BLOCK_N = {True: 32, False: 16}   # dense: 32, sparse: min(16, block_n)
 
 
 def _jit(name: str, interpret: bool):
-    from ._block_sparse_triton import interpreter_ready
-
     global _fp8_rne, _to_codes, _load_rows, _row_tile
     key = f"{name}:{'interpret' if interpret else 'cuda'}"
     if key not in _KERNELS:
@@ -466,18 +453,18 @@ def quant_attention_triton(q, k, v, kv_indices, kv_counts, *, block_m: int, bloc
         kv_indices, kv_counts = _dummy_table(q.device)
     v_arg, vs_arg = (v_t, v_scale) if pv_fp8 else (v, k_scale)
     k_arg = k_q
-    use_tma = USE_TMA and (interpret or torch.cuda.get_device_capability(q.device) >= (9, 0)) and _tma_ok(v)
-    if use_tma:
+    tma = use_tma(q.device, interpret, v)   # K and V^T are our own aligned buffers
+    if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         # under the interpreter the tile below; on the GPU the autotuner's pre-hook sets each config's
         bn0 = (INTERPRET_BLOCK_N[True] if dense else min(block_n, INTERPRET_BLOCK_N[False])) if interpret else 64
         k_arg = TensorDescriptor(k_q.view(B * H * s_pad, D), [B * H * s_pad, D], [D, 1], [bn0, D])
         v_arg = (TensorDescriptor(v_t.view(B * H * D, s_pad), [B * H * D, s_pad], [s_pad, 1], [D, bn0]) if pv_fp8
-                 else TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, bn0, D]))
+                 else tma_descriptor(v, bn0))
     common = dict(HEAD_DIM=D, KGRAN=block_n, TABLE_BN=block_n, DENSE=dense, QK_FP8=qk_fp8, PV_FP8=pv_fp8,
                   TABLE_BM=block_m, STORE_LSE=return_lse, SOFT_FP8=interpret,
-                  DOT_F32=interpret and q.dtype == torch.bfloat16, USE_TMA=use_tma)
+                  DOT_F32=interpret and q.dtype == torch.bfloat16, USE_TMA=tma)
 
     args = (q_q, q_scale, q_km if return_lse else q_scale, k_arg, k_scale, v_arg, vs_arg, out, lse,
             kv_indices, kv_counts, *v.stride(), *out.stride(), *kv_indices.stride(), *kv_counts.stride(),
