@@ -12,7 +12,8 @@ software pipeliner (``num_stages``) sees a single loop whose K/V loads it can pr
 
 Masking: only when ``S`` is not a multiple of the table block (constexpr ``EVEN_M``/``EVEN_N``):
 query rows past ``S`` are loaded as zeros and not stored, keys past ``S`` are not loaded and get
-a score of ``-inf``. The running max starts at a large finite negative value (not ``-inf``) so a
+a score of ``-inf`` — only in the tile that holds the sequence end (a uniform branch; selecting in
+every tile cost 9% at 32,760 tokens on an H200: ``benchmarks/results/kernel_variants_h200/``). The running max starts at a large finite negative value (not ``-inf``) so a
 sub-tile lying wholly past ``S`` cannot produce ``-inf - -inf = nan``.
 
 The kernel is jitted lazily (:func:`_kernel`), so whether Triton interprets it is decided by
@@ -24,9 +25,11 @@ descriptors over ``[B, H, S, D]`` (any 16-byte-aligned strides; keys past ``S`` 
 or, with ``DIT_ACCEL_TMA=0`` or unaligned strides, by 16-byte ``cp.async`` ``num_stages`` deep.
 ptxas, D=128: 128x128 tiles with 8 warps use 203 registers (255 with tail masking) and no spills;
 128-row tiles with 4 warps spill (36 bytes), hence :func:`_prune` drops them for D=128. On an H200
-TMA was 5% faster at 32,760 tokens and equal at 75,600. Not done: warp specialisation / ping-pong
-of two softmax warpgroups (FlashAttention-3; Triton 3.9 ignores ``warp_specialize`` on sm_90), a
-persistent grid ordered heaviest q-block first, FP8 (see :mod:`._quant_attention_triton`).
+TMA was 5% faster at 32,760 tokens and equal at 75,600. Triton's automatic Hopper warp
+specialisation engages only with the tile split by hand into two 64-row halves and Q by TMA; written
+that way this kernel ran at 300–314 TFLOP/s against 461–490 for this one in the same run
+(``benchmarks/results/kernel_variants_h200/ws_exp.json``), so it is not used. Not done: a persistent
+grid ordered heaviest q-block first, FP8 (see :mod:`._quant_attention_triton`).
 """
 
 from __future__ import annotations
@@ -100,7 +103,8 @@ def _bsa_fwd_kernel(
             k = k.to(tl.float32)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)
         if not EVEN_N:
-            qk = tl.where(cols[None, :] < S, qk, float("-inf"))
+            if start_n + BLOCK_N > S:  # only the tile holding the sequence end: a uniform branch
+                qk = tl.where(cols[None, :] < S, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)

@@ -31,13 +31,16 @@ ICML 2025):
 
 The kv loop walks either all kv tiles (``DENSE``) or the kv-blocks of the table row, with the
 block-sparse conventions of :mod:`dit_accel.kernels.block_sparse` (empty row → zeros and
-``lse = -inf``; tail keys masked). Hopper notes: the tile is ``BLOCK_M`` (128 with 8 warps or
+``lse = -inf``; tail keys masked, in the tile holding the sequence end only). Hopper notes: the tile is ``BLOCK_M`` (128 with 8 warps or
 64 with 4, dividing ``block_m``) × ``BLOCK_N`` (64/128), autotuned with 2–3 pipeline stages (on an
 H200 64×128 with 4 warps, two programs per SM, wins almost everywhere). Measured and dropped: bf16 P
 rounded by integer ops, half of the ``exp2`` as an FMA-pipe polynomial (FlashAttention-4), both
 slower. Not expressible here: FlashAttention-3's ping-pong warpgroups and QK^T ``wgmma`` kept in
-flight across the softmax (Triton 3.9 waits for it right after issue; ``warp_specialize`` is
-ignored on sm_90).
+flight across the softmax (Triton 3.9 waits for it right after issue). Triton's automatic Hopper
+warp specialisation (``tl.range(warp_specialize=True)``) engages only when the tile is split by hand
+into two 64-row halves with Q by TMA (one producer warp, two consumer warpgroups); an all-FP8 kernel
+written that way ran at 447–462 TFLOP/s dense on an H200 against this kernel's 669–696 in the same
+run (``benchmarks/results/kernel_variants_h200/ws_exp.json``): not used.
 """
 
 from __future__ import annotations
@@ -243,7 +246,8 @@ def _attn_fwd_kernel(
             qk = (tl.dot(qq, k, out_dtype=tl.int32) + 0x4B400000).to(tl.float32, bitcast=True)
             bias = 12582912.0
         if not EVEN_N:
-            qk = tl.where(cols[None, :] < S, qk, float("-inf"))
+            if start_n + BLOCK_N > S:  # only the tile holding the sequence end: a uniform branch
+                qk = tl.where(cols[None, :] < S, qk, float("-inf"))
         if KS_SCALAR:
             # One positive scale per row: max(qk)*scale, then a single FMA per score in exp2.
             rs = q_scale * tl.load(ks_base + start_n // KGRAN)
