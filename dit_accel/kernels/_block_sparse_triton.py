@@ -183,10 +183,15 @@ def tile_configs(space, env: str, pre_hook) -> list[triton.Config]:
 
 
 def hopper_configs() -> list[triton.Config]:
-    """Autotune space on CUDA: tiles 64/128, 4/8 warps, 2/3 pipeline stages (pruned per table);
-    ``DIT_ACCEL_BSA_CONFIG`` pins one."""
-    return tile_configs([(bm, bn, w, s) for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for s in (2, 3)],
-                        "DIT_ACCEL_BSA_CONFIG", _tma_pre_hook)
+    """Autotune space on CUDA: tiles 64/128, 4/8 warps, 2/3 pipeline stages (pruned per table), plus
+    64-row tiles with 4 warps and *one* stage; ``DIT_ACCEL_BSA_CONFIG`` pins one.
+
+    The one-stage tiles need 50 KB of shared memory (64x128) instead of 147 KB with two stages, so
+    two programs share an SM instead of one; on an H200 64x128x4w x 1 stage was the fastest tile at
+    S = 32,760 and 75,600, dense and 25% (539 vs 505 useful TFLOP/s for the best 2-3-stage tile at
+    32,760 / 25%: ``benchmarks/results/kernel_variants_h200/cfg_sweep.json``)."""
+    space = [(bm, bn, w, s) for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for s in (2, 3)]
+    return tile_configs(space + [(64, 64, 4, 1), (64, 128, 4, 1)], "DIT_ACCEL_BSA_CONFIG", _tma_pre_hook)
 
 
 def _prune(configs, named_args, **kwargs):
