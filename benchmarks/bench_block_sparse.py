@@ -16,7 +16,8 @@ across programs; the same masks go to both sparse implementations:
 * ``cudnn`` — dense ``scaled_dot_product_attention`` under
   ``sdpa_kernel([SDPBackend.CUDNN_ATTENTION])`` (density has no effect on it: the bar to beat).
 
-Reported: median milliseconds (CUDA events, variants interleaved per round after warm-up),
+Reported: the tile the autotuner chose (JSON ``dit_accel_tile``: it can differ between runs when
+the GPU's clocks vary), median milliseconds (CUDA events, variants interleaved per round after warm-up),
 *useful* TFLOP/s = 4·D·(token pairs in the kept blocks) / time (so the dense baseline's useful
 rate falls with density while its time does not), speedups, and the max |difference| of
 dit_accel to flex (same mask) and, at density 1.0, to cuDNN.
@@ -157,7 +158,7 @@ def main(argv=None) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
 
-    from common import environment, median_spread, reps_for, time_call, write_results
+    from common import autotuned_tile, environment, median_spread, reps_for, time_call, write_results
     from dit_accel.kernels import block_sparse_attention, mask_to_block_table
 
     cuda = torch.cuda.is_available()
@@ -226,7 +227,8 @@ def main(argv=None) -> None:
                 for name, fn in fns.items():
                     times[name].append(time_call(fn, reps[name]))
             row = {"S": S, "H": H, "B": B, "D": D, "block": blk, "density": density,
-                   "actual_density": float(mask.float().mean()), "useful_gflop": flops / 1e9, "errors": errors}
+                   "actual_density": float(mask.float().mean()), "useful_gflop": flops / 1e9, "errors": errors,
+                   "dit_accel_tile": _last_tile(autotuned_tile) if "dit_accel" in fns else None}
             for name in fns:
                 med, spread = median_spread(times[name])
                 row[f"{name}_ms"], row[f"{name}_spread_ms"] = med, spread
@@ -251,6 +253,15 @@ def main(argv=None) -> None:
     env = environment()
     write_results(args.name, {"environment": env, "args": vars(args), "rows": rows},
                   render_markdown(rows, variants, args, env))
+
+
+def _last_tile(autotuned_tile):
+    """The tile dit_accel's autotuned kernel last ran with (None on the CPU paths)."""
+    try:
+        from dit_accel.kernels._block_sparse_triton import _KERNELS
+    except ImportError:
+        return None
+    return autotuned_tile(_KERNELS.get("cuda"))
 
 
 def render_markdown(rows, variants, args, env) -> str:

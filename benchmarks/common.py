@@ -59,6 +59,16 @@ def reps_for(fn: Callable[[], object], min_ms: float) -> int:
     return max(1, math.ceil(min_ms / max(time_call(fn), 1e-3))) if min_ms > 0 else 1
 
 
+def autotuned_tile(kernel) -> str | None:
+    """The config a ``triton.autotune``-d kernel ran with last, as "BLOCK_MxBLOCK_N wW sS" (None if it
+    has not run). The autotuner's choice can differ between runs when clocks vary (power cap), so
+    results record it."""
+    cfg = getattr(kernel, "best_config", None)
+    if cfg is None:
+        return None
+    return f"{cfg.kwargs.get('BLOCK_M')}x{cfg.kwargs.get('BLOCK_N')} w{cfg.num_warps} s{cfg.num_stages}"
+
+
 def median_spread(values: list[float]) -> tuple[float, float]:
     """Median and half the min-max range, in the units given."""
     return statistics.median(values), (max(values) - min(values)) / 2
