@@ -34,3 +34,14 @@ def test_quick_mode_writes_json_and_markdown(script, stem, tmp_path, monkeypatch
         assert at("paro", 0.25) < at("none", 0.25)
     else:
         assert all(r["used_density"] <= 1.0 for r in payload["rows"])
+
+
+def test_autotuned_tile_names_the_config_a_kernel_last_ran_with():
+    triton = pytest.importorskip("triton")
+    autotuned_tile = _load("common").autotuned_tile
+
+    class Tuned:
+        best_config = triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=1)
+
+    assert autotuned_tile(Tuned()) == "64x128 w4 s1"
+    assert autotuned_tile(None) is None and autotuned_tile(object()) is None  # not autotuned / not run yet
