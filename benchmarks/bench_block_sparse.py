@@ -158,7 +158,7 @@ def main(argv=None) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
 
-    from common import autotuned_tile, environment, median_spread, reps_for, time_call, write_results
+    from common import environment, median_spread, reps_for, time_call, write_results
     from dit_accel.kernels import block_sparse_attention, mask_to_block_table
 
     cuda = torch.cuda.is_available()
@@ -228,7 +228,7 @@ def main(argv=None) -> None:
                     times[name].append(time_call(fn, reps[name]))
             row = {"S": S, "H": H, "B": B, "D": D, "block": blk, "density": density,
                    "actual_density": float(mask.float().mean()), "useful_gflop": flops / 1e9, "errors": errors,
-                   "dit_accel_tile": _last_tile(autotuned_tile) if "dit_accel" in fns else None}
+                   "dit_accel_tile": _last_tile() if "dit_accel" in fns else None}
             for name in fns:
                 med, spread = median_spread(times[name])
                 row[f"{name}_ms"], row[f"{name}_spread_ms"] = med, spread
@@ -255,8 +255,10 @@ def main(argv=None) -> None:
                   render_markdown(rows, variants, args, env))
 
 
-def _last_tile(autotuned_tile):
+def _last_tile():
     """The tile dit_accel's autotuned kernel last ran with (None on the CPU paths)."""
+    from common import autotuned_tile
+
     try:
         from dit_accel.kernels._block_sparse_triton import _KERNELS
     except ImportError:

@@ -12,9 +12,10 @@ software pipeliner (``num_stages``) sees a single loop whose K/V loads it can pr
 
 Masking: only when ``S`` is not a multiple of the table block (constexpr ``EVEN_M``/``EVEN_N``):
 query rows past ``S`` are loaded as zeros and not stored, keys past ``S`` are not loaded and get
-a score of ``-inf`` — only in the tile that holds the sequence end (a uniform branch; selecting in
-every tile cost 9% at 32,760 tokens on an H200: ``benchmarks/results/kernel_variants_h200/``). The running max starts at a large finite negative value (not ``-inf``) so a
-sub-tile lying wholly past ``S`` cannot produce ``-inf - -inf = nan``.
+a score of ``-inf`` — only in the tile that holds the sequence end, behind a uniform branch (a select
+in every tile cost 9% at 25% density and 16% dense at 32,760 tokens on an H200:
+``benchmarks/results/kernel_variants_h200/``). The running max starts at a large finite negative
+value (not ``-inf``) so a sub-tile lying wholly past ``S`` cannot produce ``-inf - -inf = nan``.
 
 The kernel is jitted lazily (:func:`_kernel`), so whether Triton interprets it is decided by
 ``TRITON_INTERPRET`` when it is first needed, not when this module is imported.
@@ -23,8 +24,9 @@ Hopper (sm_90), checked ahead of time without a GPU (:func:`aot_compile`, Triton
 ``tl.dot`` become ``wgmma`` (SASS ``HGMMA.64x128x16.F32.BF16``); K/V tiles arrive by TMA
 descriptors over ``[B, H, S, D]`` (any 16-byte-aligned strides; keys past ``S`` arrive as zeros)
 or, with ``DIT_ACCEL_TMA=0`` or unaligned strides, by 16-byte ``cp.async`` ``num_stages`` deep.
-ptxas, D=128: 128x128 tiles with 8 warps use 203 registers (255 with tail masking) and no spills;
-128-row tiles with 4 warps spill (36 bytes), hence :func:`_prune` drops them for D=128. On an H200
+ptxas, D=128, TMA, tail masking (``cuobjdump -res-usage``): 128x128 tiles with 8 warps use 193 / 224
+registers with 2 / 3 stages, 64x128 with 4 warps 170 / 192 / 224 with 1 / 2 / 3 stages, no spills;
+128-row tiles with 4 warps spill, hence :func:`_prune` drops them for D=128. On an H200
 TMA was 5% faster at 32,760 tokens and equal at 75,600. Triton's automatic Hopper warp
 specialisation engages only with the tile split by hand into two 64-row halves and Q by TMA; written
 that way this kernel ran at 300–314 TFLOP/s against 461–490 for this one in the same run

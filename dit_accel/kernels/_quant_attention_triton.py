@@ -31,16 +31,17 @@ ICML 2025):
 
 The kv loop walks either all kv tiles (``DENSE``) or the kv-blocks of the table row, with the
 block-sparse conventions of :mod:`dit_accel.kernels.block_sparse` (empty row → zeros and
-``lse = -inf``; tail keys masked, in the tile holding the sequence end only). Hopper notes: the tile is ``BLOCK_M`` (128 with 8 warps or
-64 with 4, dividing ``block_m``) × ``BLOCK_N`` (64/128), autotuned with 2–3 pipeline stages (on an
-H200 64×128 with 4 warps, two programs per SM, wins almost everywhere). Measured and dropped: bf16 P
-rounded by integer ops, half of the ``exp2`` as an FMA-pipe polynomial (FlashAttention-4), both
-slower. Not expressible here: FlashAttention-3's ping-pong warpgroups and QK^T ``wgmma`` kept in
-flight across the softmax (Triton 3.9 waits for it right after issue). Triton's automatic Hopper
-warp specialisation (``tl.range(warp_specialize=True)``) engages only when the tile is split by hand
-into two 64-row halves with Q by TMA (one producer warp, two consumer warpgroups); an all-FP8 kernel
-written that way ran at 447–462 TFLOP/s dense on an H200 against this kernel's 669–696 in the same
-run (``benchmarks/results/kernel_variants_h200/ws_exp.json``): not used.
+``lse = -inf``; tail keys masked, in the tile holding the sequence end only). Hopper notes: the tile is
+``BLOCK_M`` (128 with 8 warps or 64 with 4, dividing ``block_m``) × ``BLOCK_N`` (64/128), autotuned
+with 1–3 pipeline stages (on an H200 64×128 with 4 warps, two programs per SM, won almost everywhere
+among the 2–3-stage tiles). Measured and dropped: bf16 P rounded by integer ops, half of the
+``exp2`` as an FMA-pipe polynomial (FlashAttention-4), both slower. Not expressible here:
+FlashAttention-3's ping-pong warpgroups and QK^T ``wgmma`` kept in flight across the softmax (Triton
+3.9 waits for it right after issue). Triton's automatic Hopper warp specialisation
+(``tl.range(warp_specialize=True)``) engages only when the tile is split by hand into two 64-row
+halves with Q by TMA (one producer warp, two consumer warpgroups); an all-FP8 kernel written that
+way ran at 447–462 TFLOP/s dense on an H200 against this kernel's 669–696 in the same run
+(``benchmarks/results/kernel_variants_h200/ws_exp.json``): not used.
 """
 
 from __future__ import annotations
@@ -92,10 +93,13 @@ def _load_rows_py(X, stride_b, stride_h, stride_s, stride_d, b, h, rows, S, HEAD
                    mask=rows[:, None] < S, other=0.0).to(tl.float32)
 
 
-def _row_tile_py(H):
-    """Grid ``(row tiles, B*H)``: this program's row-tile index, its flat (batch, head) and b, h (int64)."""
+def _row_tile_py(H, ROWS: tl.constexpr):
+    """Grid ``(row tiles, B*H)``: this program's row-tile index, its flat (batch, head), b, h (int64)
+    and its ``ROWS`` row indices."""
+    pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    return tl.program_id(0), pid_bh.to(tl.int64), (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    return (pid_n, pid_bh.to(tl.int64), (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64),
+            pid_n * ROWS + tl.arange(0, ROWS))
 
 
 # the jitted helpers, made by _jit() in the mode (compiled / interpreted) of the kernels
@@ -139,8 +143,7 @@ def _kv_quant_kernel(
     HEAD_DIM: tl.constexpr, KGRAN: tl.constexpr, K_FP8: tl.constexpr, WITH_V: tl.constexpr,
     SOFT_FP8: tl.constexpr,
 ):
-    pid_n, bh, b, h = _row_tile(H)
-    rows = pid_n * KGRAN + tl.arange(0, KGRAN)
+    pid_n, bh, b, h, rows = _row_tile(H, KGRAN)
     offs_d = tl.arange(0, HEAD_DIM)
     k = _load_rows(K, stride_kb, stride_kh, stride_ks, stride_kd, b, h, rows, S, HEAD_DIM)
     k = tl.where(rows[:, None] < S, k - tl.load(KMEAN + bh * HEAD_DIM + offs_d)[None, :], 0.0)
@@ -161,8 +164,7 @@ def _q_quant_kernel(
     HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, Q_FP8: tl.constexpr, WITH_KM: tl.constexpr,
     SOFT_FP8: tl.constexpr,
 ):
-    pid_n, bh, b, h = _row_tile(H)
-    rows = pid_n * ROWS + tl.arange(0, ROWS)
+    pid_n, bh, b, h, rows = _row_tile(H, ROWS)
     offs_d = tl.arange(0, HEAD_DIM)
     q = _load_rows(Q, stride_qb, stride_qh, stride_qs, stride_qd, b, h, rows, S, HEAD_DIM)
     if WITH_KM:  # the LSE correction of K smoothing: sm_scale * q . mean(K), per row
@@ -171,6 +173,7 @@ def _q_quant_kernel(
     tl.store(QQ + bh * S_PAD * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :],
              _to_codes(q / scale[:, None], Q_FP8, SOFT_FP8))
     tl.store(QSCALE + bh * S_PAD + rows, scale * qk_scale)      # sm_scale*log2(e) folded in
+
 
 def _attn_fwd_kernel(
     QQ, QSCALE, QKM, KQ, KSCALE, V, VSCALE, O, LSE, KV_IDX, KV_CNT,
@@ -182,7 +185,7 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, KGRAN: tl.constexpr, TABLE_BM: tl.constexpr, TABLE_BN: tl.constexpr,
     DENSE: tl.constexpr,
     QK_FP8: tl.constexpr, PV_FP8: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    STORE_LSE: tl.constexpr, SOFT_FP8: tl.constexpr, DOT_F32: tl.constexpr, 
+    STORE_LSE: tl.constexpr, SOFT_FP8: tl.constexpr, DOT_F32: tl.constexpr,
     USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     KS_SCALAR: tl.constexpr = BLOCK_N <= KGRAN
