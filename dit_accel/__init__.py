@@ -13,7 +13,7 @@ Sub-packages load on first use: ``dit_accel.zoo`` (trained reference models), ``
 
 import importlib as _importlib
 
-from .api import accelerate, accelerated, is_accelerated, policy_of, remove, reset, stats
+from .api import accelerate, accelerated, inspect, is_accelerated, policy_of, remove, reset, stats
 from .calibrate import calibrate
 from .config import PolicyError
 from .policy import Policy, load_policy, preset_names
@@ -21,7 +21,7 @@ from .stats import Stats
 
 __version__ = "0.1.0"
 
-__all__ = ["Policy", "PolicyError", "Stats", "accelerate", "accelerated", "calibrate", "is_accelerated",
+__all__ = ["Policy", "PolicyError", "Stats", "accelerate", "accelerated", "calibrate", "inspect", "is_accelerated",
            "load_policy",
            "policy_of", "preset_names", "remove", "reset", "stats", "__version__"]
 

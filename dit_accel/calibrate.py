@@ -48,6 +48,7 @@ import torch
 
 from .adapters.base import call_argument
 from .api import _runtimes, accelerated
+from .calibrated_for import CalibratedFor
 from .config import ConfigBase, PolicyError, option
 from .policies import get_method
 from .policies.base import BlockCall, BranchState, CacheMethod, CachePlan
@@ -276,21 +277,47 @@ def call_arguments(prompt: str | dict, call_kwargs: dict) -> dict:
     return {**call_kwargs, **kwargs}
 
 
+class Recording(list):
+    """The per-step records of a calibration run, and :attr:`calibrated_for`: what they were recorded on."""
+
+    calibrated_for: CalibratedFor | None = None
+
+
 def record(pipe: Any, prompts: Sequence[str | dict], options: dict | None = None,
-           **call_kwargs: Any) -> tuple[list[dict], str]:
+           **call_kwargs: Any) -> tuple[Recording, str]:
     """Run one generation per prompt with the recording method (``RecordConfig(**options)``) attached;
-    return the per-step records and the adapter family. The pipeline is left as it was."""
-    records: list[dict] = []
+    return the per-step records (with what they were recorded on) and the adapter family. The pipeline
+    is left as it was.
+
+    Step ``t`` of a record is the ``t``-th transformer call of its CFG branch (second-order samplers
+    evaluate twice per step). A generation that does not start at the beginning of its schedule
+    (img2img with ``strength < 1``) is refused: the tables are indexed over full schedules and serve
+    partial ones at their schedule position."""
+    records = Recording()
     with accelerated(pipe, Policy(name="calibration", cache=RecordConfig(**(options or {})))):
         runtime = next(iter(_runtimes(pipe).values()))
         family = runtime.adapter.family
+        calls: set[int] = set()
         try:
             for prompt in prompts:
                 pipe(**call_arguments(prompt, call_kwargs))
+                if runtime.plan.offset:
+                    raise PolicyError(
+                        f"calibrate: the generation started at call {runtime.plan.offset} of its schedule (img2img "
+                        "with strength < 1?); calibrate on full schedules (strength 1.0), the calibration then "
+                        "serves partial ones at their schedule position")
                 records.extend(runtime.method.records)
                 runtime.method.records = []
+                calls.update(runtime.calls.values())
         finally:
             runtime.method.close()
+        pipeline = runtime.pipeline_ref() if runtime.pipeline_ref is not None else None
+        scheduler = getattr(pipeline, "scheduler", None)
+        records.calibrated_for = CalibratedFor(
+            model=type(runtime.transformer).__name__, blocks=len(runtime.blocks),
+            branches=tuple(sorted({row["branch"] for row in records})),
+            calls=next(iter(calls)) if len(calls) == 1 else None,
+            scheduler=type(scheduler).__name__ if scheduler is not None else None)
     return records, family
 
 
@@ -301,8 +328,29 @@ def calibrate(pipe: Any, prompts: Sequence[str | dict], policy: PolicyLike, **ca
     ``{"class_labels": [3]}``); ``call_kwargs`` go to every call (steps, size, seed...). Calibrate
     at the step count and resolution you will serve. A method whose calibration needs more than one
     recording pass (ERTACache's timestep adjustment) implements
-    ``calibrate_pipeline(pipe, prompts, config, **call_kwargs) -> config`` and runs its passes itself.
+    ``calibrate_pipeline(pipe, prompts, config, **call_kwargs) -> (config, calibrated_for)`` and runs its
+    passes itself. The returned policy's ``calibrated_for`` says what it was calibrated on (model, blocks,
+    CFG branches, calls per branch, scheduler); applying it to something else fails or warns
+    (:mod:`dit_accel.calibrated_for`).
+
+    A single string or dict is one prompt (not its characters or keys). Anything else than a non-empty
+    sequence of strings / dicts is a PolicyError before any generation runs.
     """
+    from collections.abc import Iterable, Mapping
+
+    if isinstance(prompts, (str, Mapping)):
+        prompts = [prompts]
+    if isinstance(prompts, (bytes, bytearray)) or not isinstance(prompts, Iterable):
+        raise PolicyError(f"calibrate: prompts must be a prompt (a string, or a dict of call arguments such as "
+                          f"{{'class_labels': [3]}}) or a list of them; got {type(prompts).__name__} {prompts!r:.80}")
+    prompts = list(prompts)
+    if not prompts:
+        raise PolicyError("calibrate needs at least one prompt (a string or a dict of call arguments)")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, (str, Mapping)):
+            raise PolicyError(f"calibrate: prompts[{i}] is {type(prompt).__name__} {prompt!r:.80}; each prompt must "
+                              "be a string or a dict of call arguments")
+    prompts = [dict(p) if isinstance(p, Mapping) else p for p in prompts]
     policy = load_policy(policy)
     if policy.attention is not None and policy.attention.needs_calibration:  # PARO orders / static masks
         from .attention.calibrate import calibrate_attention
@@ -323,8 +371,9 @@ def calibrate(pipe: Any, prompts: Sequence[str | dict], policy: PolicyLike, **ca
     # quantized model it will serve, not on the full-precision one.
     with quantized(pipe, policy.quant):
         if custom is not None:
-            cache = custom(pipe, prompts, policy.cache, **call_kwargs)
+            cache, made_for = custom(pipe, prompts, policy.cache, **call_kwargs)
         else:
             records, family = record(pipe, prompts, getattr(method, "record_options", {}), **call_kwargs)
-            cache = method.calibrated(policy.cache, records, family)
-    return dataclasses.replace(policy, cache=cache)  # guidance, attention and quant sections kept
+            cache, made_for = method.calibrated(policy.cache, records, family), records.calibrated_for
+    # guidance, attention and quant sections kept
+    return dataclasses.replace(policy, cache=cache, calibrated_for=made_for)

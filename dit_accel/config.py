@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from typing import Any, ClassVar, Mapping
 
@@ -18,19 +19,49 @@ class PolicyError(ValueError):
     """A policy, preset or adapter request that cannot be honoured (the message says why)."""
 
 
+MAX_STEPS = 100_000  # bound on a calibrated step index without a recorded step count (tables are sized by it)
+
+
 def option(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
-           choices: tuple | None = None, doc: str = "") -> Any:
-    """A dataclass field with validation constraints (``ge``/``gt``/``le`` bounds, ``choices``)."""
-    return dataclasses.field(default=default,
-                             metadata={"ge": ge, "gt": gt, "le": le, "choices": choices, "doc": doc})
+           choices: tuple | None = None, allow_inf: bool = False, doc: str = "") -> Any:
+    """A dataclass field with validation constraints (``ge``/``gt``/``le`` bounds, ``choices``).
+
+    A float field must be finite (NaN is never allowed; ``inf`` / ``-inf`` only with ``allow_inf=True``)."""
+    return dataclasses.field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "choices": choices,
+                                                        "allow_inf": allow_inf, "doc": doc})
+
+
+def is_number(value: Any) -> bool:
+    """An int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def finite_numbers(where: str, values: Any, *, positive: bool = False, min_length: int = 1) -> list:
+    """Check that ``values`` is a list/tuple of at least ``min_length`` finite numbers (``positive``: > 0)
+    and return it as a list; else a PolicyError naming ``where``. Calibration tables are read in the hot
+    loop, so an ``inf`` / ``nan`` or a stray string is refused when the policy is loaded, not discovered as
+    NaN images or an exception mid-generation."""
+    what = "positive finite numbers" if positive else "finite numbers"
+    if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)) or len(values) < min_length:
+        raise PolicyError(f"{where}: expected a list of at least {min_length} {what}, got {_short(values)}")
+    for i, v in enumerate(values):
+        if not (is_number(v) and math.isfinite(v) and (not positive or v > 0)):
+            raise PolicyError(f"{where}[{i}]: expected {what}, got {v!r}")
+    return list(values)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 
-def _check_type(where: str, value: Any, tp: Any) -> Any:
-    """Check ``value`` against a simple annotation (int, float, bool, str, X | None); return it coerced."""
+def _check_type(where: str, value: Any, tp: Any, allow_inf: bool = False) -> Any:
+    """Check ``value`` against a simple annotation (int, float, bool, str, X | None); return it coerced.
+    Floats must be finite (``allow_inf``: ``inf`` / ``-inf`` pass; NaN never does)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         args = typing.get_args(tp)
@@ -40,7 +71,7 @@ def _check_type(where: str, value: Any, tp: Any) -> Any:
         errors = []
         for a in inner:
             try:
-                return _check_type(where, value, a)
+                return _check_type(where, value, a, allow_inf)
             except PolicyError as e:
                 errors.append(str(e))
         raise PolicyError(errors[0])
@@ -55,7 +86,13 @@ def _check_type(where: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
             raise PolicyError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int too large for a float
+            raise PolicyError(f"{where}: {value!r} is too large for a number") from None
+        if not allow_inf and not math.isfinite(value):
+            raise PolicyError(f"{where}: expected a finite number, got {value!r}")
+        return value
     if tp is str:
         if not isinstance(value, str):
             raise PolicyError(f"{where}: expected a string, got {value!r}")
@@ -82,7 +119,7 @@ class ConfigBase:
         for f in dataclasses.fields(self):
             where = f"{self.section}.{f.name}"
             value = getattr(self, f.name)
-            coerced = _check_type(where, value, hints[f.name])
+            coerced = _check_type(where, value, hints[f.name], bool(f.metadata.get("allow_inf")))
             if coerced is not value:
                 object.__setattr__(self, f.name, coerced)
                 value = coerced

@@ -9,10 +9,11 @@ Three pieces, none of which patches a class:
 * ``BlockHook`` — a ``ModelHook`` on each transformer block the policy touches: it skips the
   block when its range is reused, adds the cached residual at the range's last block, stores
   fresh residuals, and hands watched inputs/outputs to the caching method.
-* ``SchedulerWatch`` — wraps the *instance's* ``scheduler.set_timesteps`` (every diffusers
-  pipeline calls it once at the start of ``__call__``): that is where a new generation starts,
-  all state is dropped and ``num_inference_steps`` is learnt. A bare transformer (custom loop)
-  has no scheduler: a timestep that goes up starts a new generation, or call ``dit_accel.reset``.
+* Generation boundaries (:mod:`dit_accel.generation`): at every transformer call the runtime
+  finds the pipeline call in progress and its schedule; a new schedule is a new generation, and
+  the end of every pipeline call (diffusers' ``_reset_stateful_cache``) frees cached tensors. A
+  bare transformer (custom loop) has no pipeline: a timestep that goes up starts a new generation,
+  or call ``dit_accel.reset``.
 
 With a ``guidance`` section (Adaptive Guidance, :mod:`dit_accel.policies.adaptive_guidance`) the
 transformer-level hooks also compare the conditional and guided predictions after each step and,
@@ -24,7 +25,6 @@ is replaced by the same step's conditional output.
 
 from __future__ import annotations
 
-import functools
 import logging
 import weakref
 from typing import Any
@@ -35,11 +35,13 @@ from diffusers.hooks.hooks import BaseState, StateManager
 
 from .adapters.base import BlockInfo, ModelAdapter, call_argument
 from .config import PolicyError
+from .inspection import RuntimeView
+from .generation import Plan, ScheduleMarker, planned_calls, running_pipeline
 from .policies import get_method
 from .policies.adaptive_guidance import (COND, UNCOND, AdaptiveGuidance, cfg_order_for, output_sample,
                                          pipeline_guidance_scale, pipeline_runs_cfg, replace_sample,
                                          slice_batched)
-from .policies.base import BlockCall, BranchState, CacheMethod, CachePlan, keep, take
+from .policies.base import BlockCall, BranchState, CacheMethod, CachePlan, RangeLinks, keep, take
 from .policy import Policy
 from .stats import Stats
 
@@ -63,6 +65,8 @@ class Runtime:
         self.adapter = adapter
         self.policy = policy
         self.blocks = blocks
+        if policy.calibrated_for is not None:
+            policy.calibrated_for.check_model(transformer, len(blocks))
         self.method: CacheMethod | None = None
         if policy.cache is not None:
             self.method = get_method(policy.cache.method)(policy.cache, blocks, adapter)
@@ -81,9 +85,11 @@ class Runtime:
                                              cfg_order_for(pipeline, config, adapter.cfg_layout))
         self.skipping = False
         self._warned_no_scale = False
+        self._warned: set[str] = set()
         self.clone_inputs = False
-        self.pipeline_driven = False
-        self.scheduler_watch: SchedulerWatch | None = None
+        self.marker = ScheduleMarker()
+        self.custom_plan = Plan()  # what dit_accel.reset() said for custom loops
+        self.pipeline_now: Any | None = None  # the pipeline whose call is in progress
         self.current: BranchState | None = None
         self.attention = None
         if policy.attention is not None:  # block-sparse self-attention (dit_accel.attention)
@@ -93,11 +99,12 @@ class Runtime:
         self.new_generation()
 
     # ---- generation / call lifecycle -------------------------------------------------------
-    def new_generation(self, num_inference_steps: int | None = None) -> None:
+    def new_generation(self, plan: Plan | None = None) -> None:
         """Drop every cached tensor and counter: the next transformer call is step 0 of a new generation."""
         self.states: dict[tuple, BranchState] = {}
         self.current = None
-        self.num_inference_steps = num_inference_steps
+        self.plan = plan or Plan()
+        self.ended = False
         self.calls: dict[str, int] = {}
         self.range_reused = [0] * (len(self.method.plan.ranges) if self.method else 0)
         self.mixed_batch_decisions = 0
@@ -114,10 +121,19 @@ class Runtime:
         if self.attention is not None:
             self.attention.new_generation()
 
+    def reset(self, num_inference_steps: int | None = None) -> None:
+        """``dit_accel.reset``: a new generation of ``num_inference_steps`` calls per branch (custom loops)."""
+        self.custom_plan = Plan(calls=num_inference_steps, num_inference_steps=num_inference_steps)
+        self.marker.clear()
+        self.new_generation(self.custom_plan)
+
     def release(self) -> None:
-        """Free cached tensors (end of a pipeline call) but keep the call's statistics."""
-        self.released_bytes = sum(s.cache_bytes() for s in self.states.values())
-        self.mixed_batch_decisions += sum(s.method.get("mixed_batch", 0) for s in self.states.values())
+        """Free cached tensors (end of a pipeline call) but keep the call's statistics; the next call
+        starts a new generation."""
+        self.ended = True
+        if self.states:  # a second release (two reset paths) keeps the first one's numbers
+            self.released_bytes = sum(s.cache_bytes() for s in self.states.values())
+            self.mixed_batch_decisions += sum(s.method.get("mixed_batch", 0) for s in self.states.values())
         self.states = {}
         self.current = None
         self._pending_cond = None
@@ -127,7 +143,7 @@ class Runtime:
     # ---- Adaptive Guidance -------------------------------------------------------------------
     def _guidance_scale(self) -> tuple[float | None, float | None]:
         """(w for the guided prediction, the pipeline's own CFG scale) of the call in progress."""
-        pipe = self.pipeline_ref() if self.pipeline_ref is not None else None
+        pipe = self.pipeline_now
         own = pipeline_guidance_scale(pipe, self.component) if pipe is not None else None
         w = self.guidance.config.guidance_scale
         w = own if w is None else w
@@ -138,9 +154,31 @@ class Runtime:
                            type(pipe).__name__)
         return w, own
 
+    def sync_generation(self, branch: str, kwargs: dict) -> None:
+        """Start a new generation if this call does not belong to the current one (see dit_accel.generation)."""
+        registered = self.pipeline_ref() if self.pipeline_ref is not None else None
+        pipe = running_pipeline(registered)
+        self.pipeline_now = pipe
+        if pipe is not None:
+            new = self.marker.is_new(pipe)
+            if new or (new is not None and self.ended):
+                self.new_generation(planned_calls(pipe, self.component))
+                made_for = self.policy.calibrated_for
+                if made_for is not None:
+                    scheduler = getattr(pipe, "scheduler", None)
+                    for message in made_for.warnings(self.plan.calls, type(scheduler).__name__ if scheduler else None):
+                        self.warn_once(message, message)
+                return
+            if new is not None:
+                return
+        if self.ended:
+            self.new_generation(self.custom_plan)
+        self._detect_new_generation(branch, kwargs.get("timestep"))
+
     def before_call(self, branch: str, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        """Pre-hook work: the guidance's decision for this call, then the cache state. Returns replaced
-        (args, kwargs) when a batched call runs on its conditional rows only."""
+        """Pre-hook work: the generation boundary, the guidance's decision for this call, then the cache
+        state. Returns replaced (args, kwargs) when a batched call runs on its conditional rows only."""
+        self.sync_generation(branch, kwargs)
         self._call = None
         replaced = None
         if self.guidance is not None:
@@ -180,7 +218,7 @@ class Runtime:
             return self.guidance.slice_call(args, kwargs, batch)
         w, own = self._guidance_scale()
         if self.guidance_active is None:  # once per generation: does this pipeline call batch CFG at all?
-            pipe = self.pipeline_ref() if self.pipeline_ref is not None else None
+            pipe = self.pipeline_now
             active = pipeline_runs_cfg(pipe, own) if pipe is not None else None
             self.guidance_active = True if active is None else active  # bare transformer: the policy says so
         if self.guidance_active and w is not None:
@@ -241,16 +279,15 @@ class Runtime:
 
     def begin_call(self, branch: str, args: tuple, kwargs: dict) -> None:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
-        if self.scheduler_watch is not None:
-            self.scheduler_watch.follow_scheduler_swap()
-        if not self.pipeline_driven:
-            self._detect_new_generation(branch, kwargs.get("timestep"))
         key = (branch, tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else None)
         state = self.states.get(key)
         if state is None:
+            if self.policy.calibrated_for is not None and self.method is not None:
+                self.policy.calibrated_for.check_branch(branch)
             state = self.states[key] = BranchState(key=key)
         state.clone_inputs = self.clone_inputs
-        state.num_steps = self.num_inference_steps
+        state.num_steps = self.plan.calls
+        state.schedule_offset = self.plan.offset
         state.clone_unverifiable = not self.adapter.inplace_safe
         self.current = state
         self.calls[branch] = self.calls.get(branch, 0) + 1
@@ -272,10 +309,26 @@ class Runtime:
         t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
         last = self._last_timestep.get(branch)
         if last is not None and t > last:
-            self.new_generation(self.num_inference_steps)  # a custom loop keeps the step count it gave reset()
+            self.new_generation(self.custom_plan)  # a custom loop keeps the step count it gave reset()
         self._last_timestep[branch] = t
 
+    def warn_once(self, key: str, msg: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(msg, *args)
+
     # ---- statistics --------------------------------------------------------------------------
+    def view(self) -> RuntimeView:
+        """A read-only snapshot (``dit_accel.inspect``)."""
+        hooked = tuple(b.name for b in self.blocks
+                       if BLOCK_HOOK in getattr(getattr(b.module, "_diffusers_hook", None), "hooks", {}))
+        return RuntimeView(component=self.component, family=self.adapter.family, policy=self.policy,
+                           block_names=tuple(b.name for b in self.blocks), hooked_blocks=hooked,
+                           planned_calls=self.plan.calls, schedule_offset=self.plan.offset,
+                           branches={key: state.step for key, state in self.states.items()},
+                           held_bytes=sum(s.cache_bytes() for s in self.states.values()),
+                           clone_inputs=self.clone_inputs, generation_open=not self.ended)
+
     def stats(self) -> Stats:
         ranges = self.method.plan.ranges if self.method else ()
         total_calls = sum(self.calls.values())
@@ -287,7 +340,8 @@ class Runtime:
         held = sum(s.cache_bytes() for s in self.states.values()) if self.states else self.released_bytes
         return Stats(policy=self.policy.name, family=self.adapter.family,
                      method=self.method.describe() if self.method else "none",
-                     block_names=[b.name for b in self.blocks], num_inference_steps=self.num_inference_steps,
+                     block_names=[b.name for b in self.blocks], num_inference_steps=self.plan.num_inference_steps,
+                     planned_calls=self.plan.calls,
                      calls_per_branch=dict(self.calls),
                      computed=[total_calls - r for r in reused], reused=reused,
                      mixed_batch_decisions=mixed,
@@ -402,6 +456,7 @@ class BlockHook(ModelHook):
             return forward(*args, **kwargs)
         rid = self.range_id
         method = rt.method
+        multi, links = False, None
         if self.watch_in:
             method.on_input(BlockCall(self.block, args, kwargs), state)
         if rid is not None:
@@ -419,63 +474,72 @@ class BlockHook(ModelHook):
                 if self.is_end:
                     hidden, encoder = method.reused_output(rid, hidden, encoder, state)
                 return self._pack(hidden, encoder)
+            multi = not (self.is_start and self.is_end)
+            if multi:  # what the transformer adds between this range's blocks (ControlNet residuals)
+                links = RangeLinks() if self.is_start else state.links.get(rid)
+                if self.is_start:
+                    state.links[rid] = links
+                if links is not None and not self.is_start:
+                    links.block_called(*self._inputs(args, kwargs))
         output = forward(*args, **kwargs)
+        if rid is not None and multi and not self.is_end and links is not None:
+            links.block_returned(*self._outputs(output))
         if self.is_end or self.watch_out:
             out_h, out_e = self._outputs(output)
             if self.is_end:
                 in_h = take(state, f"range_in_h:{rid}")
                 in_e = take(state, f"range_in_e:{rid}")
-                if in_h is None:  # modified in place: no trustworthy residual this step
+                links = state.links.pop(rid, None)
+                if in_h is None or (links is not None and links.broken):
+                    # modified in place, or changed between blocks other than by an addition: no
+                    # trustworthy residual this step
                     state.residuals.pop(rid, None)
+                    if links is not None and links.broken:
+                        rt.warn_once("links", "dit_accel: %s changes the hidden states between cached blocks "
+                                     "other than by an addition; that range is computed on every step",
+                                     type(rt.transformer).__name__)
                 else:
+                    res_h = out_h - in_h
                     res_e = out_e - in_e if (out_e is not None and in_e is not None) else None
-                    method.on_range_computed(rid, out_h - in_h, res_e, out_e is None, state)
+                    if links is not None and links.hidden is not None:
+                        res_h = res_h - links.hidden
+                    if links is not None and links.encoder is not None and res_e is not None:
+                        res_e = res_e - links.encoder
+                    method.on_range_computed(rid, res_h, res_e, out_e is None, state)
             if self.watch_out:
                 method.on_output(self.index, out_h, out_e, state)
         return output
 
 
-class SchedulerWatch:
-    """Starts a new generation whenever the pipeline calls ``scheduler.set_timesteps``."""
+class EndOfCall:
+    """Frees cached tensors at the end of every pipeline call, for transformers without diffusers' ``CacheMixin``.
 
-    def __init__(self, pipeline: Any, runtimes: list[Runtime]) -> None:
-        self.pipeline_ref = weakref.ref(pipeline)
-        self.runtimes = runtimes
-        self.scheduler = None
-        self.attach(pipeline.scheduler)
-        for rt in runtimes:
-            rt.pipeline_driven = True
-            rt.scheduler_watch = self
+    diffusers pipelines end ``__call__`` with ``maybe_free_model_hooks``, which calls
+    ``component._reset_stateful_cache()`` on every component that has it. ``CacheMixin`` models
+    (Flux, Wan, HunyuanVideo, CogVideoX) reset their stateful hooks there, our ``ContextHook``
+    among them. SD3, PixArt and DiT have no such method: this gives the transformer *instance* one
+    (an instance attribute, removed by ``detach``; the class is untouched), so every pipeline that
+    holds the transformer, not only the one passed to ``accelerate``, ends its generations.
+    """
 
-    def attach(self, scheduler: Any) -> None:
-        original = scheduler.set_timesteps
-        runtimes = self.runtimes
+    NAME = "_reset_stateful_cache"
 
-        @functools.wraps(original)
-        def set_timesteps(*args, **kwargs):
-            result = original(*args, **kwargs)
-            n = kwargs.get("num_inference_steps", args[0] if args and isinstance(args[0], int) else None)
-            if n is None:
-                timesteps = getattr(scheduler, "timesteps", None)
-                n = len(timesteps) if timesteps is not None else None
-            for rt in runtimes:
-                rt.new_generation(num_inference_steps=n)
-            return result
+    def __init__(self, runtime: Runtime) -> None:
+        self.transformer = runtime.transformer
+        self.installed = not hasattr(type(self.transformer), self.NAME) and self.NAME not in self.transformer.__dict__
+        if self.installed:
+            release = runtime.release
 
-        set_timesteps._dit_accel = True
-        scheduler.set_timesteps = set_timesteps
-        self.scheduler = scheduler
+            def reset_stateful_cache(recurse: bool = True) -> None:
+                release()
 
-    def detach(self) -> None:
-        if self.scheduler is not None and getattr(self.scheduler.__dict__.get("set_timesteps"), "_dit_accel", False):
-            del self.scheduler.__dict__["set_timesteps"]
-        self.scheduler = None
+            reset_stateful_cache._dit_accel = True
+            object.__setattr__(self.transformer, self.NAME, reset_stateful_cache)
 
-    def follow_scheduler_swap(self) -> None:
-        pipe = self.pipeline_ref()
-        if pipe is not None and getattr(pipe, "scheduler", None) is not self.scheduler:
-            self.detach()
-            self.attach(pipe.scheduler)
+    def remove(self) -> None:
+        if self.installed and getattr(self.transformer.__dict__.get(self.NAME), "_dit_accel", False):
+            del self.transformer.__dict__[self.NAME]
+        self.installed = False
 
 
 def attach(runtime: Runtime) -> None:
@@ -483,10 +547,12 @@ def attach(runtime: Runtime) -> None:
     transformer = runtime.transformer
     registered: list[tuple[torch.nn.Module, str]] = []
     runtime.tracker = None
+    runtime.end_of_call = None
     try:
         context = ContextHook(runtime)
         _register(runtime.blocks[0].module, context, CONTEXT_HOOK, registered)
         runtime.tracker = StepTracker(runtime, context)
+        runtime.end_of_call = EndOfCall(runtime)
         method = runtime.method
         plan = method.plan if method is not None else CachePlan(ranges=())
         roles: dict[int, dict] = {}
@@ -510,6 +576,8 @@ def attach(runtime: Runtime) -> None:
             _unregister(module, name)
         if runtime.tracker is not None:
             runtime.tracker.remove()
+        if runtime.end_of_call is not None:
+            runtime.end_of_call.remove()
         raise
     runtime.registered = registered
 
@@ -524,9 +592,9 @@ def detach(runtime: Runtime) -> None:
     if getattr(runtime, "tracker", None) is not None:
         runtime.tracker.remove()
         runtime.tracker = None
-    if runtime.scheduler_watch is not None:
-        runtime.scheduler_watch.detach()
-        runtime.scheduler_watch = None
+    if getattr(runtime, "end_of_call", None) is not None:
+        runtime.end_of_call.remove()
+        runtime.end_of_call = None
     _invalidate_registry_cache(runtime.transformer)
 
 

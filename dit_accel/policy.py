@@ -15,6 +15,7 @@ from typing import Any, Mapping, Union
 import yaml
 
 from .attention.config import AttentionConfig
+from .calibrated_for import CalibratedFor
 from .config import ConfigBase, PolicyError, unknown_key_error
 from .policies import ALIASES, get_method, method_names
 from .policies.adaptive_guidance import AdaptiveGuidanceConfig
@@ -63,6 +64,7 @@ class Policy:
     guidance: ConfigBase | None = None
     attention: AttentionConfig | None = None
     quant: LinearQuantConfig | None = None  # linear layers through torchao (dit_accel.quant)
+    calibrated_for: CalibratedFor | None = None  # what dit_accel.calibrate ran on (checked when applied)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -81,6 +83,10 @@ class Policy:
             if isinstance(self.quant, ConfigBase):
                 raise PolicyError(f"quant: expected a quant section, got {type(self.quant).__name__}")
             object.__setattr__(self, "quant", LinearQuantConfig.from_dict(self.quant))
+        if self.calibrated_for is not None and not isinstance(self.calibrated_for, CalibratedFor):
+            if isinstance(self.calibrated_for, ConfigBase):
+                raise PolicyError(f"calibrated_for: expected a calibration record, got {type(self.calibrated_for).__name__}")
+            object.__setattr__(self, "calibrated_for", CalibratedFor.from_dict(self.calibrated_for))
 
     @property
     def is_empty(self) -> bool:
@@ -98,7 +104,9 @@ class Policy:
         return cls(name=data.get("name", "custom"), cache=None if cache is None else _cache_config_from_dict(cache),
                    guidance=None if guidance is None else _guidance_config_from_dict(guidance),
                    attention=None if attention is None else AttentionConfig.from_dict(attention),
-                   quant=None if data.get("quant") is None else LinearQuantConfig.from_dict(data["quant"]))
+                   quant=None if data.get("quant") is None else LinearQuantConfig.from_dict(data["quant"]),
+                   calibrated_for=None if data.get("calibrated_for") is None
+                   else CalibratedFor.from_dict(data["calibrated_for"]))
 
     def to_dict(self) -> dict[str, Any]:
         """``{"name", "cache"}``, plus ``"guidance"`` when the policy has a guidance section."""
@@ -109,6 +117,8 @@ class Policy:
             d["attention"] = self.attention.to_dict()
         if self.quant is not None:
             d["quant"] = self.quant.to_dict()
+        if self.calibrated_for is not None:
+            d["calibrated_for"] = self.calibrated_for.to_dict()
         return d
 
     def to_yaml(self) -> str:
@@ -116,9 +126,10 @@ class Policy:
 
     def save(self, path: str | Path, inline: bool = False) -> Path | None:
         """Write the policy as YAML at ``path``. Long numeric calibration fields (≥ 16 numbers: ratio
-        curves, per-step tables, schedules) go to ``NAME.safetensors`` beside it, referenced from the YAML
-        (``dit_accel.sidecar``); ``inline=True`` keeps everything in the YAML. Returns the sidecar path
-        or None."""
+        curves, per-step tables, schedules) go to ``NAME.yaml.safetensors`` beside it, referenced from the
+        YAML (``dit_accel.sidecar``); ``inline=True`` keeps everything in the YAML. Returns the sidecar path
+        or None. A file at the sidecar's name that dit_accel did not write is never replaced or deleted:
+        that is a PolicyError, and nothing is written."""
         from . import sidecar
 
         return sidecar.save(self.to_dict(), path, inline=inline)
@@ -127,8 +138,7 @@ class Policy:
         """A copy with some cache fields changed, validated again: ``policy.replace(threshold=0.2)``."""
         if self.cache is None:
             raise PolicyError("policy has no cache section to change")
-        return Policy(name=self.name, cache=_cache_config_from_dict({**self.cache.to_dict(), **cache_changes}),
-                      guidance=self.guidance, attention=self.attention, quant=self.quant)
+        return dataclasses.replace(self, cache=_cache_config_from_dict({**self.cache.to_dict(), **cache_changes}))
 
 
 def preset_names() -> list[str]:
@@ -151,15 +161,15 @@ def load_policy(spec: PolicyLike) -> Policy:
             return Policy.from_dict(data)
         path = Path(spec)
         if path.suffix.lower() in (".yaml", ".yml") or path.is_file():
-            if not path.is_file():
-                raise PolicyError(f"policy file {str(path)!r} does not exist")
-            try:
-                data = yaml.safe_load(path.read_text())
-            except yaml.YAMLError as err:
-                raise PolicyError(f"policy file {str(path)!r} is not valid YAML: {err}") from None
             from . import sidecar
 
-            return Policy.from_dict({} if data is None else sidecar.load(data, path))
+            data = sidecar.load_yaml(path)  # bounded; a PolicyError for anything that is not plain YAML data
+            if not isinstance(data, Mapping):
+                hint = (f"; to use the shipped preset {data!r}, pass its name: load_policy({data!r})"
+                        if isinstance(data, str) and data in preset_names() else "")
+                raise PolicyError(f"policy file {str(path)!r} holds a {type(data).__name__} ({str(data)[:60]!r}), not "
+                                  "a mapping of policy sections (name:, cache:, guidance:, attention:, quant:)" + hint)
+            return Policy.from_dict(sidecar.load(data, path))
         raise PolicyError(f"unknown preset {name!r}; shipped presets: {', '.join(preset_names())} "
                           "(or pass a YAML path, a dict or a dit_accel.Policy)")
     raise PolicyError(f"cannot build a policy from {type(spec).__name__}; pass a preset name, YAML path, dict or Policy")

@@ -9,6 +9,11 @@ from dataclasses import asdict, dataclass, field
 class Stats:
     """What the last pipeline call (generation) did. Block counts are transformer calls × blocks.
 
+    ``num_inference_steps`` is the scheduler's step count; ``planned_calls`` the transformer calls one
+    CFG branch was to make (second-order samplers evaluate twice per step, img2img starts part-way):
+    what step-indexed schedules are indexed by. Both are None where unknown (custom loops without
+    ``dit_accel.reset(model, num_inference_steps=N)``).
+
     Adaptive Guidance: ``guidance_skipped_calls`` counts unconditional evaluations it saved (a skipped
     "uncond" call, or a batched call run on the conditional half only); ``guidance_switch_step`` maps a
     branch ("uncond" for separate CFG calls, the batched call's branch otherwise) to the first step that
@@ -29,6 +34,7 @@ class Stats:
     guidance_skipped_calls: int = 0
     guidance_switch_step: dict[str, int] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    planned_calls: int | None = None
 
     @property
     def transformer_calls(self) -> int:
@@ -57,7 +63,9 @@ class Stats:
     def summary(self) -> str:
         lines = [f"policy {self.policy} [{self.method}] on {self.family}: {self.transformer_calls} transformer calls "
                  f"({', '.join(f'{k}={v}' for k, v in self.calls_per_branch.items()) or 'none'}), "
-                 f"steps={self.num_inference_steps}",
+                 f"steps={self.num_inference_steps}"
+                 + (f" ({self.planned_calls} calls per branch)" if self.planned_calls not in (None, self.num_inference_steps)
+                    else ""),
                  f"blocks computed {self.blocks_computed}, reused {self.blocks_reused} "
                  f"({100 * self.saved_share:.1f}% saved), cache {self.cache_bytes / 2**20:.1f} MiB"]
         if self.guidance != "none":

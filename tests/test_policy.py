@@ -97,7 +97,10 @@ def test_preset_loads_and_round_trips(name, tmp_path):
     assert p.name == name
     assert p.is_empty == (name == "none")
     d = p.to_dict()
-    assert set(d) == ({"name", "cache", "guidance"} if p.guidance is not None else {"name", "cache"})
+    expected = {"name", "cache"} | ({"guidance"} if p.guidance is not None else set()) \
+        | ({"calibrated_for"} if p.calibrated_for is not None else set())
+    assert set(d) == expected
+    assert (p.calibrated_for is not None) == name.startswith("cifar10_dit-")  # the calibrated presets say for what
 
     # dict
     again = Policy.from_dict(d)

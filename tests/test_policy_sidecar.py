@@ -24,9 +24,9 @@ def test_long_numeric_fields_move_to_the_sidecar_and_load_back_exactly(tmp_path)
     ratios = {"cond": awkward_floats(50, 1), "uncond": awkward_floats(50, 2)}
     policy = Policy(name="flux-mag", cache={"method": "magcache", "mag_ratios": ratios})
     side = policy.save(tmp_path / "flux-mag.yaml")
-    assert side == tmp_path / "flux-mag.safetensors" and side.is_file()
+    assert side == tmp_path / "flux-mag.yaml.safetensors" and side.is_file()
     text = yaml.safe_load((tmp_path / "flux-mag.yaml").read_text())
-    assert text["sidecar"] == "flux-mag.safetensors"
+    assert text["sidecar"] == "flux-mag.yaml.safetensors"
     assert text["cache"]["mag_ratios"] == {"cond": {"$sidecar": "cache.mag_ratios.cond"},
                                            "uncond": {"$sidecar": "cache.mag_ratios.uncond"}}
     assert text["cache"]["threshold"] == 0.12  # scalars stay in the YAML
@@ -44,14 +44,14 @@ def test_ints_short_lists_and_ragged_schedules(tmp_path):
                                       "scale": {"cond": awkward_floats(steps)}, "shift": {"cond": [0.0] * steps},
                                       "step_scale": {"cond": awkward_floats(steps, 3)}})
     erta.save(tmp_path / "erta.yaml")
-    stored = load_file(str(tmp_path / "erta.safetensors"))
+    stored = load_file(str(tmp_path / "erta.yaml.safetensors"))
     assert stored["cache.compute_steps.cond"].dtype.name == "int64"
     loaded = dit_accel.load_policy(tmp_path / "erta.yaml")
     assert loaded == erta and all(type(s) is int for s in loaded.cache.compute_steps["cond"])
 
     tea = Policy(name="tea", cache={"method": "teacache", "coefficients": [1.5, -0.25, 0.125]})
     assert tea.save(tmp_path / "tea.yaml") is None  # five coefficients stay readable in the YAML
-    assert not (tmp_path / "tea.safetensors").exists()
+    assert not (tmp_path / "tea.yaml.safetensors").exists()
     assert yaml.safe_load((tmp_path / "tea.yaml").read_text())["cache"]["coefficients"] == [1.5, -0.25, 0.125]
 
     ragged = [[0, 3, 6, 9], [0, 2, 4, 6, 8], [0], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]]  # BAC: steps per block
@@ -63,16 +63,16 @@ def test_ints_short_lists_and_ragged_schedules(tmp_path):
     square = [[0, 5, 9]] * 6  # equal rows: one 2-D tensor
     bac2 = Policy(name="bac2", cache={"method": "bac", "schedule": {"default": square}, "calibrated_steps": 10})
     bac2.save(tmp_path / "bac2.yaml")
-    assert load_file(str(tmp_path / "bac2.safetensors"))["cache.schedule.default"].shape == (6, 3)
+    assert load_file(str(tmp_path / "bac2.yaml.safetensors"))["cache.schedule.default"].shape == (6, 3)
     assert dit_accel.load_policy(tmp_path / "bac2.yaml") == bac2
 
 
 def test_inline_save_and_stale_sidecar(tmp_path):
     policy = Policy(name="m", cache={"method": "magcache", "mag_ratios": {"default": awkward_floats(20)}})
     policy.save(tmp_path / "m.yaml")
-    assert (tmp_path / "m.safetensors").exists()
+    assert (tmp_path / "m.yaml.safetensors").exists()
     assert policy.save(tmp_path / "m.yaml", inline=True) is None
-    assert not (tmp_path / "m.safetensors").exists()  # no stale tensors left to mislead
+    assert not (tmp_path / "m.yaml.safetensors").exists()  # no stale tensors left to mislead
     assert "sidecar" not in yaml.safe_load((tmp_path / "m.yaml").read_text())
     assert dit_accel.load_policy(tmp_path / "m.yaml") == policy
 
@@ -80,17 +80,17 @@ def test_inline_save_and_stale_sidecar(tmp_path):
 def test_missing_or_mismatched_sidecar_is_a_clear_error(tmp_path):
     policy = Policy(name="m", cache={"method": "magcache", "mag_ratios": {"default": awkward_floats(20)}})
     policy.save(tmp_path / "m.yaml")
-    (tmp_path / "m.safetensors").rename(tmp_path / "elsewhere.safetensors")
-    with pytest.raises(dit_accel.PolicyError, match=r"m\.yaml.*m\.safetensors.*does not exist"):
+    (tmp_path / "m.yaml.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(dit_accel.PolicyError, match=r"m\.yaml.*m\.yaml\.safetensors.*does not exist"):
         dit_accel.load_policy(tmp_path / "m.yaml")
 
     other = Policy(name="o", cache={"method": "magcache", "mag_ratios": {"cond": awkward_floats(20)}})
     other.save(tmp_path / "o.yaml")
-    (tmp_path / "elsewhere.safetensors").replace(tmp_path / "o.safetensors")  # the wrong file beside o.yaml
+    (tmp_path / "elsewhere.safetensors").replace(tmp_path / "o.yaml.safetensors")  # the wrong file beside o.yaml
     with pytest.raises(dit_accel.PolicyError, match="holds no tensor 'cache.mag_ratios.cond'"):
         dit_accel.load_policy(tmp_path / "o.yaml")
 
-    (tmp_path / "o.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "o.yaml.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(dit_accel.PolicyError, match="not a readable safetensors"):
         dit_accel.load_policy(tmp_path / "o.yaml")
 

@@ -26,6 +26,8 @@ wrong types and out-of-range values raise :class:`~dit_accel.config.PolicyError`
 from __future__ import annotations
 
 import dataclasses
+import math
+import string
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
@@ -62,6 +64,23 @@ class SparseConfig(ConfigBase):
             if not isinstance(m["layers"], Mapping) or not all(
                     isinstance(v, list) and all(isinstance(h, str) for h in v) for v in m["layers"].values()):
                 raise PolicyError("attention.sparse.masks.layers: expected {layer index: [hex string per head]}")
+            grid = m["grid"]
+            if isinstance(grid, (str, bytes)) or not isinstance(grid, (list, tuple)) or not grid or not all(
+                    isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid):
+                raise PolicyError(f"attention.sparse.masks.grid: expected the token grid [F, H, W] (positive "
+                                  f"integers), got {grid!r}")
+            if m["block_size"] not in BLOCK_SIZES or isinstance(m["block_size"], bool):
+                raise PolicyError(f"attention.sparse.masks.block_size: {m['block_size']!r} is not allowed; choose "
+                                  f"one of {list(BLOCK_SIZES)}")
+            n = -(-math.prod(grid) // m["block_size"])  # blocks per side of each head's (n, n) mask
+            for layer, hexes in m["layers"].items():
+                if isinstance(layer, bool) or not (isinstance(layer, int) and layer >= 0
+                                                   or isinstance(layer, str) and layer.isdigit()):
+                    raise PolicyError(f"attention.sparse.masks.layers: key {layer!r} is not a layer index")
+                for h in hexes:
+                    if len(h) % 2 or any(c not in string.hexdigits for c in h) or len(h) * 4 < n * n:
+                        raise PolicyError(f"attention.sparse.masks.layers[{layer!r}]: expected hex strings of at "
+                                          f"least {n * n} bits (a {n}x{n} block mask), got {h[:40]!r}")
         if self.method == "static" and self.density is not None:
             raise PolicyError("attention.sparse.density: not used by method 'static' (its masks are calibrated)")
 
@@ -118,6 +137,8 @@ class AttentionConfig(ConfigBase):
             from .reorder_paro import ORDERS
 
             orders = self.paro_orders
+            if not isinstance(orders, (Mapping, list, tuple)):
+                raise PolicyError(f"attention.paro_orders: expected one list of orders per layer, got {orders!r}")
             if isinstance(orders, Mapping):
                 orders = [orders[k] for k in sorted(orders, key=int)] if all(
                     str(k).isdigit() for k in orders) else orders

@@ -61,9 +61,10 @@ def _sweep(args: argparse.Namespace) -> int:
     from .runner import run_sweep
     from .sweep import SweepSpec
 
-    spec = SweepSpec.from_yaml(args.spec)
+    spec = SweepSpec.from_yaml(args.spec, check=False)
     if args.device:
         spec.device = args.device
+    spec.validate()  # the whole spec, with the device this run uses, before anything is generated
     store = args.store or spec.store
     if store is None:
         print("dit-accel: error: no store: pass --store DIR or set 'store:' in the sweep file", file=sys.stderr)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -61,6 +62,16 @@ def _first(out: Any) -> torch.Tensor:
     return x
 
 
+def _tiny_classes(pipe: Any) -> tuple[int, list[str] | None]:
+    """(number of classes, their names) of the tiny class-conditional pipeline."""
+    num_classes = int(pipe.transformer.config.num_embeds_ada_norm)
+    names = None
+    if getattr(pipe, "labels", None):  # DiTPipeline keeps name -> id (synonyms share an id)
+        first = {i: name for name, i in sorted(pipe.labels.items(), reverse=True)}
+        names = [first.get(i, str(i)) for i in range(num_classes)]
+    return num_classes, names
+
+
 def _tiny(family: str, device: torch.device, dtype: torch.dtype | None, kwargs: dict) -> EvalModel:
     from ..testing import tiny_call_kwargs, tiny_pipeline
 
@@ -76,11 +87,7 @@ def _tiny(family: str, device: torch.device, dtype: torch.dtype | None, kwargs: 
         call = tiny_call_kwargs(family, num_inference_steps=steps, generator=generator(seed), **cond, **kwargs)
         return _first(pipe(**call))
 
-    num_classes = int(pipe.transformer.config.num_embeds_ada_norm) if is_class else None
-    names = None
-    if is_class and getattr(pipe, "labels", None):  # DiTPipeline keeps name -> id (synonyms share an id)
-        first = {i: name for name, i in sorted(pipe.labels.items(), reverse=True)}
-        names = [first.get(i, str(i)) for i in range(num_classes)]
+    num_classes, names = _tiny_classes(pipe) if is_class else (None, None)
     return EvalModel(f"tiny-{family}", pipe, generate, output="image" if is_class else "latent",
                      conditioning="class" if is_class else "text", num_classes=num_classes, class_names=names,
                      device=device)
@@ -119,22 +126,97 @@ def _pretrained(name: str, device: torch.device, dtype: torch.dtype | None, kwar
     return EvalModel(name, pipe, generate, output="video" if is_video else "image", device=device)
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a sweep needs to know about a model before loading it: its conditioning ("text", "class", or None
+    when only its factory knows) and, for class-conditional models, the class table."""
+
+    conditioning: str | None
+    num_classes: int | None = None
+    class_names: Sequence[str] | None = None
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # organisation/name
+
+
+def _tiny_family(name: str) -> str:
+    from ..testing import FAMILIES
+
+    family = name[len("tiny-"):]
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tiny model {name!r}; choose one of {['tiny-' + f for f in FAMILIES]}")
+    return family
+
+
+def _zoo_name(name: str) -> str:
+    from .. import zoo
+
+    if name not in zoo.available():
+        hint = " (its weights are not installed)" if name in zoo.MODEL_CONFIGS else ""
+        raise ValueError(f"unknown zoo model 'zoo:{name}'{hint}; available: {['zoo:' + n for n in zoo.available()]}")
+    return name
+
+
+def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r}: choose one of {list(DTYPES)}")
+        return DTYPES[dtype]
+    return dtype
+
+
+def describe_model(name: str, dtype: str | torch.dtype | None = None, base_dir: str | None = None) -> ModelInfo:
+    """Check that ``name`` names a model :func:`load_model` can load, without loading it (no weights, no
+    network), and say what conditions it takes. ``py:`` factories are imported (not called); a diffusers model
+    must be an existing folder or an ``organisation/name`` hub id. Raises ValueError / FileNotFoundError."""
+    _dtype(dtype)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"expected a model name, got {name!r}")
+    if name.startswith("tiny-"):
+        if _tiny_family(name) != "dit":
+            return ModelInfo("text")
+        from ..testing import tiny_pipeline
+
+        num_classes, names = _tiny_classes(tiny_pipeline("dit"))  # tiny: random weights, milliseconds
+        return ModelInfo("class", num_classes, names)
+    if name.startswith("zoo:"):
+        import json
+
+        from .. import zoo
+
+        short = _zoo_name(name[len("zoo:"):])
+        js = zoo.weights_paths(short)[1]
+        meta = json.loads(js.read_text()) if js.is_file() else zoo.get_config(short)
+        kind = meta.get("pipeline_class", "ClassConditionalPipeline")  # the table zoo.class_names follows
+        if kind == "TextToVideoPipeline":
+            names = [f"digit {d}" for d in range(10)]
+        elif kind == "TextToImagePipeline":
+            names = list(zoo.CIFAR10_CLASSES)
+        else:
+            names = list(meta.get("classes") or [str(i) for i in
+                                                  range(int(meta["transformer"]["num_embeds_ada_norm"]))])
+        return ModelInfo("class", len(names), names)
+    if refs.is_ref(name):
+        factory = refs.resolve(name, base_dir)
+        if not callable(factory):
+            raise ValueError(f"{name} is a {type(factory).__name__}, not a factory returning an EvalModel")
+        return ModelInfo(None)
+    from pathlib import Path
+
+    if Path(name).is_dir() or HUB_ID.match(name):
+        return ModelInfo("text")
+    raise ValueError(f"unknown model {name!r}: expected tiny-FAMILY, zoo:NAME, py:MODULE_OR_FILE:FACTORY, an existing "
+                     "diffusers pipeline folder or a hub id 'organisation/name'")
+
+
 def load_model(name: str, kwargs: dict | None = None, device: torch.device | str = "cpu",
                dtype: str | torch.dtype | None = None, base_dir: str | None = None) -> EvalModel:
     """Load the model named by a spec string (see the module docstring)."""
     device = torch.device(device)
     kwargs = dict(kwargs or {})
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r}: choose one of {list(DTYPES)}")
-        dtype = DTYPES[dtype]
+    dtype = _dtype(dtype)
     if name.startswith("tiny-"):
-        from ..testing import FAMILIES
-
-        family = name[len("tiny-"):]
-        if family not in FAMILIES:
-            raise ValueError(f"unknown tiny model {name!r}; choose one of {['tiny-' + f for f in FAMILIES]}")
-        return _tiny(family, device, dtype, kwargs)
+        return _tiny(_tiny_family(name), device, dtype, kwargs)
     if name.startswith("zoo:"):
         return _zoo(name[len("zoo:"):], device, dtype, kwargs)
     if refs.is_ref(name):

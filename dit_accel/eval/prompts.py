@@ -149,13 +149,69 @@ def _read_json(path: Path) -> list[str]:
     raise ValueError(f"{path}: expected a JSON list of prompts or a COCO captions file")
 
 
+NAMED_SETS = ("builtin", "parti", "coco")
+
+
+def _split(spec: str) -> tuple[str, int | None]:
+    """``NAME[:N]`` -> (NAME, N); a path that itself contains ':' stays whole."""
+    name, _, count = spec.partition(":")
+    n = None
+    if count:
+        if not count.isdigit():
+            if Path(spec).is_file():  # a path that contains ':'
+                return spec, None
+            raise ValueError(f"prompts {spec!r}: expected NAME or NAME:N with N a positive integer")
+        n = int(count)
+    if n is not None and n < 1:
+        raise ValueError(f"prompts {spec!r}: need at least 1 prompt")
+    return name, n
+
+
+def resolve_spec(spec: object, base_dir: str | os.PathLike | None = None) -> object:
+    """``spec`` with a relative prompt file (``FILE`` or ``FILE:N``) that is not in the working directory but is
+    in ``base_dir`` (a sweep file's folder) made absolute; anything else unchanged."""
+    if not isinstance(spec, str) or base_dir is None or spec.partition(":")[0] in NAMED_SETS:
+        return spec
+    try:
+        name, n = _split(spec)
+    except ValueError:
+        return spec  # check_prompts says what is wrong with it
+    if Path(name).is_absolute() or Path(name).is_file():
+        return spec
+    candidate = Path(base_dir) / name
+    if candidate.is_file():
+        return str(candidate.resolve()) + (f":{n}" if n is not None else "")
+    return spec
+
+
+def check_prompts(spec: object) -> None:
+    """Raise ValueError unless ``spec`` resolves to at least one prompt. Local files are read; the named
+    downloadable sets (``parti``, ``coco``) are only checked for their syntax (nothing is downloaded)."""
+    if isinstance(spec, str):
+        name, _ = _split(spec)
+        if name in ("parti", "coco"):
+            return
+    load_prompts(spec)  # type: ignore[arg-type]
+
+
 def load_prompts(spec: str | Sequence[str]) -> list[str]:
-    """Resolve a prompt-set spec (see the module docstring) into a list of prompts."""
+    """Resolve a prompt-set spec (see the module docstring) into a list of prompts (at least one)."""
     if not isinstance(spec, str):
+        if not isinstance(spec, (list, tuple)):
+            raise ValueError(f"prompts: expected a prompt-set name, a file or a list of strings, got {spec!r}")
         prompts = list(spec)
         if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompts: expected a non-empty list of strings or a prompt-set name")
+            bad = next((p for p in prompts if not isinstance(p, str)), None)
+            raise ValueError("prompts: expected a non-empty list of strings or a prompt-set name"
+                             + (f" ({bad!r} is not a string)" if prompts else ""))
         return prompts
+    prompts = _load_named(spec)
+    if not prompts:
+        raise ValueError(f"prompts {spec!r}: the set holds no prompts")
+    return prompts
+
+
+def _load_named(spec: str) -> list[str]:
     name, _, count = spec.partition(":")
     n = None
     if count:
@@ -186,9 +242,29 @@ def load_prompts(spec: str | Sequence[str]) -> list[str]:
                      "or a list of prompts")
 
 
+def check_classes(spec: object) -> None:
+    """Raise ValueError unless ``spec`` has the form :func:`load_classes` takes (no model needed): ``all``,
+    a count >= 1, or a non-empty list of ids (integers >= 0) and names."""
+    if spec == "all" or spec is None:
+        return
+    if isinstance(spec, bool) or not isinstance(spec, (int, str, list, tuple)):
+        raise ValueError(f"classes: expected 'all', a count or a list of class ids / names, got {spec!r}")
+    if isinstance(spec, int) or (isinstance(spec, str) and spec.isdigit()):
+        if int(spec) < 1:
+            raise ValueError(f"classes: expected at least 1, got {int(spec)}")
+        return
+    items = [spec] if isinstance(spec, str) else list(spec)
+    if not items:
+        raise ValueError("classes: the list is empty; give class ids, names, a count or 'all'")
+    for c in items:
+        if isinstance(c, bool) or not (isinstance(c, int) and c >= 0 or isinstance(c, str) and c):
+            raise ValueError(f"classes: {c!r} is not a class id (an integer >= 0) or a class name")
+
+
 def load_classes(spec: int | str | Sequence[int | str], num_classes: int,
                  names: Sequence[str] | None = None) -> list[int]:
     """Class ids for a class-conditional model: ``"all"``, ``N`` (ids 0..N-1) or a list of ids / names."""
+    check_classes(spec)
     if spec == "all" or spec is None:
         return list(range(num_classes))
     if isinstance(spec, int) or (isinstance(spec, str) and spec.isdigit()):
@@ -203,7 +279,9 @@ def load_classes(spec: int | str | Sequence[int | str], num_classes: int,
     for c in spec:
         if isinstance(c, str) and not c.isdigit():
             if c not in lookup:
-                raise ValueError(f"classes: {c!r} is not a class of this model; classes: {list(lookup)}")
+                known = list(lookup)
+                shown = f"{known[:20]} ... ({len(known)} in all)" if len(known) > 20 else f"{known}"
+                raise ValueError(f"classes: {c!r} is not a class of this model; classes: {shown}")
             ids.append(lookup[c])
         else:
             i = int(c)

@@ -104,6 +104,7 @@ class SweepRunner:
     # ------------------------------------------------------------------ entry
     def run(self, max_samples: int | None = None) -> RunSummary:
         summary = RunSummary()
+        self.spec.validate()  # a spec built or changed in code is checked as a parsed one is
         if max_samples is not None and self.world > 1:
             raise ValueError("max_samples works in single-process runs only")
         for spec_model in self.spec.models:

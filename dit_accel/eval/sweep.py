@@ -18,7 +18,14 @@ A sweep file (YAML) or dict::
     fid: {feature: inception, reference: baseline}   # inception | fid-helper | py:...; baseline | PATH
     clip: {model: openai/clip-vit-large-patch14}     # or py:module:factory returning (model, processor)
     timing: {warmup: 1, repeats: 3}
-    device: auto             # auto | cpu | cuda
+    device: auto             # auto | cpu | cuda | cuda:N
+
+The whole spec is checked before anything runs (:meth:`SweepSpec.validate`, called by ``from_dict`` /
+``from_yaml``): every model name resolves (tiny families, installed zoo models, importable ``py:`` factories,
+existing folders or ``organisation/name`` hub ids; nothing is loaded or downloaded), the prompt set and class
+list hold at least one condition (class ids and names checked against every class-conditional model), the
+device exists, every policy and grid expands, and the metric settings name known networks and existing
+reference sets — so a mistake in the last entry fails before the first model runs, not hours later.
 
 Keys are hashes of what determines a result, so reruns skip finished work: a *generation* (model,
 policy content, steps, seed, condition) is made once and shared by every row that needs it — the baseline
@@ -42,6 +49,7 @@ from ..config import PolicyError
 from ..policy import Policy, load_policy
 
 METRICS = ("psnr", "rel_l2", "ssim", "lpips", "fid", "clip")
+DTYPE_NAMES = ("float32", "float16", "bfloat16")  # models.DTYPES (not imported here: it needs torch)
 DEFAULT_METRICS = ("psnr", "rel_l2", "ssim")
 KINDS = ("baseline", "policy", "fewer-steps")
 
@@ -116,7 +124,12 @@ class SweepSpec:
 
     # ------------------------------------------------------------------ parsing
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "SweepSpec":
+    def from_yaml(cls, path: str | Path | Mapping[str, Any], check: bool = True) -> "SweepSpec":
+        """Parse a sweep file (relative paths in it are resolved against its folder), or an already parsed
+        dict (as :meth:`from_dict`). ``check``: run :meth:`validate` (the CLI defers it until its
+        ``--device`` override is applied)."""
+        if isinstance(path, Mapping):
+            return cls.from_dict(path, check=check)
         path = Path(path)
         if not path.is_file():
             raise SweepError(f"sweep file {str(path)!r} does not exist")
@@ -126,10 +139,13 @@ class SweepSpec:
             raise SweepError(f"sweep file {str(path)!r} is not valid YAML: {err}") from None
         if not isinstance(data, Mapping):
             raise SweepError(f"sweep file {str(path)!r}: expected a mapping at the top level")
-        return cls.from_dict({"name": path.stem, **data}, base_dir=str(path.parent))
+        return cls.from_dict({"name": path.stem, **data}, base_dir=str(path.parent), check=check)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], base_dir: str | None = None) -> "SweepSpec":
+    def from_dict(cls, data: Mapping[str, Any], base_dir: str | None = None, check: bool = True) -> "SweepSpec":
+        """Parse and check a sweep dict (see the module docstring); ``check``: also run :meth:`validate`."""
+        if not isinstance(data, Mapping):
+            raise SweepError(f"a sweep spec is a mapping of fields, got {type(data).__name__}")
         allowed = ["name", "models", "policies", "steps", "seeds", "prompts", "classes", "fewer_steps", "metrics",
                    "lpips", "fid", "clip", "timing", "device", "store"]
         unknown = sorted(set(data) - set(allowed))
@@ -150,7 +166,7 @@ class SweepSpec:
                       for p in expand_policy(e, f"policies[{i}]", base_dir)],
             steps=[_positive_int(s, "steps") for s in _list(data["steps"], "steps")],
             seeds=_seeds(data.get("seeds", 1)),
-            prompts=data.get("prompts", defaults.prompts),
+            prompts=resolve_prompts(data.get("prompts", defaults.prompts), base_dir),
             classes=data.get("classes", defaults.classes),
             fewer_steps=[_factor(f) for f in _list(data.get("fewer_steps", defaults.fewer_steps), "fewer_steps")],
             metrics=metrics,
@@ -170,7 +186,89 @@ class SweepSpec:
         dupes = sorted({n for n in labels if labels.count(n) > 1})
         if dupes:
             raise SweepError(f"policies: duplicate names {dupes}; give each policy a distinct 'name'")
+        for name in ("models", "steps"):
+            if not getattr(spec, name):
+                raise SweepError(f"sweep field {name!r}: expected at least one entry")
+        if check:
+            spec.validate()
         return spec
+
+    # ---------------------------------------------------------------- checking
+    def validate(self) -> None:
+        """The up-front pass over the whole spec, before anything is generated: device, every model (resolved,
+        not loaded), the class list against every class-conditional model, the prompt set, the metric
+        settings. Raises :class:`SweepError` naming the field. (Policies and grids are checked by parsing.)"""
+        from .models import describe_model
+        from .prompts import check_classes, check_prompts, load_classes
+
+        _check_device(self.device)
+        infos = []
+        for i, m in enumerate(self.models):
+            try:
+                infos.append(describe_model(m.name, m.dtype, self.base_dir))
+            except Exception as err:  # ValueError, FileNotFoundError, ImportError or a SyntaxError of a py: file
+                raise SweepError(f"models[{i}] ({m.name!r}): {err}") from None
+        try:
+            check_classes(self.classes)
+        except ValueError as err:
+            raise SweepError(str(err)) from None
+        for i, info in enumerate(infos):
+            if info.conditioning == "class" and info.num_classes:
+                try:
+                    load_classes(self.classes, info.num_classes, info.class_names)
+                except ValueError as err:
+                    detail = str(err).removeprefix("classes: ")
+                    raise SweepError(f"classes, for models[{i}] ({self.models[i].name!r}): {detail}") from None
+        try:
+            check_prompts(self.prompts)
+        except Exception as err:  # ValueError, OSError, csv / JSON errors of a prompt file
+            detail = str(err)
+            raise SweepError(detail if detail.startswith("prompts") else f"prompts {self.prompts!r}: {detail}") from None
+        self._check_metric_settings()
+
+    def _check_metric_settings(self) -> None:
+        from . import refs
+        from .metrics import LPIPS_SHIFT_TOLERANT, LPIPS_STANDARD
+
+        def factory(value: Any, where: str) -> None:
+            try:
+                obj = refs.resolve(value, self.base_dir)
+            except Exception as err:
+                raise SweepError(f"{where}: {err}") from None
+            if not callable(obj):
+                raise SweepError(f"{where}: {value} is a {type(obj).__name__}, not a factory")
+
+        if "lpips" in self.metrics:
+            if "backbone" in self.lpips:
+                if refs.is_ref(self.lpips["backbone"]):
+                    factory(self.lpips["backbone"], "lpips.backbone")
+            elif self.lpips.get("net") not in (*LPIPS_STANDARD, *LPIPS_SHIFT_TOLERANT):
+                raise SweepError(f"lpips.net: {self.lpips.get('net')!r} is not allowed; choose one of "
+                                 f"{[*LPIPS_STANDARD, *LPIPS_SHIFT_TOLERANT]} (or give lpips.backbone: py:MODULE:FACTORY)")
+        if "fid" in self.metrics:
+            feature = self.fid.get("feature")
+            if refs.is_ref(feature):
+                factory(feature, "fid.feature")
+            elif feature not in ("inception", "fid-helper"):
+                raise SweepError(f"fid.feature: {feature!r} is not allowed; choose 'inception', 'fid-helper' or "
+                                 "py:MODULE:FACTORY")
+            reference = self.fid.get("reference", "baseline")
+            if reference != "baseline":
+                path = Path(str(reference))
+                if not path.exists() and self.base_dir:
+                    path = Path(self.base_dir) / str(reference)
+                if not isinstance(reference, str) or not (path.is_dir() or (path.is_file() and path.suffix == ".npz")):
+                    raise SweepError(f"fid.reference: {reference!r} is neither 'baseline' nor an existing folder of "
+                                     "images or .npz file")
+            limit = self.fid.get("reference_limit")
+            if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+                raise SweepError(f"fid.reference_limit: expected a positive integer or null, got {limit!r}")
+        if "clip" in self.metrics:
+            model = self.clip.get("model")
+            if not isinstance(model, str) or not model:
+                raise SweepError(f"clip.model: expected a CLIP model name or py:MODULE:FACTORY, got {model!r}")
+            if refs.is_ref(model):
+                factory(model, "clip.model")
 
     # ---------------------------------------------------------------- expansion
     def variants(self, steps: int) -> list[Variant]:
@@ -204,6 +302,12 @@ def expand_policy(entry: Any, where: str, base_dir: str | None = None) -> list[P
             grid = entry.get("grid") or {}
             if not isinstance(grid, Mapping):
                 raise SweepError(f"{where}.grid: expected a mapping of cache field -> list of values")
+            for key, value in grid.items():
+                if not isinstance(key, str) or not key:
+                    raise SweepError(f"{where}.grid: key {key!r} is not a cache field name")
+                if isinstance(value, list) and not value:
+                    raise SweepError(f"{where}.grid.{key}: the list of values is empty (the grid would give no "
+                                     "policies); give at least one value")
             fields = [k[len("cache."):] if k.startswith("cache.") else k for k in grid]
             values = [v if isinstance(v, list) else [v] for v in grid.values()]
             if not fields:
@@ -236,9 +340,46 @@ def _model(entry: Any, i: int) -> ModelSpec:
         if extra or "name" not in entry:
             raise SweepError(f"models[{i}]: expected a name or a mapping with 'name' and optional 'kwargs', "
                              f"'dtype', 'label' (got keys {sorted(entry)})")
-        return ModelSpec(str(entry["name"]), dict(entry.get("kwargs") or {}), entry.get("dtype"),
-                         str(entry.get("label") or ""))
+        kwargs, dtype = entry.get("kwargs") or {}, entry.get("dtype")
+        if not isinstance(entry["name"], str) or not entry["name"]:
+            raise SweepError(f"models[{i}].name: expected a model name, got {entry['name']!r}")
+        if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+            raise SweepError(f"models[{i}].kwargs: expected a mapping of call arguments, got {kwargs!r}")
+        if dtype is not None and dtype not in DTYPE_NAMES:
+            raise SweepError(f"models[{i}].dtype: {dtype!r} is not allowed; choose one of {list(DTYPE_NAMES)}")
+        return ModelSpec(entry["name"], dict(kwargs), dtype, str(entry.get("label") or ""))
     raise SweepError(f"models[{i}]: expected a string or a mapping, got {entry!r}")
+
+
+def resolve_prompts(spec: Any, base_dir: str | None) -> Any:
+    """The prompts field with a prompt file relative to the sweep file's folder made absolute."""
+    from .prompts import resolve_spec
+
+    return resolve_spec(spec, base_dir)
+
+
+def _check_device(device: str) -> None:
+    """``auto``, ``cpu``, ``cuda`` / ``cuda:N`` (present on this machine) or ``mps`` (available)."""
+    import torch
+
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise SweepError(f"device: {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SweepError(f"device: {device!r}, but CUDA is not available on this machine; use device: cpu or "
+                             "auto (or --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SweepError(f"device: {device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return
+    if dev.type == "mps" and torch.backends.mps.is_available():
+        return
+    raise SweepError(f"device: {device!r} is not supported here; use auto, cpu, cuda or cuda:N")
 
 
 def _list(value: Any, where: str) -> list:

@@ -59,6 +59,11 @@ class Series(tuple):
         """Highest order available (0 after the first update: a forecast is then plain reuse)."""
         return len(self) - 1
 
+    def map_tensors(self, fn) -> "Series":
+        """The same series with ``fn`` applied to every factor (e.g. cutting a batched CFG state to its
+        conditional rows); nodes and version are kept (a slice of dim 0 shares the version counter)."""
+        return Series([fn(f) for f in self], self.nodes, self.version)
+
     def intact(self) -> bool:
         """False if factor 0 was modified in place since it was stored (a block wrote into its input)."""
         return self.version is None or self[0]._version == self.version

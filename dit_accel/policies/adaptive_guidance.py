@@ -204,6 +204,8 @@ def slice_batched(value: Any, batch: int, rows: slice) -> Any:
     """``value`` with every tensor whose dim 0 is ``batch`` cut to ``rows`` (through dicts, lists, tuples)."""
     if isinstance(value, torch.Tensor):
         return value[rows] if value.ndim and value.shape[0] == batch else value
+    if hasattr(value, "map_tensors"):  # containers that know their own structure (Taylor series)
+        return value.map_tensors(lambda t: slice_batched(t, batch, rows))
     if isinstance(value, dict):
         return {k: slice_batched(v, batch, rows) for k, v in value.items()}
     if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):

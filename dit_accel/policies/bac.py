@@ -44,8 +44,8 @@ from typing import ClassVar, Sequence
 
 import numpy as np
 
-from ..config import ConfigBase, PolicyError, option
-from .base import BranchState, CacheMethod, CachePlan, require_calibrated
+from ..config import MAX_STEPS, ConfigBase, PolicyError, option
+from .base import BranchState, CacheMethod, CachePlan, branch_table, require_calibrated
 
 logger = logging.getLogger("dit_accel")
 
@@ -74,6 +74,14 @@ class BACConfig(ConfigBase):
                     raise PolicyError(f"cache.schedule[{branch!r}]: expected one non-empty list of step indices "
                                       "per block")
         super().validate()
+        if self.schedule is not None:  # the schedule becomes a (blocks, steps) table: bound its size
+            limit = self.calibrated_steps if self.calibrated_steps is not None else MAX_STEPS
+            for branch, blocks in self.schedule.items():
+                last = max(max(steps) for steps in blocks)
+                if last >= limit:
+                    raise PolicyError(f"cache.schedule[{branch!r}]: step {last} is out of range; "
+                                      + (f"cache.calibrated_steps is {limit}" if self.calibrated_steps is not None
+                                         else f"steps must be < {MAX_STEPS}"))
 
 
 def segment_costs(table: np.ndarray) -> np.ndarray:
@@ -266,18 +274,17 @@ class BAC(CacheMethod):
         return max(t.shape[1] for t in self.compute.values())
 
     def is_compute(self, block: int, state: BranchState) -> bool:
-        table = self.compute.get(state.key[0])
-        if table is None:
-            table = next(iter(self.compute.values()))
+        table = branch_table(self.compute, state, "schedule")
         if state.step < self.config.warmup_steps:
             return True
         calibrated = self.calibrated_steps()
-        steps = state.num_steps or calibrated
+        index, length = state.schedule_position()
+        steps = length or calibrated
         if steps != calibrated and not self._warned:
             logger.warning("dit_accel: BAC schedule calibrated for %d steps, used for %d: steps are mapped by "
                            "relative position (recalibrate for an exact budget)", calibrated, steps)
             self._warned = True
-        t = position(state.step, steps, calibrated)
+        t = position(index, steps, calibrated)
         return t >= table.shape[1] or bool(table[block, t])
 
     def should_reuse(self, range_id: int, state: BranchState) -> bool:

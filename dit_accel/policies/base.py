@@ -53,22 +53,84 @@ class BlockCall:
         return call_argument(meta, meta.encoder_hidden_states_argument_name, self.args, self.kwargs)
 
 
+class RangeLinks:
+    """What the transformer adds to the streams *between* the blocks of one range, on a computed step.
+
+    diffusers' Flux and SD3 add ControlNet residuals inside their block loop
+    (``hidden_states = hidden_states + controlnet_block_samples[i]``); other models may add their own
+    per-step inputs there. A range's cached residual must not contain them: on a reused step the
+    skipped blocks pass their input through, the loop adds *this* step's additions again, and the
+    range's last block adds the cached residual. So the residual cached for a range is the sum of its
+    blocks' own residuals: (output − input of the range) − (what was added between its blocks).
+
+    Detection costs nothing without such additions: a block's input is the very tensor object the
+    previous block returned. Otherwise the difference is accumulated. A change between blocks that is
+    not an addition (another shape, or the previous output modified in place) marks the range broken:
+    its residual is not cached that step.
+    """
+
+    __slots__ = ("last", "versions", "hidden", "encoder", "broken")
+
+    def __init__(self) -> None:
+        self.last: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
+        self.versions: tuple[int | None, int | None] = (None, None)
+        self.hidden: torch.Tensor | None = None
+        self.encoder: torch.Tensor | None = None
+        self.broken = False
+
+    @staticmethod
+    def _version(t: torch.Tensor | None) -> int | None:
+        return None if t is None or t.is_inference() else t._version
+
+    def block_returned(self, hidden: torch.Tensor, encoder: torch.Tensor | None) -> None:
+        self.last = (hidden, encoder)
+        self.versions = (self._version(hidden), self._version(encoder))
+
+    def block_called(self, hidden: torch.Tensor, encoder: torch.Tensor | None) -> None:
+        if self.last is None or self.broken:
+            return
+        (last_h, last_e), (ver_h, ver_e) = self.last, self.versions
+        self.hidden = self._add(self.hidden, hidden, last_h, ver_h)
+        if encoder is not None and last_e is not None:
+            self.encoder = self._add(self.encoder, encoder, last_e, ver_e)
+        self.last = None
+
+    def _add(self, total: torch.Tensor | None, now: torch.Tensor, before: torch.Tensor, version: int | None):
+        if now is before and (version is None or before._version == version):
+            return total
+        if now.shape != before.shape or (version is not None and before._version != version):
+            self.broken = True
+            return total
+        gap = now - before
+        return gap if total is None else total + gap
+
+
 @dataclass
 class BranchState:
     """Everything cached for one (generation, CFG branch, input shape): reset at every new call.
 
-    ``step`` counts this branch's transformer calls in the generation; ``num_steps`` is the
-    pipeline's ``num_inference_steps`` when known (None in custom loops).
+    ``step`` counts this branch's transformer calls in the generation; ``num_steps`` is the number
+    of calls it plans (:func:`dit_accel.generation.planned_calls`: second-order samplers evaluate
+    twice per step, img2img starts part-way; None in custom loops without ``dit_accel.reset``).
+    ``schedule_offset`` is where these calls start in the full schedule (img2img's begin index),
+    so tables calibrated over a full schedule are read at :meth:`schedule_position`.
     """
 
     key: tuple
     step: int = 0
     num_steps: int | None = None
+    schedule_offset: int = 0
     clone_inputs: bool = False
     clone_unverifiable: bool = False
     residuals: dict[int, tuple] = field(default_factory=dict)
     reuse: dict[int, bool] = field(default_factory=dict)
     method: dict[str, Any] = field(default_factory=dict)
+    links: dict[int, "RangeLinks"] = field(default_factory=dict)  # within one call: see RangeLinks
+
+    def schedule_position(self) -> tuple[int, int | None]:
+        """(index of this call in the full schedule, the full schedule's length or None)."""
+        length = None if self.num_steps is None else self.schedule_offset + self.num_steps
+        return self.schedule_offset + self.step, length
 
     def cache_bytes(self) -> int:
         total = 0
@@ -137,6 +199,18 @@ class CacheMethod(ABC):
 
     def describe(self) -> str:
         return f"{self.name}({', '.join(f'{k}={v}' for k, v in self.config.to_dict().items())})"
+
+
+def branch_table(table: dict, state: BranchState, field: str) -> Any:
+    """The calibrated table of this call's CFG branch from ``{branch: table}``.
+
+    A branch the calibration never saw is a PolicyError (a curve recorded on batched CFG says nothing
+    about Wan's separate ``cond`` / ``uncond`` calls), not a silent fallback onto another branch's table."""
+    branch = state.key[0]
+    if branch in table:
+        return table[branch]
+    raise PolicyError(f"cache.{field} was calibrated for CFG branch(es) {sorted(table)}; this call runs branch "
+                      f"{branch!r} (another CFG layout). Calibrate with the call arguments you serve")
 
 
 def require_calibrated(config: ConfigBase, field: str, hint: str = "") -> None:

@@ -89,12 +89,13 @@ class DeltaDiT(CacheMethod):
         c = self.config
         if c.boundary is not None:
             return c.boundary
-        if state.num_steps is None:
+        _, length = state.schedule_position()
+        if length is None:
             raise PolicyError(
                 "cache.boundary_fraction needs the number of inference steps, which a custom sampling loop does not "
                 "give: set cache.boundary (an absolute step) or call dit_accel.reset(model, num_inference_steps=N) "
                 "before the loop")
-        return math.floor(c.boundary_fraction * state.num_steps + 0.5)
+        return math.floor(c.boundary_fraction * length + 0.5)
 
     def stage(self, step: int, boundary: int) -> tuple[str, int, frozenset[int]]:
         """(stage name, its first step, the range ids it caches) at ``step``."""
@@ -115,14 +116,15 @@ class DeltaDiT(CacheMethod):
 
     def should_reuse(self, range_id: int, state: BranchState) -> bool:
         b = self.boundary(state)
-        _, _, cached = self.stage(state.step, b)
+        step, _ = state.schedule_position()  # the stages are positions in the full schedule
+        _, _, cached = self.stage(step, b)
         if range_id not in cached:
             state.residuals.pop(range_id, None)  # a delta from the other stage is never used again
             return False
-        return not self.is_compute_step(state.step, b) and range_id in state.residuals
+        return not self.is_compute_step(step, b) and range_id in state.residuals
 
     def on_range_computed(self, range_id: int, residual: torch.Tensor, encoder_residual: torch.Tensor | None,
                           encoder_out_is_none: bool, state: BranchState) -> None:
-        _, _, cached = self.stage(state.step, self.boundary(state))
+        _, _, cached = self.stage(state.schedule_position()[0], self.boundary(state))
         if range_id in cached:  # keep only deltas this stage can reuse
             state.residuals[range_id] = (residual, encoder_residual, encoder_out_is_none)

@@ -60,10 +60,10 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 
-from ..config import ConfigBase, PolicyError, option
+from ..config import ConfigBase, PolicyError, finite_numbers, option
 from .adaptive_guidance import output_sample, replace_sample
 from .bac import acs, position
-from .base import BranchState, CacheMethod, CachePlan
+from .base import BranchState, CacheMethod, CachePlan, branch_table
 
 logger = logging.getLogger("dit_accel")
 
@@ -101,6 +101,31 @@ class ERTACacheConfig(ConfigBase):
         for name in ("scale", "shift", "step_scale"):
             if getattr(self, name) is not None:
                 _numbers(getattr(self, name), f"cache.{name}")
+                for branch, values in getattr(self, name).items():
+                    finite_numbers(f"cache.{name}[{branch!r}]", values)  # inf α/β/φ turns images into NaN
+        # the per-step tables are read at the same step index: same branches, one length per branch
+        tables = {n: getattr(self, n) for n in ("scale", "shift", "step_scale") if getattr(self, n) is not None}
+        if tables:
+            first, ref = next(iter(tables.items()))
+            for name, table in tables.items():
+                if set(table) != set(ref):
+                    raise PolicyError(f"cache.{name} has branches {sorted(table)}, cache.{first} has {sorted(ref)}; "
+                                      "the calibrated tables must cover the same CFG branches (run "
+                                      "dit_accel.calibrate again)")
+                for branch, values in table.items():
+                    if len(values) != len(ref[branch]):
+                        raise PolicyError(f"cache.{name}[{branch!r}] has {len(values)} steps, cache.{first}"
+                                          f"[{branch!r}] has {len(ref[branch])}; the calibrated tables must have "
+                                          "one entry per step (run dit_accel.calibrate again)")
+            if self.compute_steps is not None:
+                if set(self.compute_steps) != set(ref):
+                    raise PolicyError(f"cache.compute_steps has branches {sorted(self.compute_steps)}, cache.{first} "
+                                      f"has {sorted(ref)}; they must cover the same CFG branches")
+                for branch, steps in self.compute_steps.items():
+                    if max(steps) >= len(ref[branch]):
+                        raise PolicyError(f"cache.compute_steps[{branch!r}]: step {max(steps)} is out of range; the "
+                                          f"calibrated tables have {len(ref[branch])} steps (indices 0.."
+                                          f"{len(ref[branch]) - 1})")
         super().validate()
 
 
@@ -122,30 +147,32 @@ class ERTACache(CacheMethod):
     def make_plan(self, num_blocks: int) -> CachePlan:
         return CachePlan(ranges=((0, num_blocks),))
 
-    def _table(self, table: dict, state: BranchState):
-        return table.get(state.key[0]) or next(iter(table.values()))
+    def _table(self, field: str, state: BranchState):
+        return branch_table(getattr(self.config, field), state, field)
 
     def _calibrated_step(self, state: BranchState) -> tuple[int, bool]:
-        calibrated = len(self._table(self.config.scale, state))
-        steps = state.num_steps or calibrated
+        """The calibrated step at this call's schedule position, and whether the schedules match exactly."""
+        calibrated = len(self._table("scale", state))
+        index, length = state.schedule_position()
+        steps = length or calibrated
         if steps != calibrated and not self._warned:
             logger.warning("dit_accel: ERTACache calibrated for %d steps, used for %d: steps are mapped by relative "
                            "position; reused residuals are not rectified and step sizes not adjusted (recalibrate)",
                            calibrated, steps)
             self._warned = True
-        return position(state.step, steps, calibrated), steps == calibrated
+        return position(index, steps, calibrated), steps == calibrated
 
     def should_reuse(self, range_id: int, state: BranchState) -> bool:
         if state.step < self.config.warmup_steps or range_id not in state.residuals:
             return False
         t, _ = self._calibrated_step(state)
-        return t not in self._table(self.config.compute_steps, state)
+        return t not in self._table("compute_steps", state)
 
     def reused_output(self, range_id, hidden, encoder, state):
         res_h, res_e, enc_none = state.residuals[range_id]
         t, exact = self._calibrated_step(state)
         if self.config.rectify and exact:
-            alpha, beta = self._table(self.config.scale, state)[t], self._table(self.config.shift, state)[t]
+            alpha, beta = self._table("scale", state)[t], self._table("shift", state)[t]
             out = hidden + res_h * alpha + beta if (alpha, beta) != (1.0, 0.0) else hidden + res_h
         else:
             out = hidden + res_h
@@ -159,7 +186,7 @@ class ERTACache(CacheMethod):
         if not self.config.timestep_adjust or not state.reuse.get(0, False):
             return None
         t, exact = self._calibrated_step(state)
-        phi = float(self._table(self.config.step_scale, state)[t]) if exact else 1.0
+        phi = float(self._table("step_scale", state)[t]) if exact else 1.0
         sample = output_sample(output)
         if phi == 1.0 or sample is None:
             return None
@@ -198,15 +225,17 @@ class ERTACache(CacheMethod):
 
     @staticmethod
     def calibrate_pipeline(pipe: Any, prompts: Sequence[str | dict], config: ERTACacheConfig,
-                           **call_kwargs: Any) -> ERTACacheConfig:
+                           **call_kwargs: Any) -> tuple[ERTACacheConfig, Any]:
         """Both calibration passes (see the module docstring): the recording pass gives the schedule,
         α_t, β_t and the reference outputs; with ``timestep_adjust`` a second pass under the calibrated
-        schedule, from the same random state, gives the cached outputs and φ_t."""
+        schedule, from the same random state, gives the cached outputs and φ_t. Returns the config and
+        what the recording ran on."""
         from ..api import accelerated
         from ..calibrate import call_arguments, record
         from ..policy import Policy
 
         records: list[dict] = []
+        made_for = None
         reference: list[dict] = []
         snapshots: list[RandomState] = []
         family = ""
@@ -215,10 +244,11 @@ class ERTACache(CacheMethod):
             with OutputTap(pipe, config.sketch_size) as tap:
                 rows, family = record(pipe, [prompt], ERTACache.record_options, **call_kwargs)
             records.extend(rows)
+            made_for = rows.calibrated_for if made_for is None else made_for
             reference.append(tap.outputs)
         config = ERTACache.calibrated(config, records, family)
         if not config.timestep_adjust:
-            return config
+            return config, made_for
         cached_config = ERTACacheConfig(**{**config.to_dict(), "timestep_adjust": False, "step_scale": None})
         cached: list[dict] = []
         with accelerated(pipe, Policy(name="calibration", cache=cached_config)):
@@ -228,7 +258,7 @@ class ERTACache(CacheMethod):
                     pipe(**call_arguments(prompt, call_kwargs))
                 cached.append(tap.outputs)
         step_scale = fit_step_scale(reference, cached, config.compute_steps)
-        return ERTACacheConfig(**{**config.to_dict(), "step_scale": step_scale})
+        return ERTACacheConfig(**{**config.to_dict(), "step_scale": step_scale}), made_for
 
 
 def fit_step_scale(reference: list[dict], cached: list[dict], compute_steps: dict) -> dict[str, list[float]]:

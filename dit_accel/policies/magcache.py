@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..config import ConfigBase, PolicyError, option
-from .base import BranchState, CacheMethod, CachePlan, require_calibrated
+from ..config import ConfigBase, PolicyError, finite_numbers, option
+from .base import BranchState, CacheMethod, CachePlan, branch_table, require_calibrated
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class MagCacheConfig(ConfigBase):
                 if not isinstance(ratios, (list, tuple)) or len(ratios) < 2 or not all(
                         isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in ratios):
                     raise PolicyError(f"cache.mag_ratios[{branch!r}]: expected at least 2 positive numbers")
+                finite_numbers(f"cache.mag_ratios[{branch!r}]", ratios, positive=True, min_length=2)
         super().validate()
 
 
@@ -62,18 +63,20 @@ class MagCache(CacheMethod):
         return CachePlan(ranges=((0, num_blocks),))
 
     def ratio(self, state: BranchState) -> float:
-        ratios = self.config.mag_ratios
-        curve = ratios.get(state.key[0]) or next(iter(ratios.values()))
-        steps = state.num_steps or len(curve)
-        if steps == len(curve):
-            return float(curve[min(state.step, len(curve) - 1)])
-        return interpolate(list(curve), state.step / max(steps - 1, 1))
+        """γ at this call's position in its schedule (img2img calls start part-way through it)."""
+        curve = branch_table(self.config.mag_ratios, state, "mag_ratios")
+        index, length = state.schedule_position()
+        length = length or len(curve)
+        if length == len(curve):
+            return float(curve[min(index, len(curve) - 1)])
+        return interpolate(list(curve), index / max(length - 1, 1))
 
     def should_reuse(self, range_id: int, state: BranchState) -> bool:
         c = self.config
         m = state.method
-        steps = state.num_steps or len(next(iter(c.mag_ratios.values())))
-        if state.step >= int(c.retention_ratio * steps) and range_id in state.residuals:
+        index, length = state.schedule_position()
+        length = length or len(branch_table(c.mag_ratios, state, "mag_ratios"))
+        if index >= int(c.retention_ratio * length) and range_id in state.residuals:
             ratio = m.get("ratio", 1.0) * self.ratio(state)
             error = m.get("error", 0.0) + abs(1.0 - ratio)
             skips = m.get("skips", 0) + 1

@@ -39,7 +39,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..config import ConfigBase, PolicyError, option
+from ..config import ConfigBase, PolicyError, finite_numbers, option
 from .base import BranchState, CacheMethod, CachePlan, require_calibrated
 
 CLASSES = ("fg", "bg")
@@ -70,6 +70,10 @@ class ProfilingDiTConfig(ConfigBase):
             if not isinstance(self.block_entropy, list) or any(
                     isinstance(e, bool) or not isinstance(e, (int, float)) for e in self.block_entropy):
                 raise PolicyError("cache.block_entropy: expected a list of numbers, one per block")
+            finite_numbers("cache.block_entropy", self.block_entropy, min_length=0)
+            if self.block_classes is not None and len(self.block_entropy) != len(self.block_classes):
+                raise PolicyError(f"cache.block_entropy has {len(self.block_entropy)} blocks, cache.block_classes "
+                                  f"has {len(self.block_classes)}; both hold one entry per block")
         super().validate()
 
 

@@ -28,7 +28,7 @@ from typing import ClassVar
 
 import torch
 
-from ..config import ConfigBase, PolicyError, option
+from ..config import ConfigBase, PolicyError, finite_numbers, option
 from .base import BlockCall, BranchState, CacheMethod, CachePlan
 from .dbcache import relative_l1
 
@@ -65,6 +65,7 @@ class TeaCacheConfig(ConfigBase):
             if not coeffs or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and c == c
                                      for c in coeffs):
                 raise PolicyError(f"cache.coefficients: expected a non-empty list of numbers, got {coeffs!r}")
+            finite_numbers("cache.coefficients", coeffs)  # an inf coefficient makes every step "changed" (or NaN)
             object.__setattr__(self, "coefficients", tuple(float(c) for c in coeffs))
         super().validate()
 
