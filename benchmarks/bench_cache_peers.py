@@ -158,7 +158,7 @@ def our_variants(pipe, steps: int, n: int) -> list[Variant]:
                                              "warmup_steps": 1, "compute_last_step": False},
                     f"gate every step; constant polynomial 1/{n}: {every}"),
         dit_variant(pipe, f"magcache K={n - 1}", {"method": "magcache", "threshold": 100.0, "max_skips": n - 1,
-                                                 "retention_ratio": 0.22, "mag_ratios": {"default": ones}},
+                                                 "retention_ratio": 0.22, "mag_ratios": {"cond": ones}},
                     f"first 6 steps computed, then at most {n - 1} skips in a row"),
         dit_variant(pipe, f"taylorseer N={n} O1", {"method": "taylorseer", "interval": n, "order": 1,
                                                    "warmup_steps": 1, "granularity": "block"},
@@ -170,15 +170,15 @@ def our_variants(pipe, steps: int, n: int) -> list[Variant]:
                                              "final_steps": 0, "max_consecutive_forecast": n - 1},
                     f"block 0 every step + its forecast check; at most {n - 1} forecasts in a row"),
         dit_variant(pipe, "delta_dit", {"method": "delta_dit"}, "paper defaults (interval 2, 75% of blocks cached)"),
-        dit_variant(pipe, "bac", {"method": "bac", "schedule": {"default": [computed] * num_blocks},
+        dit_variant(pipe, "bac", {"method": "bac", "schedule": {"cond": [computed] * num_blocks},
                                   "calibrated_steps": steps}, f"per-block schedule, {every} for every block"),
-        dit_variant(pipe, "ertacache static", {"method": "ertacache", "compute_steps": {"default": computed},
-                                               "scale": {"default": ones}, "shift": {"default": [0.0] * steps},
+        dit_variant(pipe, "ertacache static", {"method": "ertacache", "compute_steps": {"cond": computed},
+                                               "scale": {"cond": ones}, "shift": {"cond": [0.0] * steps},
                                                "rectify": False, "timestep_adjust": False},
                     f"{every}; one whole-stack residual, plain reuse (no rectification, no step adjustment)"),
-        dit_variant(pipe, "ertacache", {"method": "ertacache", "compute_steps": {"default": computed},
-                                        "scale": {"default": erta_scale}, "shift": {"default": erta_shift},
-                                        "timestep_adjust": True, "step_scale": {"default": erta_dt}},
+        dit_variant(pipe, "ertacache", {"method": "ertacache", "compute_steps": {"cond": computed},
+                                        "scale": {"cond": erta_scale}, "shift": {"cond": erta_shift},
+                                        "timestep_adjust": True, "step_scale": {"cond": erta_dt}},
                     f"{every}; rectified residuals and adjusted step size on the {len(reused)} reused steps"),
         dit_variant(pipe, "profiling_dit", {"method": "profiling_dit", "block_classes": classes,
                                             "background_interval": n, "warmup_steps": 1},
@@ -204,7 +204,8 @@ def diffusers_variants(pipe, steps: int, n: int) -> list[Variant]:
     blocks_only = [r"^transformer_blocks\.\d+$", r"^single_transformer_blocks\.\d+$"]
     return [
         Variant("diffusers FirstBlockCache", "diffusers", f"gate every step; threshold set per step: compute 1 step "
-                f"in {n}", setup=fbc_setup, teardown=tr.disable_cache, on_step=fbc_step, pair=("dit_accel fbcache gate",)),
+                f"in {n}", setup=fbc_setup, teardown=tr.disable_cache, on_step=fbc_step,
+                pair=("dit_accel fbcache gate",)),
         Variant(f"diffusers TaylorSeerCache N={n} (blocks)", "diffusers", f"compute steps 0, 2, 5, 8, …: "
                 f"{len(compute_steps(steps, n))} of {steps}; first-order forecast per block output",
                 setup=lambda: tr.enable_cache(TaylorSeerCacheConfig(cache_interval=n, disable_cache_before_step=1,
@@ -317,8 +318,10 @@ def run(args: argparse.Namespace) -> dict:
     tr = pipe.transformer
     g = torch.Generator(device)
     text_dim = tr.config.joint_attention_dim
-    embeds = torch.randn(1, 8 if args.quick else 512, text_dim, device=device, generator=g.manual_seed(1)).to(torch.bfloat16)
-    pooled = torch.randn(1, tr.config.pooled_projection_dim, device=device, generator=g.manual_seed(2)).to(torch.bfloat16)
+    embeds = torch.randn(1, 8 if args.quick else 512, text_dim, device=device,
+                         generator=g.manual_seed(1)).to(torch.bfloat16)
+    pooled = torch.randn(1, tr.config.pooled_projection_dim, device=device,
+                         generator=g.manual_seed(2)).to(torch.bfloat16)
     current: list[Variant] = []
 
     def callback(pipeline, step: int, timestep, kwargs: dict) -> dict:
@@ -509,7 +512,8 @@ def markdown(result: dict, summary: dict) -> str:
         lines.append(f"| {p['peer']} | {p['ours']} | {p['peer_overhead']:+.2f} | {p['ours_overhead']:+.2f} | "
                      f"{p['ours_minus_peer']:+.2f} | {p['peer_share']:.3f} / {p['ours_share']:.3f} |")
     if summary.get("profiles"):
-        lines += ["", "## Profiles (one more call each, under `torch.profiler`; its own overhead inflates host time)", "",
+        lines += ["", "## Profiles (one more call each, under `torch.profiler`; its own overhead inflates host time)",
+                  "",
                   "*idle* = host time − summed kernel time: the GPU waiting for the host.", "",
                   "| variant | host ms/step | kernel ms/step | idle ms/step | kernels | sync-type runtime calls | "
                   "top host ops (self ms) |", "|---|---|---|---|---|---|---|"]
@@ -545,8 +549,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out or Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     out.mkdir(parents=True, exist_ok=True)
     name = "cache_peers_quick" if args.quick else "cache_peers"
-    payload = {"env": result["env"], "args": {k: str(v) if isinstance(v, Path) else v for k, v in result["args"].items()},
-               "wall_s": result["wall_s"], **summary}
+    args_out = {k: str(v) if isinstance(v, Path) else v for k, v in result["args"].items()}
+    payload = {"env": result["env"], "args": args_out, "wall_s": result["wall_s"], **summary}
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
     (out / f"{name}.md").write_text(md)
     print(md)

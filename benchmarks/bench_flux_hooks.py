@@ -141,7 +141,8 @@ def main() -> None:
           f"{env['date']}, torch {env['torch']}, diffusers {env['diffusers']}, CUDA {env['cuda']}; "
           f"{args.resolution}², {args.steps} steps, bf16, random weights, {args.rounds} interleaved rounds "
           f"(median; ± half range). Command: `{env['command']}`", "",
-          "| variant | ms/step | ± | vs baseline | speedup | blocks saved | rel. L2 vs baseline |", "|---|---|---|---|---|---|---|"]
+          "| variant | ms/step | ± | vs baseline | speedup | blocks saved | rel. L2 vs baseline |",
+          "|---|---|---|---|---|---|---|"]
     for r in rows:
         err = "—" if r["rel_l2_vs_baseline"] is None else f"{r['rel_l2_vs_baseline']:.3g}"
         md.append(f"| {r['variant']} | {r['ms_per_step']:.2f} | {r['spread_ms_per_step']:.2f} | "

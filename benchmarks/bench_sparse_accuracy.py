@@ -11,7 +11,7 @@ fixed densities (each q-block keeps that share of kv-blocks, plus its self block
 ``|out - dense| / |dense|`` and the density actually used. Also each method in its threshold mode
 (tau = 0.9 / top-p 0.9), which picks its own density.
 
-    python benchmarks/bench_sparse_accuracy.py --out DIR             # Wan 480p shape: 21x30x52 tokens, 12 heads, D=128 (GPU)
+    python benchmarks/bench_sparse_accuracy.py --out DIR          # Wan 480p: 21x30x52 tokens, 12 heads, D=128 (GPU)
     python benchmarks/bench_sparse_accuracy.py --quick --out DIR     # 4x8x16 tokens, 5 heads, D=32: CPU, seconds
 
 ``--zoo cifar10_dit`` adds a table on *real* attention: the post-RoPE q, k, v of every self-attention
@@ -60,7 +60,7 @@ def main(argv=None) -> None:
 
     from common import environment, write_results
     from dit_accel.attention import AttentionConfig, SparseRequest, sparse_self_attention
-    from dit_accel.attention.calibrate import AttentionRecorder
+    from dit_accel.calibration.attention import AttentionRecorder
     from dit_accel.attention.reorder_paro import head_permutations
     from dit_accel.attention.select import select_blocks
     from dit_accel.attention.synthetic import KINDS, structured_qkv
@@ -81,7 +81,8 @@ def main(argv=None) -> None:
         print(f"[{time.perf_counter() - t0:7.1f} s] {what}", file=sys.stderr, flush=True)
 
     q, k, v = structured_qkv(grid, heads, d, seed=args.seed, device=device)
-    dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32}.get(args.dtype) or getattr(torch, args.dtype)
+    auto = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = auto if args.dtype == "auto" else getattr(torch, args.dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     cq, ck, _ = structured_qkv(grid, heads, d, seed=args.seed + 1, device=device)  # calibration draw
     stage(f"inputs {tuple(q.shape)} {q.dtype} on {device}")
@@ -143,7 +144,8 @@ def main(argv=None) -> None:
     env = environment()
     md = [f"# Block-sparse attention accuracy vs dense ({env.get('gpu', 'cpu')})", "",
           f"Structured Q/K/V (`dit_accel.attention.synthetic.structured_qkv`, seed {args.seed}): grid {grid} = "
-          f"{q.shape[2]:,} tokens, {heads} heads (kinds cycle temporal / spatial / row / local / semantic), D={d}, block {bs}, "
+          f"{q.shape[2]:,} tokens, {heads} heads (kinds cycle temporal / spatial / row / local / semantic), D={d}, "
+          f"block {bs}, "
           f"{str(q.dtype).replace('torch.', '')} (dense reference in float32 on the same values). "
           f"PARO orders and static masks calibrated on seed {args.seed + 1}: orders {list(orders[0])}.", "",
           "Relative L2 error of the output vs dense SDPA (lower is better); `+c` = SVG-EAR compensation. "
@@ -196,22 +198,16 @@ def record_zoo_attention(pipe, step: int, steps: int, block_size: int, call: dic
     """{layer: (q, k, v, grid)} of every self-attention call at ``step`` of one generation."""
     import torch
 
-    import dit_accel
-    from dit_accel.api import _runtimes
+    from dit_accel.calibration.attention import observe_attention
 
     seen = {}
 
-    class Capture:
-        def observe(self, layer, q, k, grid, scale, v=None):
-            if runtime.current is not None and runtime.current.step == step:
-                seen[layer] = (q.clone(), k.clone(), v.clone(), tuple(grid))
+    def capture(layer, at, q, k, v, grid, scale):
+        if at == step:
+            seen[layer] = (q.clone(), k.clone(), v.clone(), tuple(grid))
 
-    probe = {"name": "probe", "attention": {"sparse": None, "block_size": block_size, "warmup_steps": 0}}
-    with dit_accel.accelerated(pipe, probe):
-        runtime = next(iter(_runtimes(pipe).values()))
-        runtime.attention.recorder = Capture()
-        with torch.no_grad():
-            pipe(num_inference_steps=steps, **call)
+    with observe_attention(pipe, capture, block_size=block_size), torch.no_grad():
+        pipe(num_inference_steps=steps, **call)
     return seen
 
 
@@ -248,7 +244,8 @@ def zoo_accuracy(args, densities):
                     perm = head_permutations(grid, orders[layer], bs, q.device) if reorder == "paro" else None
                     with torch.no_grad():
                         result = sparse_self_attention(q, k, v, SparseRequest(cfg, head_perm=perm))
-                        dense = F.scaled_dot_product_attention(q.float(), k.float(), v.float())   # exact for these inputs
+                        # exact for these inputs
+                        dense = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
                     errs.append(float((result.out - dense).norm() / dense.norm()))
                     used.append(float(result.kept) / result.total)
                 rows.append({"method": method, "reorder": reorder, "density": density,
@@ -256,7 +253,8 @@ def zoo_accuracy(args, densities):
                 print("zoo", rows[-1], flush=True)
     grid = next(iter(layers.values()))[3]
     md = ["", f"## Real attention: `{args.zoo}` (trained reference model)", "",
-          f"Self-attention q, k, v of its {len(layers)} layers at step {args.zoo_step} of {args.zoo_steps} (labels 0, 3, "
+          f"Self-attention q, k, v of its {len(layers)} layers at step {args.zoo_step} of {args.zoo_steps} "
+          "(labels 0, 3, "
           f"5, 8 with CFG: batch 8), grid {grid}, block {args.zoo_block_size}; PARO orders calibrated on labels 1, 7: "
           f"{[list(o) for o in orders]}. Mean relative L2 over layers.", "",
           "| density | method | none | paro | svg2 | used density (none / paro / svg2) |", "|---|---|---|---|---|---|"]

@@ -1,22 +1,31 @@
-"""Public entry points: accelerate, remove, stats, reset, accelerated."""
+"""Public entry points: accelerate, remove, stats, inspect, reset, accelerated.
+
+The one module that wires the layers together: it builds each transformer's runtime core
+(:mod:`dit_accel.runtime`) with the features a policy asks for — caching through the method its
+``cache`` section registers (:mod:`dit_accel.caching`), adaptive guidance, sparse attention,
+quantized linears — and attaches them, all or nothing.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Iterator, Sequence
 
 import torch
 
-from .adapters import get_adapter
+from .adapters import TRANSFORMER_COMPONENTS, BlockInfo, ModelAdapter, get_adapter
+from .caching.adaptive_guidance import AdaptiveGuidance, cfg_order_for
+from .caching.base import method_for
 from .config import PolicyError
-from .hooks import Runtime, attach, detach
 from .inspection import Inspection
 from .policy import Policy, PolicyLike, load_policy
-from .quant import apply_policy_quant, remove_policy_quant
+from .runtime import AttentionFeature, CacheFeature, CompileFeature, Feature, GuidanceFeature, QuantFeature, Runtime
 from .stats import Stats
 
 _HANDLE = "_dit_accel"
-TRANSFORMER_COMPONENTS = ("transformer", "transformer_2")
+DYNAMIC_ACTIVATION_MODES = ("fp8_dynamic", "int8_dynamic")  # torchao modes that quantize activations per call
+logger = logging.getLogger("dit_accel")
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -42,7 +51,8 @@ def _check_attachable(name: str, module: torch.nn.Module, policy: Policy) -> Non
     if getattr(module, _HANDLE, None) is not None:
         raise PolicyError(f"{name} is already accelerated; call dit_accel.remove() on it first")
     if getattr(module, "_cache_config", None) is not None:
-        raise PolicyError(f"{name} has diffusers' own cache enabled ({type(module._cache_config).__name__}); two caches "
+        raise PolicyError(f"{name} has diffusers' own cache enabled ({type(module._cache_config).__name__}); two "
+                          "caches "
                           f"would both run: call {name}.disable_cache() first")
     if policy.quant is not None and any(p.is_meta for p in module.parameters()):
         raise PolicyError(f"{name} has parameters on the meta device (weights not loaded); quant.linear needs real "
@@ -69,28 +79,63 @@ def accelerate(target: Any, policy: PolicyLike = "fbcache", *, blocks: Sequence[
     modules = _transformers(target)
     for name, module in modules.items():
         _check_attachable(name, module, policy)
+    pipeline = None if isinstance(target, torch.nn.Module) else target
     runtimes: dict[str, Runtime] = {}
-    for name, module in modules.items():
+    for name, module in modules.items():  # everything is validated before the first hook is registered
         adapter = get_adapter(module, blocks=blocks, block_returns=block_returns)
-        pipeline = None if isinstance(target, torch.nn.Module) else target
-        runtimes[name] = Runtime(module, adapter, policy, adapter.blocks(module),  # validates the plan
-                                 pipeline=pipeline, component=name)
+        block_list = adapter.blocks(module)
+        runtimes[name] = Runtime(module, adapter, block_list, features(policy, adapter, block_list, pipeline, name),
+                                 policy=policy, pipeline=pipeline, component=name)
     done: list[Runtime] = []
     try:
         for rt in runtimes.values():
-            attach(rt)
+            rt.attach()
             done.append(rt)
-            apply_policy_quant(rt.transformer, rt.adapter, policy)  # policy.quant: torchao linears
     except Exception:
         for rt in done:
-            detach(rt)
-            remove_policy_quant(rt.transformer)
+            rt.detach()
         raise
     setattr(target, _HANDLE, runtimes)
     if not isinstance(target, torch.nn.Module):
         for name, module in modules.items():
             setattr(module, _HANDLE, {name: runtimes[name]})
     return target
+
+
+def features(policy: Policy, adapter: ModelAdapter, blocks: list[BlockInfo], pipeline: Any | None,
+             component: str = "transformer") -> list[Feature]:
+    """The runtime features ``policy`` asks for, in the order they see each call (guidance first: it may
+    cut or drop the call before the others see it)."""
+    out: list[Feature] = []
+    if policy.guidance is not None:
+        config = policy.guidance
+        if adapter.cfg_layout == "none":
+            raise PolicyError(f"guidance: the {adapter.family} adapter runs no classifier-free guidance "
+                              "(cfg_layout 'none'); remove the guidance section")
+        if pipeline is None and config.guidance_scale is None:
+            raise PolicyError("guidance.guidance_scale is required for a bare transformer (there is no "
+                              "pipeline to read the guidance scale from)")
+        guidance = AdaptiveGuidance(config, adapter.cfg_layout, cfg_order_for(pipeline, config, adapter.cfg_layout))
+        out.append(GuidanceFeature(guidance, component))
+    if policy.cache is not None:
+        out.append(CacheFeature(method_for(policy.cache)(policy.cache, blocks, adapter)))  # validates the plan
+    if policy.attention is not None:
+        out.append(AttentionFeature(policy.attention, len(blocks)))
+    if policy.quant is not None:
+        out.append(QuantFeature(policy.quant))
+        compiled = any(b.module.__dict__.get("_compiled_call_impl") is not None for b in blocks)
+        if policy.quant.linear in DYNAMIC_ACTIVATION_MODES and policy.compile is None and not compiled:
+            logger.warning("dit_accel: quant.linear=%s quantizes activations in separate kernels when the blocks are "
+                           "not compiled, which is slower than bf16 (measured 0.4-0.7x); add `compile: {mode: "
+                           "regional}` to the policy (or compile the blocks yourself)", policy.quant.linear)
+    if policy.compile is not None:
+        out.append(CompileFeature(policy.compile))
+    return out
+
+
+def runtimes_of(target: Any) -> dict[str, Runtime]:
+    """The runtime of each accelerated transformer of ``target`` (for the layers above: calibration, eval)."""
+    return _runtimes(target)
 
 
 def _runtimes(target: Any) -> dict[str, Runtime]:
@@ -112,8 +157,7 @@ def remove(target: Any) -> Any:
     """Detach everything ``accelerate`` attached; outputs are bit-identical to the untouched model again."""
     runtimes = _runtimes(target)
     for rt in runtimes.values():
-        detach(rt)
-        remove_policy_quant(rt.transformer)  # original weights back, bit-exact
+        rt.detach()  # hooks, gates, processors off; original weights back, bit-exact
         if getattr(rt.transformer, _HANDLE, None) is not None:
             delattr(rt.transformer, _HANDLE)
     if hasattr(target, _HANDLE):

@@ -151,3 +151,60 @@ class ConfigBase:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _constraint_text(f: dataclasses.Field) -> str:
+    m = f.metadata
+    parts = []
+    if m.get("choices") is not None:
+        parts.append("one of " + ", ".join(repr(c) for c in m["choices"]))
+    for key, symbol in (("ge", ">="), ("gt", ">"), ("le", "<=")):
+        if m.get(key) is not None:
+            parts.append(f"{symbol} {m[key]}")
+    return "; ".join(parts)
+
+
+def explain_options(cls: type) -> list[tuple[str, str, str, str]]:
+    """(name, default, constraints, doc) of every documented field of a config dataclass, in order."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("doc"):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.name == "method" and getattr(cls, "method_name", ""):
+            default = cls.method_name  # a registered method's name, filled in by its config
+        rows.append((f.name, describe_value(default), _constraint_text(f), f.metadata["doc"]))
+    return rows
+
+
+def document_options(cls: type) -> type:
+    """Append an ``Args:`` section, rendered from the fields' ``option(doc=...)``, to ``cls.__doc__``
+    (once; diffusers' style: one entry per field). Returns ``cls`` (usable as a decorator)."""
+    if getattr(cls, "_options_documented", None) is cls:
+        return cls
+    lines = ["", "Args:"]
+    for name, default, constraints, doc in explain_options(cls):
+        extra = f" ({constraints})" if constraints else ""
+        lines.append(f"    {name}: {doc}{extra}. Default: {default}.")
+    base = (cls.__doc__ or "").rstrip()
+    if base.startswith(f"{cls.__name__}("):  # the signature dataclasses writes when there is no docstring
+        base = ""
+    cls.__doc__ = (base + "\n" if base else "") + "\n".join(lines) + "\n"
+    cls._options_documented = cls
+    return cls
+
+
+def describe_value(value: Any, limit: int = 8) -> str:
+    """A short text for a config value: calibrated tables (long lists, per-branch mappings of them) are
+    summarised by their size instead of printed."""
+    def count(v: Any) -> int:
+        if isinstance(v, (list, tuple)):
+            return sum(count(x) for x in v) if any(isinstance(x, (list, tuple, dict)) for x in v) else len(v)
+        if isinstance(v, dict):
+            return sum(count(x) for x in v.values())
+        return 1
+    if isinstance(value, dict) and count(value) > limit:
+        return "{" + ", ".join(f"{k}: <{count(v)} values>" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)) and count(value) > limit:
+        return f"<{count(value)} values>"
+    return repr(value) if isinstance(value, str) else str(value)

@@ -14,7 +14,10 @@ class RuntimeView:
     """One accelerated transformer at the moment of the snapshot.
 
     ``branches`` maps each (CFG branch, input shape) state of the current generation to the calls it
-    made; ``held_bytes`` counts the cached tensors alive now (0 between pipeline calls).
+    made; ``held_bytes`` counts the cached tensors alive now (0 between pipeline calls);
+    ``hooked_blocks`` are the gated blocks and ``compiled_blocks`` how many of them run compiled code
+    behind their gate; ``current_call`` / ``last_call`` are (branch, step) of the transformer call in
+    progress / of the last one that ran.
     """
 
     component: str
@@ -22,12 +25,15 @@ class RuntimeView:
     policy: Any
     block_names: tuple[str, ...]
     hooked_blocks: tuple[str, ...]
+    compiled_blocks: int
     planned_calls: int | None
     schedule_offset: int
     branches: dict[tuple, int] = field(default_factory=dict)
     held_bytes: int = 0
     clone_inputs: bool = False
     generation_open: bool = False
+    last_call: tuple[str, int] | None = None
+    current_call: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)

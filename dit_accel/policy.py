@@ -16,42 +16,13 @@ import yaml
 
 from .attention.config import AttentionConfig
 from .calibrated_for import CalibratedFor
+from .compile_config import CompileConfig
 from .config import ConfigBase, PolicyError, unknown_key_error
-from .policies import ALIASES, get_method, method_names
-from .policies.adaptive_guidance import AdaptiveGuidanceConfig
+from .caching.base import CacheConfig, cache_config_from_dict, guidance_config_from_dict, guidance_config_types
+from .presets import preset_names  # noqa: F401  (re-exported: dit_accel.preset_names)
 from .quant.config import LinearQuantConfig
 
-GUIDANCE_METHODS: dict[str, type[ConfigBase]] = {"adaptive": AdaptiveGuidanceConfig}
-
 PolicyLike = Union["Policy", str, Path, Mapping[str, Any], None]
-
-
-def _cache_config_from_dict(data: Mapping[str, Any]) -> ConfigBase:
-    if not isinstance(data, Mapping):
-        raise PolicyError(f"cache: expected a mapping with a 'method' key, got {data!r}")
-    data = dict(data)
-    method = data.pop("method", None)
-    allowed = sorted([*method_names(), *ALIASES])
-    if method is None:
-        raise PolicyError(f"cache.method is required; choose one of {allowed}")
-    if not isinstance(method, str):
-        raise PolicyError(f"cache.method: expected a string, got {method!r}; choose one of {allowed}")
-    if method in ALIASES:
-        method, defaults = ALIASES[method]
-        data = {**defaults, **data}
-    return get_method(method).config_cls.from_dict({"method": method, **data}, where="cache")
-
-
-def _guidance_config_from_dict(data: Mapping[str, Any]) -> ConfigBase:
-    if not isinstance(data, Mapping):
-        raise PolicyError(f"guidance: expected a mapping with a 'method' key, got {data!r}")
-    method = data.get("method")
-    allowed = sorted(GUIDANCE_METHODS)
-    if method is None:
-        raise PolicyError(f"guidance.method is required; choose one of {allowed}")
-    if not isinstance(method, str) or method not in GUIDANCE_METHODS:
-        raise PolicyError(f"guidance.method: {method!r} is not a known guidance method; choose one of {allowed}")
-    return GUIDANCE_METHODS[method].from_dict(data, where="guidance")
 
 
 @dataclass(frozen=True)
@@ -65,16 +36,19 @@ class Policy:
     attention: AttentionConfig | None = None
     quant: LinearQuantConfig | None = None  # linear layers through torchao (dit_accel.quant)
     calibrated_for: CalibratedFor | None = None  # what dit_accel.calibrate ran on (checked when applied)
+    compile: CompileConfig | None = None  # regional torch.compile of the blocks, applied by accelerate
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise PolicyError(f"name: expected a non-empty string, got {self.name!r}")
-        if self.cache is not None and not isinstance(self.cache, ConfigBase):
-            object.__setattr__(self, "cache", _cache_config_from_dict(self.cache))
-        if self.guidance is not None and not isinstance(self.guidance, tuple(GUIDANCE_METHODS.values())):
+        if self.cache is not None and not isinstance(self.cache, CacheConfig):
+            if isinstance(self.cache, ConfigBase):
+                raise PolicyError(f"cache: expected a caching method's section, got {type(self.cache).__name__}")
+            object.__setattr__(self, "cache", cache_config_from_dict(self.cache))
+        if self.guidance is not None and not isinstance(self.guidance, guidance_config_types()):
             if isinstance(self.guidance, ConfigBase):
                 raise PolicyError(f"guidance: expected a guidance section, got {type(self.guidance).__name__}")
-            object.__setattr__(self, "guidance", _guidance_config_from_dict(self.guidance))
+            object.__setattr__(self, "guidance", guidance_config_from_dict(self.guidance))
         if self.attention is not None and not isinstance(self.attention, AttentionConfig):
             if isinstance(self.attention, ConfigBase):
                 raise PolicyError(f"attention: expected an attention section, got {type(self.attention).__name__}")
@@ -83,14 +57,20 @@ class Policy:
             if isinstance(self.quant, ConfigBase):
                 raise PolicyError(f"quant: expected a quant section, got {type(self.quant).__name__}")
             object.__setattr__(self, "quant", LinearQuantConfig.from_dict(self.quant))
+        if self.compile is not None and not isinstance(self.compile, CompileConfig):
+            if isinstance(self.compile, ConfigBase):
+                raise PolicyError(f"compile: expected a compile section, got {type(self.compile).__name__}")
+            object.__setattr__(self, "compile", CompileConfig.from_dict(self.compile))
         if self.calibrated_for is not None and not isinstance(self.calibrated_for, CalibratedFor):
             if isinstance(self.calibrated_for, ConfigBase):
-                raise PolicyError(f"calibrated_for: expected a calibration record, got {type(self.calibrated_for).__name__}")
+                raise PolicyError("calibrated_for: expected a calibration record, got "
+                                  f"{type(self.calibrated_for).__name__}")
             object.__setattr__(self, "calibrated_for", CalibratedFor.from_dict(self.calibrated_for))
 
     @property
     def is_empty(self) -> bool:
-        return self.cache is None and self.guidance is None and self.attention is None and self.quant is None
+        return (self.cache is None and self.guidance is None and self.attention is None and self.quant is None
+                and self.compile is None)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Policy":
@@ -101,12 +81,13 @@ class Policy:
             if key not in allowed:
                 raise unknown_key_error("policy", key, allowed)
         cache, guidance, attention = data.get("cache"), data.get("guidance"), data.get("attention")
-        return cls(name=data.get("name", "custom"), cache=None if cache is None else _cache_config_from_dict(cache),
-                   guidance=None if guidance is None else _guidance_config_from_dict(guidance),
+        return cls(name=data.get("name", "custom"), cache=None if cache is None else cache_config_from_dict(cache),
+                   guidance=None if guidance is None else guidance_config_from_dict(guidance),
                    attention=None if attention is None else AttentionConfig.from_dict(attention),
                    quant=None if data.get("quant") is None else LinearQuantConfig.from_dict(data["quant"]),
                    calibrated_for=None if data.get("calibrated_for") is None
-                   else CalibratedFor.from_dict(data["calibrated_for"]))
+                   else CalibratedFor.from_dict(data["calibrated_for"]),
+                   compile=None if data.get("compile") is None else CompileConfig.from_dict(data["compile"]))
 
     def to_dict(self) -> dict[str, Any]:
         """``{"name", "cache"}``, plus ``"guidance"`` when the policy has a guidance section."""
@@ -117,6 +98,8 @@ class Policy:
             d["attention"] = self.attention.to_dict()
         if self.quant is not None:
             d["quant"] = self.quant.to_dict()
+        if self.compile is not None:
+            d["compile"] = self.compile.to_dict()
         if self.calibrated_for is not None:
             d["calibrated_for"] = self.calibrated_for.to_dict()
         return d
@@ -138,12 +121,7 @@ class Policy:
         """A copy with some cache fields changed, validated again: ``policy.replace(threshold=0.2)``."""
         if self.cache is None:
             raise PolicyError("policy has no cache section to change")
-        return dataclasses.replace(self, cache=_cache_config_from_dict({**self.cache.to_dict(), **cache_changes}))
-
-
-def preset_names() -> list[str]:
-    """Names of the presets shipped inside the package."""
-    return sorted(p.name[:-5] for p in resources.files("dit_accel.presets").iterdir() if p.name.endswith(".yaml"))
+        return dataclasses.replace(self, cache=cache_config_from_dict({**self.cache.to_dict(), **cache_changes}))
 
 
 def load_policy(spec: PolicyLike) -> Policy:
@@ -172,4 +150,5 @@ def load_policy(spec: PolicyLike) -> Policy:
             return Policy.from_dict(sidecar.load(data, path))
         raise PolicyError(f"unknown preset {name!r}; shipped presets: {', '.join(preset_names())} "
                           "(or pass a YAML path, a dict or a dit_accel.Policy)")
-    raise PolicyError(f"cannot build a policy from {type(spec).__name__}; pass a preset name, YAML path, dict or Policy")
+    raise PolicyError(f"cannot build a policy from {type(spec).__name__}; pass a preset name, YAML path, dict or "
+                      "Policy")

@@ -16,7 +16,8 @@ and the YAML keeps a reference in its place::
 A list of numeric lists (BAC's per-block compute steps) with as many numbers in all moves as one
 tensor: 2-D when its rows are equally long, else the concatenated values plus ``NAME.offsets``
 (marked ``$ragged: true``). Short lists (TeaCache's five coefficients), strings and flags stay
-inline, so the YAML still reads as a recipe. ``load`` resolves the references; a missing sidecar file, or a reference the file does
+inline, so the YAML still reads as a recipe. ``load`` resolves the references; a missing sidecar file, or a
+reference the file does
 not hold, is a :class:`~dit_accel.config.PolicyError` that names both files.
 
 Ownership. The sidecar's name is the YAML's whole file name plus ``.safetensors``, so ``p.yaml`` and

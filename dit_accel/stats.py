@@ -64,7 +64,8 @@ class Stats:
         lines = [f"policy {self.policy} [{self.method}] on {self.family}: {self.transformer_calls} transformer calls "
                  f"({', '.join(f'{k}={v}' for k, v in self.calls_per_branch.items()) or 'none'}), "
                  f"steps={self.num_inference_steps}"
-                 + (f" ({self.planned_calls} calls per branch)" if self.planned_calls not in (None, self.num_inference_steps)
+                 + (f" ({self.planned_calls} calls per branch)"
+                    if self.planned_calls not in (None, self.num_inference_steps)
                     else ""),
                  f"blocks computed {self.blocks_computed}, reused {self.blocks_reused} "
                  f"({100 * self.saved_share:.1f}% saved), cache {self.cache_bytes / 2**20:.1f} MiB"]

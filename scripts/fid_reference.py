@@ -127,7 +127,8 @@ def load_reference_images(args) -> np.ndarray:
         if "jpeg" in keys:
             tr = sys.modules.get("_train_reference")
             if tr is None:  # registered in sys.modules so that the decode workers can unpickle its functions
-                spec = importlib.util.spec_from_file_location("_train_reference", REPO / "scripts" / "train_reference.py")
+                spec = importlib.util.spec_from_file_location("_train_reference",
+                                                              REPO / "scripts" / "train_reference.py")
                 tr = importlib.util.module_from_spec(spec)
                 sys.modules["_train_reference"] = tr
                 spec.loader.exec_module(tr)

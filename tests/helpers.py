@@ -8,18 +8,11 @@ import torch
 
 import dit_accel
 from dit_accel.demo import psnr
-from dit_accel.testing import tiny_generate, tiny_pipeline
+from dit_accel.testing import FAMILIES, get_family, tiny_generate, tiny_pipeline
 
-# The diffusers transformer class of each tier-1 family (written out independently of the adapters).
-TRANSFORMER_CLASSES = {
-    "flux": "FluxTransformer2DModel",
-    "sd3": "SD3Transformer2DModel",
-    "pixart": "PixArtTransformer2DModel",
-    "dit": "DiTTransformer2DModel",
-    "wan": "WanTransformer3DModel",
-    "hunyuan_video": "HunyuanVideoTransformer3DModel",
-    "cogvideox": "CogVideoXTransformer3DModel",
-}
+# The diffusers transformer class of each tiny family, from its record in dit_accel/testing/families.py
+# (written out there independently of the adapters, which the tests check against it).
+TRANSFORMER_CLASSES = {family: get_family(family).transformer_class for family in FAMILIES}
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,3 +46,15 @@ def zoo_versus_fora(policy: dict, steps: int = 20, extra=None) -> dict[str, tupl
             out = generate()
             results[name] = (psnr(out, baseline), dit_accel.stats(pipe).saved_share)
     return results
+
+
+def interpreter_ready(cpu_only: bool = True) -> bool:
+    """Triton is importable and runs under ``TRITON_INTERPRET=1`` (set by tests/conftest.py on CPU machines);
+    ``cpu_only``: and no CUDA device (where the kernels would run compiled instead)."""
+    from dit_accel.kernels import triton_available
+
+    if not triton_available() or (cpu_only and torch.cuda.is_available()):
+        return False
+    from dit_accel.kernels._block_sparse_triton import interpreter_ready as ready
+
+    return ready()

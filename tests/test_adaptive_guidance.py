@@ -171,7 +171,7 @@ def test_threshold_decides(family_pipe):
     """The switch happens at the first step whose cosine(cond, guided) passes the threshold."""
     family, pipe, _ = family_pipe
     rt_cos = []
-    from dit_accel.policies.adaptive_guidance import AdaptiveGuidance
+    from dit_accel.caching.adaptive_guidance import AdaptiveGuidance
 
     original = AdaptiveGuidance.converged
 
@@ -195,7 +195,8 @@ def test_composes_with_cache_and_remove(family_pipe):
     family, pipe, (baseline, _, _) = family_pipe
     fora_out, fora_stats, fora_rec = record(pipe, family, {"cache": {"method": "fora", "interval": 3}})
     switch = 2  # FORA reuses at step 2 the residuals stored at step 0 (full batch): they are cut to the cond rows
-    out, stats, rec = record(pipe, family, ag(threshold=-1.0, min_steps=switch, cache={"method": "fora", "interval": 3}))
+    policy = ag(threshold=-1.0, min_steps=switch, cache={"method": "fora", "interval": 3})
+    out, stats, rec = record(pipe, family, policy)
     assert stats.blocks_reused > 0 and stats.guidance_skipped_calls == STEPS - switch
     assert torch.isfinite(out).all()
     per_step = 1 if family in BATCHED else 2

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import dit_accel
-from dit_accel.attention import processor as processor_module
-from dit_accel.attention.processor import SparseAttentionProcessor
+from dit_accel.adapters import get_adapter
+from dit_accel.runtime import attention as processor_module
+from dit_accel.runtime.attention import SparseAttentionProcessor
 from dit_accel.testing import FAMILIES, tiny_generate, tiny_pipeline
 
 # Sizes with several 16-token blocks of visual tokens (DiT's transformer has a fixed 4x4 grid).
@@ -17,8 +18,8 @@ SIZES = {"flux": dict(height=64, width=64), "sd3": dict(height=64, width=64), "p
 
 
 def _attention_modules(pipe):
-    rt = pipe._dit_accel["transformer"]
-    return [getattr(b.module, rt.adapter.attention_module) for b in rt.blocks]
+    adapter = get_adapter(pipe.transformer)
+    return [getattr(b.module, adapter.attention_module) for b in adapter.blocks(pipe.transformer)]
 
 
 def _policy(**kw):

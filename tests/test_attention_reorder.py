@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dit_accel.attention import AttentionConfig
-from dit_accel.attention.calibrate import AttentionRecorder
+from dit_accel.calibration.attention import AttentionRecorder
 from dit_accel.attention.reorder_paro import ORDERS, candidate_orders, order_permutation, tile_shape
 from dit_accel.attention.reorder_svg2 import centroid_block_scores, kmeans, semantic_permutation
 from dit_accel.attention.synthetic import structured_qkv

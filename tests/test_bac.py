@@ -12,8 +12,8 @@ import yaml
 
 import dit_accel
 from dit_accel import zoo
-from dit_accel.calibrate import RecordConfig
-from dit_accel.policies.bac import acs, bubbling_union, reuse_cost, schedule
+from dit_accel.calibration import record
+from dit_accel.caching.bac import acs, bubbling_union, reuse_cost, schedule
 from dit_accel.testing import tiny_call_kwargs, tiny_pipeline
 
 from helpers import zoo_versus_fora
@@ -129,10 +129,8 @@ def test_per_block_recording_leaves_whole_stack_statistics_unchanged():
     pipe = tiny_pipeline("flux")
     rows = {}
     for per_block in (False, True):
-        with dit_accel.accelerated(pipe, dit_accel.Policy(name="rec", cache=RecordConfig(per_block=per_block))):
-            pipe(prompt="a cat", **call_kwargs("flux", 6))
-            rows[per_block] = pipe._dit_accel["transformer"].method.records
-            num_blocks = len(dit_accel.stats(pipe).block_names)
+        rows[per_block], _ = record(pipe, ["a cat"], {"per_block": per_block}, **call_kwargs("flux", 6))
+    num_blocks = rows[True].calibrated_for.blocks
     keys = ("step", "modulated_change", "temb_change", "residual_change", "mag_ratio", "mag_std")
     assert len(rows[True]) == len(rows[False]) == 6
     for plain, rich in zip(rows[False], rows[True]):

@@ -47,15 +47,14 @@ deterministic across calls, resets between calls and keeps consistent statistics
 
 How to extend:
 
-* **a new caching method** — it is picked up from the library's registry (``method_names()`` and
-  the aliases, see :func:`registered_cache_methods`) automatically; its cases fail with "no entry in
-  CACHE_METHODS" until you add one line to ``CACHE_METHODS``: the fields that make it never reuse
-  (``never``), fields that make it reuse on the tiny 4-step pipelines (``active``) and whether it
-  needs ``dit_accel.calibrate`` (``calibrate="required"`` / ``"optional"``; calibrated policies are
-  built once per family, on a twin pipeline with the same weights).
-* **a new family** — one entry in ``FAMILIES`` (block lists, self-attention submodule name,
-  calibration prompts, the call changes it supports, a size for sparse attention). Everything else
-  comes from ``dit_accel.testing``.
+* **a new caching method** — nothing to edit here: it is picked up from the library's registry
+  (``dit_accel.caching``: ``method_names()`` and the aliases), with the settings it declares itself —
+  ``exact`` (never reuses: bit-exact) and ``reusing`` (reuses on the tiny 4-step pipelines) — and is
+  calibrated first when it has ``calibrated`` (required when it refuses to run uncalibrated; calibrated
+  policies are built once per family, on a twin pipeline with the same weights).
+* **a new family** — nothing to edit here: its ``TinyFamily`` record in ``dit_accel/testing/families.py``
+  (calibration prompts, the call changes it supports, a size for sparse attention; ``conformance=False``
+  keeps it out) and its adapter (block lists, self-attention submodule) are read into ``FAMILIES``.
 * **a new guidance / attention variant** — one entry in ``GUIDANCE`` / ``ATTENTION``.
 
 Known library bugs go to ``KNOWN_BUGS`` as ``xfail(strict=True)`` (a fix makes the case XPASS: then
@@ -70,7 +69,7 @@ default selection runs in about 2.5 minutes on one CPU thread (``-m "not slow"``
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,7 +78,9 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 import dit_accel
-from dit_accel.testing import CFG_LAYOUT, tiny_call_kwargs, tiny_pipeline
+from dit_accel.adapters import ADAPTERS
+from dit_accel.testing import FAMILIES as ALL_FAMILIES
+from dit_accel.testing import CFG_LAYOUT, get_family, tiny_call_kwargs, tiny_pipeline, tiny_transformer
 
 STEPS = 4  # tiny_call_kwargs' default step count; every schedule below is written for it
 
@@ -98,31 +99,20 @@ class Family:
     attention_size: dict = field(default_factory=dict)  # call overrides giving several 16-token blocks
 
 
-TEXT_PROMPTS = ("a photo of a cat", "a red car on a road", "a dog in the snow")
-TWO_PROMPTS = ["a photo of a cat", "a photo of a dog"]
+def family_entry(name: str) -> Family:
+    """A family's entry: block lists and self-attention submodule from its adapter, the rest from its
+    tiny-family record (``dit_accel/testing/families.py``)."""
+    record = get_family(name)
+    adapter = ADAPTERS[record.transformer_class]
+    return Family(blocks=adapter.block_groups, attention=adapter.attention_module,
+                  prompts=tuple(record.calibration_prompts), changes=record.changes(steps=STEPS + 2),
+                  attention_size=dict(record.attention_size))
 
-FAMILIES: dict[str, Family] = {
-    # guidance-distilled (one branch per step)
-    "flux": Family(blocks=("transformer_blocks", "single_transformer_blocks"), attention="attn",
-                   prompts=TEXT_PROMPTS,
-                   changes={"steps": {"num_inference_steps": 6}, "resolution": {"height": 48, "width": 48},
-                            "batch": {"prompt": TWO_PROMPTS}, "per_prompt": {"num_images_per_prompt": 2}},
-                   attention_size={"height": 32, "width": 32}),
-    # batched CFG [uncond, cond]
-    "sd3": Family(blocks=("transformer_blocks",), attention="attn", prompts=TEXT_PROMPTS,
-                  changes={"steps": {"num_inference_steps": 6}, "resolution": {"height": 48, "width": 48},
-                           "batch": {"prompt": TWO_PROMPTS}, "per_prompt": {"num_images_per_prompt": 2}},
-                  attention_size={"height": 32, "width": 32}),
-    # batched CFG [cond, uncond], class labels, DDIM, fixed resolution
-    "dit": Family(blocks=("transformer_blocks",), attention="attn1",
-                  prompts=({"class_labels": [1]}, {"class_labels": [3]}, {"class_labels": [5]}),
-                  changes={"steps": {"num_inference_steps": 6}, "batch": {"class_labels": [1, 2]}}),
-    # separate CFG calls (cache_context "cond" / "uncond")
-    "wan": Family(blocks=("blocks",), attention="attn1", prompts=TEXT_PROMPTS,
-                  changes={"steps": {"num_inference_steps": 6}, "resolution": {"height": 48, "width": 48},
-                           "batch": {"prompt": TWO_PROMPTS}, "per_prompt": {"num_videos_per_prompt": 2}},
-                  attention_size={"height": 64, "width": 64, "num_frames": 9}),
-}
+
+# One per CFG layout and conditioning: guidance-distilled (Flux), batched CFG [uncond, cond] (SD3),
+# class labels with batched CFG [cond, uncond] and a fixed resolution (DiT), separate CFG calls (Wan);
+# the other families' records opt out with ``conformance=False``.
+FAMILIES: dict[str, Family] = {name: family_entry(name) for name in ALL_FAMILIES if get_family(name).conformance}
 
 
 @dataclass(frozen=True)
@@ -134,25 +124,34 @@ class Entry:
     calibration_prompts: int = 1  # generations calibrate runs (of the family's prompts)
 
 
-# Caching methods: every registered method and alias needs an entry (test_every_registered_method_has_an_entry).
-CACHE_METHODS: dict[str, Entry] = {
-    "dbcache": Entry(never={"threshold": 0.0, "fn_compute": 1, "bn_compute": 1},
-                     active={"threshold": 10.0, "fn_compute": 1, "bn_compute": 1}),
-    "fbcache": Entry(never={"threshold": 0.0}, active={"threshold": 10.0}),
-    "fora": Entry(never={"interval": 1}, active={"interval": 2}),
-    # TeaCache fits a degree-4 polynomial: > 4 usable steps, i.e. 3 generations of 4 steps
-    "teacache": Entry(never={"threshold": 0.0}, active={"threshold": 100.0}, calibrate="optional",
-                      calibration_prompts=3),
-    # MagCache skips while error <= threshold: a ratio of exactly 1 would skip at threshold 0, so retention 1
-    "magcache": Entry(never={"retention_ratio": 1.0}, active={"threshold": 100.0}, calibrate="required"),
-    "taylorseer": Entry(never={"interval": 1}, active={"interval": 2, "warmup_steps": 1}),
-    "cg_taylor": Entry(never={"threshold": 0.0}, active={"threshold": 10.0, "warmup_steps": 2}),
-    "delta_dit": Entry(never={"interval": 1}, active={"interval": 2}),
-    "bac": Entry(never={"budget": 1.0}, active={"budget": 0.5}, calibrate="required"),
-    "ertacache": Entry(never={"budget": 1.0}, active={"budget": 0.5}, calibrate="required"),
-    "profiling_dit": Entry(never={"background_interval": 1}, active={"background_interval": 2},
-                           calibrate="required"),
-}
+def _refuses_uncalibrated(name: str) -> bool:
+    transformer = tiny_transformer("dit")
+    try:
+        dit_accel.accelerate(transformer, {"cache": {"method": name}})
+    except dit_accel.PolicyError:
+        return True
+    dit_accel.remove(transformer)
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def cache_entry(name: str) -> Entry:
+    """A registered caching method's entry, from what the method declares: ``exact`` (never reuses) and
+    ``reusing`` (reuses on the tiny pipelines); calibrated when it has ``calibrated`` (required when it
+    refuses to run uncalibrated; three generations, enough for TeaCache's degree-4 fit)."""
+    from dit_accel.caching import alias_names, get_method
+
+    method, _ = alias_names().get(name, (name, {}))
+    cls = get_method(method)
+    if cls.exact is None or cls.reusing is None:
+        raise AssertionError(f"caching method {name!r} must declare `exact` and `reusing` settings "
+                             "(see dit_accel.caching.base.CacheMethod)")
+    calibrate = None
+    if hasattr(cls, "calibrated"):
+        calibrate = "required" if _refuses_uncalibrated(name) else "optional"
+    return Entry(never=dict(cls.exact), active=dict(cls.reusing), calibrate=calibrate,
+                 calibration_prompts=3 if calibrate else 1)
+
 
 GUIDANCE: dict[str, Entry] = {
     # threshold -1: cos >= -1 always, so the unconditional branch is dropped right after min_steps
@@ -176,20 +175,10 @@ ATTENTION: dict[str, Entry] = {
 
 
 def registered_cache_methods() -> list[str]:
-    """Every user-facing caching method and alias in the library's registry. The registry is
-    ``dit_accel.policies`` (``method_names()``, ``ALIASES``) at the time of writing; the runtime
-    refactor moves it to ``dit_accel.caching`` (``method_names()``, ``alias_names()``): both are tried."""
-    for module, aliases in (("dit_accel.policies", "ALIASES"), ("dit_accel.caching", "alias_names"),
-                            ("dit_accel.caching.base", "alias_names")):
-        try:
-            registry = importlib.import_module(module)
-        except ImportError:
-            continue
-        if hasattr(registry, "method_names") and hasattr(registry, aliases):
-            alias_table = getattr(registry, aliases)
-            return [*registry.method_names(), *sorted(alias_table() if callable(alias_table) else alias_table)]
-    raise ImportError("no caching-method registry found (dit_accel.policies / dit_accel.caching): update "
-                      "registered_cache_methods() in tests/test_conformance.py")
+    """Every user-facing caching method and alias in the library's registry (``dit_accel.caching``)."""
+    from dit_accel.caching import alias_names, method_names
+
+    return [*method_names(), *sorted(alias_names())]
 
 
 CACHE_FEATURES = registered_cache_methods()
@@ -199,7 +188,9 @@ FEATURES = {**{name: "cache" for name in CACHE_FEATURES}, **{name: "guidance" fo
 
 def entry(feature: str) -> Entry:
     kind = FEATURES[feature]
-    table = {"cache": CACHE_METHODS, "guidance": GUIDANCE, "attention": ATTENTION}[kind]
+    if kind == "cache":
+        return cache_entry(feature)
+    table = {"guidance": GUIDANCE, "attention": ATTENTION}[kind]
     if feature not in table:
         pytest.fail(f"{kind} feature {feature!r} has no entry in {'CACHE_METHODS' if kind == 'cache' else kind.upper()}"
                     " of tests/test_conformance.py: add its never-reuse and active settings")
@@ -499,11 +490,11 @@ def changes(feature: str, family: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_every_registered_method_has_an_entry():
-    """A caching method added to the registry must get a CACHE_METHODS line (and a removed one lose it)."""
-    registered = set(CACHE_FEATURES)
-    assert registered - set(CACHE_METHODS) == set(), "add these methods to CACHE_METHODS"
-    assert set(CACHE_METHODS) - registered == set(), "these CACHE_METHODS entries are no longer registered"
+def test_every_registered_method_declares_its_exact_and_reusing_settings():
+    """A caching method added to the registry is in this suite through what it declares (no table to edit)."""
+    for name in CACHE_FEATURES:
+        e = cache_entry(name)
+        assert e.never and e.active, name
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -239,7 +239,8 @@ def test_img2img_schedules_know_the_calls_that_run():
 def test_img2img_reads_calibrated_curves_at_its_schedule_position():
     # a curve that allows reuse in the first half of the 8-step schedule and forbids it in the second
     curve = [1.0, 1.0, 1.0, 1.0, 5.0, 5.0, 5.0, 5.0]
-    policy = {"cache": {"method": "magcache", "threshold": 0.5, "retention_ratio": 0.0, "mag_ratios": {"default": curve}}}
+    policy = {"cache": {"method": "magcache", "threshold": 0.5, "retention_ratio": 0.0,
+                        "mag_ratios": {"default": curve}}}
     pipe, kwargs = _img2img()
     with dit_accel.accelerated(pipe, policy):
         pipe(**kwargs)  # calls 0..3 are positions 4..7 of the schedule

@@ -11,7 +11,8 @@ from torch import nn
 
 import dit_accel
 from dit_accel import Policy, PolicyError, load_policy
-from dit_accel.policies.delta_dit import DeltaDiTConfig
+from dit_accel.adapters import get_adapter
+from dit_accel.caching.delta_dit import DeltaDiT, DeltaDiTConfig
 from dit_accel.testing import tiny_generate
 
 from helpers import tiny_baseline
@@ -44,6 +45,12 @@ class Toy(nn.Module):
 def attach(model: nn.Module, cache: dict) -> nn.Module:
     return dit_accel.accelerate(model, {"name": "test", "cache": {"method": "delta_dit", **cache}},
                                 blocks=["blocks"], block_returns=("hidden",))
+
+
+def delta_dit(model: nn.Module, cache: dict) -> DeltaDiT:
+    """The method a policy with ``cache`` builds for ``model`` (its schedule, read without the runtime)."""
+    adapter = get_adapter(model, blocks=["blocks"], block_returns=("hidden",))
+    return DeltaDiT(DeltaDiTConfig.from_dict({"method": "delta_dit", **cache}), adapter.blocks(model), adapter)
 
 
 def inputs(steps: int, dim: int = 8) -> list[torch.Tensor]:
@@ -79,7 +86,7 @@ def test_schedule_follows_the_paper_rule(b, n, cached):
     steps, blocks = 12, 8
     model = Toy(blocks)
     attach(model, {"boundary": b, "interval": n, "cached_blocks": cached})
-    method = model._dit_accel["transformer"].method
+    method = delta_dit(model, {"boundary": b, "interval": n, "cached_blocks": cached})
     _, ran = run(model, inputs(steps))
     stats = dit_accel.stats(model)
     dit_accel.remove(model)
@@ -92,18 +99,16 @@ def test_schedule_follows_the_paper_rule(b, n, cached):
 def test_plan_segments():
     model = Toy(8)
     attach(model, {"boundary": 4, "cached_blocks": 6})
-    method = model._dit_accel["transformer"].method
+    method = delta_dit(model, {"boundary": 4, "cached_blocks": 6})
     dit_accel.remove(model)
     assert method.plan.ranges == ((0, 2), (2, 6), (6, 8))  # split at both stages' range edges
     assert method.rear == {1, 2} and method.front == {0, 1}
     attach(model, {"boundary": 4, "cached_blocks": 3})
-    method = model._dit_accel["transformer"].method
+    method = delta_dit(model, {"boundary": 4, "cached_blocks": 3})
     dit_accel.remove(model)
     assert method.plan.ranges == ((0, 3), (5, 8))  # the middle blocks are never cached: no hooks there
     assert (method.rear, method.front) == ({1}, {0})
-    attach(model, {"boundary": 4})  # cached_fraction 0.75 of 8 blocks
-    assert model._dit_accel["transformer"].method.n_cached == 6
-    dit_accel.remove(model)
+    assert delta_dit(model, {"boundary": 4}).n_cached == 6  # cached_fraction 0.75 of 8 blocks
 
 
 @pytest.mark.parametrize("cached", [6, 3])
@@ -120,7 +125,7 @@ def test_computed_steps_are_exact_and_reused_steps_add_the_cached_delta(cached):
                 hs.append(block(hs[-1]))
             trace.append(hs)
     attach(model, {"boundary": b, "interval": n, "cached_blocks": cached})
-    method = model._dit_accel["transformer"].method
+    method = delta_dit(model, {"boundary": b, "interval": n, "cached_blocks": cached})
     got, ran = run(model, xs)
     dit_accel.remove(model)
     last_compute = None

@@ -10,9 +10,10 @@ import torch
 import yaml
 
 import dit_accel
-from dit_accel.calibrate import RecordConfig, fit_polynomial
-from dit_accel.policies.teacache import PUBLISHED, polyval
-from dit_accel.testing import tiny_call_kwargs, tiny_pipeline
+from dit_accel.adapters import get_adapter
+from dit_accel.calibration import fit_polynomial, record
+from dit_accel.caching.teacache import PUBLISHED, TeaCache, polyval
+from dit_accel.testing import tiny_call_kwargs, tiny_pipeline, tiny_transformer
 
 PROMPTS = ["a photo of a cat", "a red car on a road", "a dog on the beach", "a blue bird in a tree"]
 
@@ -42,9 +43,8 @@ def test_calibrated_teacache_predicts_held_out_output_change_better_than_identit
     assert len(coeffs) == 5 and policy.cache.input == "modulated"
     # held-out prompt: record (input change, residual change) pairs with a fresh calibration run
     held_out = dit_accel.calibrate(pipe, PROMPTS[3:], "teacache", **call_kwargs(family))
-    with dit_accel.accelerated(pipe, dit_accel.Policy(name="record", cache=RecordConfig())):
-        generate(pipe, family, PROMPTS[3])
-        rows = [r for r in pipe._dit_accel["transformer"].method.records if np.isfinite(r["modulated_change"])]
+    records, _ = record(pipe, [PROMPTS[3]], **call_kwargs(family))
+    rows = [r for r in records if np.isfinite(r["modulated_change"])]
     x = np.array([r["modulated_change"] for r in rows])
     y = np.array([r["residual_change"] for r in rows])
     fitted_error = np.mean((np.polyval(coeffs, x) - y) ** 2)
@@ -53,18 +53,18 @@ def test_calibrated_teacache_predicts_held_out_output_change_better_than_identit
     assert held_out.cache.coefficients != coeffs  # fitted on other data: a real fit, not a constant
 
 
+def _teacache(family: str) -> TeaCache:
+    transformer = tiny_transformer(family)
+    adapter = get_adapter(transformer)
+    return TeaCache(dit_accel.load_policy("teacache").cache, adapter.blocks(transformer), adapter)
+
+
 def test_published_coefficients_and_identity_fallback(caplog):
-    flux = tiny_pipeline("flux")
-    with dit_accel.accelerated(flux, "teacache"):
-        method = flux._dit_accel["transformer"].method
-        assert method.coefficients == PUBLISHED["flux"][0] and method.input_kind == "modulated"
-    wan = tiny_pipeline("wan")
-    with dit_accel.accelerated(wan, "teacache"):
-        assert wan._dit_accel["transformer"].method.input_kind == "timestep_embedding"
-    pixart = tiny_pipeline("pixart")
+    method = _teacache("flux")
+    assert method.coefficients == PUBLISHED["flux"][0] and method.input_kind == "modulated"
+    assert _teacache("wan").input_kind == "timestep_embedding"
     with caplog.at_level(logging.WARNING, logger="dit_accel"):
-        with dit_accel.accelerated(pixart, "teacache"):
-            assert pixart._dit_accel["transformer"].method.coefficients == (1.0, 0.0)
+        assert _teacache("pixart").coefficients == (1.0, 0.0)
     assert "calibrate" in caplog.text
 
 

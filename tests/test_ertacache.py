@@ -9,8 +9,12 @@ import yaml
 
 import dit_accel
 from dit_accel import zoo
-from dit_accel.policies.base import BranchState
-from dit_accel.policies.ertacache import ERTACache, ERTACacheConfig, RandomState, fit_step_scale
+from dit_accel.adapters import get_adapter
+from dit_accel.caching.base import CacheState, Residual
+from dit_accel.caching.ertacache import ERTACache, ERTACacheConfig, fit_step_scale
+from dit_accel.caching.records import Records
+from dit_accel.calibration.passes import RandomState
+from dit_accel.context import StepContext
 from dit_accel.testing import tiny_call_kwargs, tiny_pipeline
 
 PROMPTS = ["a photo of a cat", "a red car on a road"]
@@ -22,7 +26,7 @@ def call_kwargs(family: str, steps: int = 10) -> dict:
     return kwargs
 
 
-def synthetic_records(steps: int, calm: set[int]) -> list[dict]:
+def synthetic_records(steps: int, calm: set[int]) -> Records:
     """Whole-stack records: reusing any earlier residual costs 1 per step of gap, except at ``calm``
     steps, which are nearly free to reuse from the step before (and fit with α = 0.9, β = 0.01)."""
     rows = []
@@ -30,7 +34,7 @@ def synthetic_records(steps: int, calm: set[int]) -> list[dict]:
         dist = [0.01 if (t in calm and a == t - 1) else float(t - a) for a in range(t)]
         fit = [(0.9, 0.01, d / 2) for d in dist]
         rows.append({"branch": "cond", "step": t, "stack_dist": dist, "stack_fit": fit, "block_dist": []})
-    return rows
+    return Records(rows)
 
 
 @pytest.mark.parametrize("rectify", [True, False])
@@ -67,16 +71,17 @@ def test_reused_residual_is_rectified():
     with dit_accel.accelerated(pipe, policy):
         pipe(prompt="a cat", **call_kwargs("pixart", steps))
         stats = dit_accel.stats(pipe)
-        method = pipe._dit_accel["transformer"].method
-        state = BranchState(key=("default", None), step=3, num_steps=steps)
-        hidden, residual = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
-        state.residuals[0] = (residual, None, True)
-        out, enc = method.reused_output(0, hidden, None, state)
-        assert enc is None and torch.allclose(out, hidden + 0.5 * residual - 0.2)
-        state.num_steps = 12  # another step count: mapped schedule, no rectification
-        out, _ = method.reused_output(0, hidden, None, state)
-        assert torch.equal(out, hidden + residual)
     assert stats.blocks_reused == 3 * len(stats.block_names)  # steps 1, 3, 5
+    adapter = get_adapter(pipe.transformer)
+    method = ERTACache(dit_accel.load_policy(policy).cache, adapter.blocks(pipe.transformer), adapter)
+    state = CacheState(StepContext("default", None, step=3, num_steps=steps))
+    hidden, residual = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    state.residuals[0] = Residual(residual, None, True)
+    out, enc = method.reused_output(0, hidden, None, state)
+    assert enc is None and torch.allclose(out, hidden + 0.5 * residual - 0.2)
+    state.ctx = StepContext("default", None, step=3, num_steps=12)  # another step count: mapped, no rectification
+    out, _ = method.reused_output(0, hidden, None, state)
+    assert torch.equal(out, hidden + residual)
 
 
 def test_calibrated_ertacache_round_trips_and_follows_its_schedule(tmp_path):

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 import dit_accel
 from dit_accel import sidecar
-from dit_accel.config import ConfigBase, PolicyError
+from dit_accel.config import PolicyError
 from dit_accel.policy import Policy, load_policy
 
 RATIOS = [1.0 + i / 100 for i in range(20)]  # 20 numbers: goes to the sidecar
@@ -285,9 +285,9 @@ def test_odd_sections_are_policy_errors(spec):
 
 def _config_classes() -> list[type]:
     from dit_accel.attention.config import AttentionConfig, SparseConfig, SVG2Config
-    from dit_accel.calibrate import RecordConfig
-    from dit_accel.policies import get_method, method_names
-    from dit_accel.policies.adaptive_guidance import AdaptiveGuidanceConfig
+    from dit_accel.calibration import RecordConfig
+    from dit_accel.caching.base import get_method, method_names
+    from dit_accel.caching.adaptive_guidance import AdaptiveGuidanceConfig
     from dit_accel.quant.config import LinearQuantConfig
 
     return [*(get_method(m).config_cls for m in method_names()), AdaptiveGuidanceConfig, AttentionConfig,
@@ -362,7 +362,7 @@ def test_ertacache_with_inf_in_a_policy_file_fails_at_load(tmp_path):
 
 @pytest.fixture
 def recorded_prompts(monkeypatch):
-    module = sys.modules["dit_accel.calibrate"]
+    module = sys.modules["dit_accel.calibration"]
     seen: list = []
     original = module.call_arguments
 

@@ -18,8 +18,8 @@ import yaml
 
 import dit_accel
 from dit_accel import Policy, PolicyError, load_policy, preset_names
-from dit_accel.policies.dbcache import DBCacheConfig
-from dit_accel.policies.fora import FORAConfig
+from dit_accel.caching.dbcache import DBCacheConfig
+from dit_accel.caching.fora import FORAConfig
 from dit_accel.testing import tiny_pipeline, tiny_transformer
 
 DBCACHE_KEYS = ("batch_decision", "bn_compute", "fn_compute", "gate_lag", "max_consecutive_reuse", "method",
@@ -329,7 +329,8 @@ def test_plan_that_does_not_fit_raises_and_attaches_nothing(spec, fragments, fam
         target = transformer = tiny_transformer(family)
         roots = [target]
         scheduler = None
-    num_blocks = sum(len(getattr(transformer, group, ())) for group in ("transformer_blocks", "single_transformer_blocks"))
+    groups = ("transformer_blocks", "single_transformer_blocks")
+    num_blocks = sum(len(getattr(transformer, group, ())) for group in groups)
     assert num_blocks == 4
     before = hook_snapshot(*roots)
 

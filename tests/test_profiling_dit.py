@@ -11,8 +11,9 @@ import yaml
 
 import dit_accel
 from dit_accel import zoo
-from dit_accel.calibrate import RecordConfig, attention_statistics
-from dit_accel.policies.profiling_dit import classify
+from dit_accel.caching.records import Records
+from dit_accel.calibration import attention_statistics, record
+from dit_accel.caching.profiling_dit import classify
 from dit_accel.testing import tiny_call_kwargs, tiny_pipeline
 
 PROMPTS = ["a photo of a cat", "a red car on a road"]
@@ -99,8 +100,8 @@ def test_uncalibrated_profiling_dit_is_refused():
     with pytest.raises(dit_accel.PolicyError, match="block_classes"):
         dit_accel.accelerate(pipe, {"cache": {"method": "profiling_dit", "block_classes": ["fg", "x", "bg", "bg"]}})
     with pytest.raises(dit_accel.PolicyError, match="attention statistics"):
-        dit_accel.policies.get_method("profiling_dit").calibrated(
-            dit_accel.load_policy({"cache": {"method": "profiling_dit"}}).cache, [{"step": 0}], "pixart")
+        dit_accel.caching.base.get_method("profiling_dit").calibrated(
+            dit_accel.load_policy({"cache": {"method": "profiling_dit"}}).cache, Records([{"step": 0}]), "pixart")
 
 
 @pytest.mark.parametrize("fg, bg, warmup", [(1, 3, 1), (2, 4, 0), (2, 5, 2)])
@@ -143,13 +144,15 @@ def test_calibrated_policy_round_trips_and_runs(tmp_path):
 
 def test_attention_recording_changes_neither_outputs_nor_other_statistics():
     pipe = tiny_pipeline("sd3")
-    rows, images = {}, {}
+    rows, outputs = {}, {}
     for attention in (False, True):
-        with dit_accel.accelerated(pipe, dit_accel.Policy(name="rec", cache=RecordConfig(attention_stats=attention))):
-            images[attention] = pipe(prompt="a cat", **{**call_kwargs("sd3", 4), "output_type": "pt"}).images
-            rows[attention] = pipe._dit_accel["transformer"].method.records
-            pipe._dit_accel["transformer"].method.close()
-    assert torch.equal(images[False], images[True])
+        seen = outputs[attention] = []
+        handle = pipe.transformer.register_forward_hook(lambda module, args, out: seen.append(out[0].clone()))
+        try:
+            rows[attention], _ = record(pipe, ["a cat"], {"attention_stats": attention}, **call_kwargs("sd3", 4))
+        finally:
+            handle.remove()
+    assert len(outputs[True]) == 4 and all(torch.equal(a, b) for a, b in zip(outputs[False], outputs[True]))
     for plain, rich in zip(rows[False], rows[True], strict=True):
         for key, value in plain.items():
             assert value == rich[key] or (math.isnan(value) and math.isnan(rich[key]))

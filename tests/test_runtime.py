@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import dit_accel
-from dit_accel.policies.dbcache import relative_l1
+from dit_accel.caching.dbcache import relative_l1
 
 
 class Block(nn.Module):
@@ -96,7 +96,7 @@ def test_inplace_blocks_do_not_zero_the_residual(mode, caplog):
         attach(model, policy)
         with context():
             outs = [model(x) for x in inputs]
-        runtime = model._dit_accel["transformer"]
+        runtime = dit_accel.inspect(model)["transformer"]
         dit_accel.remove(model)
         return outs, runtime
 

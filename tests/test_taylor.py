@@ -12,8 +12,8 @@ from torch import nn
 
 import dit_accel
 from dit_accel import Policy, PolicyError, load_policy
-from dit_accel.policies import _taylor
-from dit_accel.policies.taylorseer import TaylorSeerConfig, is_full_step
+from dit_accel.caching import _taylor
+from dit_accel.caching.taylorseer import TaylorSeerConfig, is_full_step
 from dit_accel.testing import tiny_generate
 
 from helpers import tiny_baseline
@@ -247,17 +247,11 @@ def test_taylorseer_factors_in_model_dtype_count_in_cache_bytes(granularity, ran
     x = input_for(model)
     attach(model, {"method": "taylorseer", "order": 2, "warmup_steps": 3, "interval": 3, "granularity": granularity})
     run_steps(model, x, 5)
-    runtime = model._dit_accel["transformer"]
-    (state,) = runtime.states.values()
-    assert len(runtime.method.plan.ranges) == ranges
-    for rid in range(ranges):
-        series = state.method[f"taylor_h:{rid}"]
-        assert isinstance(series, _taylor.Series) and len(series) == 3
-        assert all(f.dtype == torch.bfloat16 and f.shape == x.shape for f in series)
-    assert not state.residuals
+    held = dit_accel.inspect(model).held_bytes  # a custom loop: the generation is still open
     stats = dit_accel.stats(model)
     dit_accel.remove(model)
-    assert stats.cache_bytes == ranges * 3 * x.numel() * 2 == state.cache_bytes()
+    # order + 1 = 3 factors per range, bf16 (2 bytes), the input's shape; nothing else (no plain residuals)
+    assert stats.cache_bytes == held == ranges * 3 * x.numel() * 2
 
 
 @pytest.mark.parametrize("cache", [{"method": "fora", "interval": 3},
@@ -291,15 +285,12 @@ def test_cg_taylor_forecasts_smooth_trajectories():
     attach(model, {**CG, "threshold": 1e-6})  # strict: only an (almost) exact probe forecast passes
     got, computed = run_steps(model, x, steps)
     stats = dit_accel.stats(model)
-    runtime = model._dit_accel["transformer"]
-    (state,) = runtime.states.values()
-    keys = {k for k, v in state.method.items() if isinstance(v, _taylor.Series)}
     dit_accel.remove(model)
     assert computed == [True, True] + [False] * 8
     assert stats.reused == [0, 8, 8, 8] and stats.blocks_reused == 24
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
-    assert keys == {"cg_probe", "cg_last_h"}  # first- and last-block factors only
+    # first- and last-block factors only: (probe_order + 1) + (order + 1) float64 tensors of the input's size
     assert stats.cache_bytes == (2 + 2) * x.numel() * 8
 
 
@@ -329,7 +320,7 @@ def test_cg_taylor_falls_back_when_the_first_block_jumps():
 
 
 def test_cg_taylor_batch_decision():
-    from dit_accel.policies.cg_taylor import relative_error
+    from dit_accel.caching.cg_taylor import relative_error
 
     steps = 8
     model = PolyToy(degree=1, jump_at=T0 - 4, jump=5.0, jump_rows=slice(1, 2))  # only sample 1 jumps, at step 4

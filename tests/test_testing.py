@@ -8,29 +8,14 @@ import socket
 import pytest
 import torch
 
-from dit_accel.testing import CFG_LAYOUT, FAMILIES, tiny_call_kwargs, tiny_pipeline, tiny_transformer
+from dit_accel.testing import CFG_LAYOUT, FAMILIES, get_family, tiny_call_kwargs, tiny_pipeline, tiny_transformer
 
 from helpers import TRANSFORMER_CLASSES
 
-PIPELINE_CLASSES = {
-    "flux": "FluxPipeline",
-    "sd3": "StableDiffusion3Pipeline",
-    "pixart": "PixArtAlphaPipeline",
-    "dit": "DiTPipeline",
-    "wan": "WanPipeline",
-    "hunyuan_video": "HunyuanVideoPipeline",
-    "cogvideox": "CogVideoXPipeline",
-}
+# Declared by each family's record (dit_accel/testing/families.py), checked here against what is built.
+PIPELINE_CLASSES = {family: get_family(family).pipeline_class for family in FAMILIES}
 # Output of one default call (batch 1): latents, except DiT which always decodes to an image.
-EXPECTED_SHAPES = {
-    "flux": (1, 16, 16),  # packed latents: 4x4 tokens x (4 channels * 2x2)
-    "sd3": (1, 4, 8, 8),
-    "pixart": (1, 4, 8, 8),
-    "dit": (1, 3, 16, 16),
-    "wan": (1, 16, 2, 4, 4),  # (B, C, F, H, W)
-    "hunyuan_video": (1, 4, 2, 4, 4),  # (B, C, F, H, W)
-    "cogvideox": (1, 3, 4, 4, 4),  # (B, F, C, H, W)
-}
+EXPECTED_SHAPES = {family: get_family(family).output_shape for family in FAMILIES}
 STEPS = 4
 
 parametrize_families = pytest.mark.parametrize("family", FAMILIES)
@@ -174,7 +159,7 @@ def test_output_depends_on_every_block(family):
 @parametrize_families
 def test_conditioning_changes_output(family):
     pipe = cached_pipeline(family)
-    other = {"class_labels": [2]} if family == "dit" else {"prompt": "a red car"}
+    other = {"class_labels": [2]} if get_family(family).class_labels else {"prompt": "a red car"}
     assert not torch.equal(run(pipe, family), run(pipe, family, **other))
 
 
@@ -202,7 +187,7 @@ def test_flux_true_cfg_override_runs_separate_passes():
 
 @parametrize_families
 def test_batched_prompts_override(family):
-    overrides = {"class_labels": [1, 2]} if family == "dit" else {"prompt": ["a", "b"]}
+    overrides = {"class_labels": [1, 2]} if get_family(family).class_labels else {"prompt": ["a", "b"]}
     out = run(cached_pipeline(family), family, **overrides)
     assert tuple(out.shape) == (2, *EXPECTED_SHAPES[family][1:])
     assert torch.isfinite(out).all()
@@ -216,7 +201,7 @@ def test_call_kwargs_defaults():
         assert isinstance(kwargs["generator"], torch.Generator)
         assert kwargs["generator"].initial_seed() == 5
         assert kwargs["output_type"] == ("pt" if family == "dit" else "latent")
-        assert ("class_labels" if family == "dit" else "prompt") in kwargs
+        assert ("class_labels" if get_family(family).class_labels else "prompt") in kwargs
     assert tiny_call_kwargs("sd3", num_inference_steps=2)["num_inference_steps"] == 2
 
 
@@ -228,3 +213,90 @@ def test_unknown_family_raises(build):
         build("not-a-family")
     for family in FAMILIES:
         assert family in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The family records (dit_accel/testing/registry.py, families.py)
+# ---------------------------------------------------------------------------------------------------
+
+
+@parametrize_families
+def test_declared_call_changes_do_what_they_say(family):
+    """The call changes a record declares (the conformance suite varies calls with them) run and change
+    what they name: the batch and per-prompt changes give 2 outputs, the resolution change another size."""
+    record = get_family(family)
+    pipe = cached_pipeline(family)
+    changes = record.changes()
+    assert list(changes)[:1] == ["steps"] and set(changes) <= {"steps", "resolution", "batch", "per_prompt"}
+    assert ("resolution" in changes) == (record.resolution is not None)
+    for name, overrides in changes.items():
+        out = run(pipe, family, **overrides)
+        assert torch.isfinite(out).all(), name
+        if name in ("batch", "per_prompt"):
+            assert out.shape[0] == 2, (name, tuple(out.shape))
+        elif name == "resolution":
+            assert out.shape[0] == 1 and tuple(out.shape) != EXPECTED_SHAPES[family]
+
+
+@parametrize_families
+def test_declared_attention_size_gives_several_16_token_blocks(family):
+    from dit_accel.adapters import get_adapter
+
+    record = get_family(family)
+    pipe = cached_pipeline(family)
+    adapter = get_adapter(pipe.transformer)
+    grids = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: grids.append(adapter.token_layout(module, args, kwargs).grid), with_kwargs=True)
+    try:
+        run(pipe, family, **record.attention_size)
+    finally:
+        handle.remove()
+    frames, height, width = grids[0]
+    if record.attention_size:
+        assert frames * height * width >= 3 * 16, grids[0]
+    else:  # a fixed token grid (DiT): one 16-token block
+        assert frames * height * width == 16
+
+
+def test_registry_lists_every_family_once_and_in_order():
+    import dit_accel.testing as testing
+
+    assert FAMILIES == testing.family_names() == tuple(CFG_LAYOUT)
+    assert len(set(FAMILIES)) == len(FAMILIES)
+    for family in FAMILIES:
+        record = get_family(family)
+        assert record.name == family and CFG_LAYOUT[family] == record.cfg_layout
+        assert record.calibration_prompts and all(
+            isinstance(p, dict) if record.class_labels else isinstance(p, str) for p in record.calibration_prompts)
+
+
+def test_register_family_adds_a_family_everywhere():
+    import dataclasses
+
+    import dit_accel.testing as testing
+    from dit_accel.testing import registry
+
+    clone = dataclasses.replace(get_family("dit"), name="dit_clone")
+    with pytest.raises(ValueError, match="already registered"):
+        testing.register_family(get_family("dit"))
+    testing.register_family(clone)
+    try:
+        assert testing.FAMILIES[-1] == "dit_clone" and CFG_LAYOUT["dit_clone"] == "batched"
+        out = run(tiny_pipeline("dit_clone"), "dit_clone")
+        assert torch.equal(out, run(cached_pipeline("dit"), "dit"))
+    finally:
+        del registry._REGISTRY["dit_clone"], CFG_LAYOUT["dit_clone"]
+    assert "dit_clone" not in testing.FAMILIES
+    with pytest.raises(ValueError, match="cfg_layout"):
+        dataclasses.replace(clone, cfg_layout="interleaved")
+
+
+def test_importing_testing_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, dit_accel.testing as t; assert t.FAMILIES; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

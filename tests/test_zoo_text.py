@@ -125,8 +125,9 @@ def test_mmdit_pipeline_shapes_determinism_and_batched_cfg(mmdit):
     calls = []
     handle = tr.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["hidden_states"].shape[0]), with_kwargs=True)
     try:
-        run = lambda seed: mmdit(["a photo of a cat", "a ship"], num_inference_steps=2, guidance_scale=2.0,
-                                 generator=torch.Generator().manual_seed(seed), output_type="pt").images
+        def run(seed):
+            return mmdit(["a photo of a cat", "a ship"], num_inference_steps=2, guidance_scale=2.0,
+                         generator=torch.Generator().manual_seed(seed), output_type="pt").images
         a, b, c = run(0), run(0), run(1)
     finally:
         handle.remove()
@@ -141,7 +142,8 @@ def test_mmdit_pipeline_shapes_determinism_and_batched_cfg(mmdit):
 
 def test_mmdit_follows_the_prompt(mmdit):
     """Same noise, different class prompts -> clearly different images; same prompt -> identical."""
-    g = lambda: torch.Generator().manual_seed(0)
+    def g():
+        return torch.Generator().manual_seed(0)
     kw = dict(num_inference_steps=8, output_type="pt")
     plane = mmdit(["a photo of an airplane"] * 2, generator=g(), **kw).images
     frog = mmdit(["a photo of a frog"] * 2, generator=g(), **kw).images

@@ -1,8 +1,9 @@
 """Model adapters: one description per transformer family (see ``base.ModelAdapter``)."""
 
-from .base import (ADAPTERS, BlockInfo, ModelAdapter, TokenLayout, get_adapter, register_adapter,
-                   supported_classes)
+from .base import (ADAPTERS, TRANSFORMER_COMPONENTS, BlockInfo, ModelAdapter, TokenLayout, get_adapter,
+                   register_adapter, supported_classes)
 from .families import TIER1
 
-__all__ = ["ADAPTERS", "BlockInfo", "ModelAdapter", "TIER1", "TokenLayout", "get_adapter", "register_adapter",
+__all__ = ["ADAPTERS", "TRANSFORMER_COMPONENTS", "BlockInfo", "ModelAdapter", "TIER1", "TokenLayout", "get_adapter",
+           "register_adapter",
            "supported_classes"]

@@ -19,6 +19,7 @@ from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockR
 from ..config import PolicyError
 
 TEXT_POSITIONS = ("joint_first", "joint_last", "cross", "none")
+TRANSFORMER_COMPONENTS = ("transformer", "transformer_2")  # where pipelines keep their denoisers (Wan 2.2: two)
 CFG_LAYOUTS = ("batched", "separate", "none")
 
 

@@ -10,7 +10,7 @@ block is the self block). Order names list the axes outermost first: ``"fhw"`` i
 
 Beyond the paper: ``"tile"`` groups the grid into local 3-D tiles of about ``block_size`` tokens
 (one tile per block), for heads whose attention is local in every axis. The selection metric
-(``dit_accel.attention.calibrate``) is the output error of keeping the target share of blocks in that
+(``dit_accel.calibration.attention``) is the output error of keeping the target share of blocks in that
 order on sampled query blocks (or, without values, the block density needed to keep ``threshold`` of
 the attention mass), and the natural order stays unless another beats it by a 5 % margin (PARO
 weighs sparsity and the quantisation error of each block instead).

@@ -129,7 +129,10 @@ def _common_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def register_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``eval``, ``sweep`` and ``report`` to the ``dit-accel`` sub-commands."""
+    """Add ``eval``, ``sweep`` and ``report`` to the ``dit-accel`` sub-commands (imports no torch)."""
+    from ..presets import preset_names
+    from ..testing import FAMILIES
+
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     sweep = sub.add_parser(
@@ -150,10 +153,10 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
         description="Generate baseline, accelerated and fewer-steps outputs with identical seeds, score them, "
                     "time them, store the rows and print one table per model.", epilog=EPILOG_MULTI)
     ev.add_argument("--model", nargs="+", default=["tiny-dit"],
-                    help="tiny-FAMILY (random weights), zoo:NAME (trained reference model), py:MODULE:FACTORY, "
-                         "or a diffusers pipeline id/folder")
+                    help=f"tiny-FAMILY (random weights: {', '.join('tiny-' + f for f in FAMILIES)}), zoo:NAME "
+                         "(trained reference model), py:MODULE:FACTORY, or a diffusers pipeline id/folder")
     ev.add_argument("--policies", nargs="+", default=["fbcache", "fora"],
-                    help="preset names or policy YAML files")
+                    help=f"preset names ({', '.join(preset_names())}) or policy YAML files")
     ev.add_argument("--steps", nargs="+", type=int, default=[8], help="denoising steps of the full-quality run")
     ev.add_argument("--seeds", type=int, default=2, help="number of seeds (0..N-1) per condition")
     ev.add_argument("--prompts", default="builtin:4",

@@ -134,7 +134,7 @@ class SweepRunner:
             conditions: list[Any] = load_classes(self.spec.classes, model.num_classes or 1, model.class_names)
         else:
             prompts = self.spec.prompts
-            if isinstance(prompts, str) and self.spec.base_dir and not prompts.split(":")[0] in (
+            if isinstance(prompts, str) and self.spec.base_dir and prompts.split(":")[0] not in (
                     "builtin", "parti", "coco") and (Path(self.spec.base_dir) / prompts).is_file():
                 prompts = str(Path(self.spec.base_dir) / prompts)
             conditions = load_prompts(prompts)

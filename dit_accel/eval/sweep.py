@@ -223,7 +223,8 @@ class SweepSpec:
             check_prompts(self.prompts)
         except Exception as err:  # ValueError, OSError, csv / JSON errors of a prompt file
             detail = str(err)
-            raise SweepError(detail if detail.startswith("prompts") else f"prompts {self.prompts!r}: {detail}") from None
+            message = detail if detail.startswith("prompts") else f"prompts {self.prompts!r}: {detail}"
+            raise SweepError(message) from None
         self._check_metric_settings()
 
     def _check_metric_settings(self) -> None:
@@ -244,7 +245,8 @@ class SweepSpec:
                     factory(self.lpips["backbone"], "lpips.backbone")
             elif self.lpips.get("net") not in (*LPIPS_STANDARD, *LPIPS_SHIFT_TOLERANT):
                 raise SweepError(f"lpips.net: {self.lpips.get('net')!r} is not allowed; choose one of "
-                                 f"{[*LPIPS_STANDARD, *LPIPS_SHIFT_TOLERANT]} (or give lpips.backbone: py:MODULE:FACTORY)")
+                                 f"{[*LPIPS_STANDARD, *LPIPS_SHIFT_TOLERANT]} "
+                                 "(or give lpips.backbone: py:MODULE:FACTORY)")
         if "fid" in self.metrics:
             feature = self.fid.get("feature")
             if refs.is_ref(feature):

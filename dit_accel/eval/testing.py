@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..testing import _seeded
+from ..testing.components import seeded as _seeded
 
 
 class TinyFeatureNet(nn.Module):
@@ -59,7 +59,8 @@ def tiny_clip(seed: int = 1) -> tuple[Any, Any]:
     """
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from ..testing import CLIP_LEN, _tokenizer
+    from ..testing.components import CLIP_LEN
+    from ..testing.components import tokenizer as _tokenizer
 
     tokenizer = _tokenizer("clip", CLIP_LEN)
     text = dict(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -22,9 +22,10 @@ __all__ = ["LINEAR_MODES", "LinearQuantConfig", "LinearQuantHandle", "apply_poli
 _ATTR = "_dit_accel_linear_quant"
 
 
-def apply_policy_quant(module: torch.nn.Module, adapter: Any, policy: Any) -> LinearQuantHandle | None:
-    """Quantize ``module``'s block linears when ``policy.quant`` is set; the handle is kept on the module."""
-    cfg = getattr(policy, "quant", None)
+def apply_policy_quant(module: torch.nn.Module, adapter: Any,
+                       cfg: LinearQuantConfig | None) -> LinearQuantHandle | None:
+    """Quantize ``module``'s block linears as ``cfg`` (a policy's ``quant`` section) says; the handle is kept on
+    the module. ``cfg=None`` does nothing."""
     if cfg is None:
         return None
     if getattr(module, _ATTR, None) is not None:

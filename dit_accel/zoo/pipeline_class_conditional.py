@@ -116,8 +116,8 @@ class ClassConditionalPipeline(FlowSamplerMixin, DiffusionPipeline):
 
         def velocity(x: torch.Tensor, t: torch.Tensor, cfg: bool) -> torch.Tensor:
             x_in = torch.cat([x, x], 0) if cfg else x
-            v = tr(x_in, timestep=t.expand(x_in.shape[0]).to(device=x.device), class_labels=labels_cfg if cfg else labels,
-                   return_dict=False)[0]
+            v = tr(x_in, timestep=t.expand(x_in.shape[0]).to(device=x.device),
+                   class_labels=labels_cfg if cfg else labels, return_dict=False)[0]
             if not cfg:
                 return v
             v_u, v_c = v.chunk(2, dim=0)

@@ -24,10 +24,10 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import BaseOutput
 
-logger = logging.getLogger("dit_accel")
-
 from .sampling import FlowSamplerMixin, to_output
 from .text import encode_prompts, unknown_words
+
+logger = logging.getLogger("dit_accel")
 
 
 @dataclass
@@ -171,7 +171,8 @@ class TextToVideoPipeline(_TextPipelineMixin, DiffusionPipeline):
         f, h, w = num_frames or self.video_size[0], height or self.video_size[1], width or self.video_size[2]
         pt, ph, pw = tr.config.patch_size
         if f % pt or h % ph or w % pw:
-            raise ValueError(f"(frames, height, width) = {(f, h, w)} must be multiples of the patch size {(pt, ph, pw)}")
+            raise ValueError(f"(frames, height, width) = {(f, h, w)} must be multiples of the patch size "
+                             f"{(pt, ph, pw)}")
         cond, _ = self.encode_prompt(prompts, device, tr.dtype)
         uncond = self.encode_prompt(negatives, device, tr.dtype)[0] if scale > 1.0 else None
         x = self._initial((len(prompts), int(tr.config.in_channels), f, h, w), generator, latents, device, tr.dtype)

@@ -19,18 +19,20 @@ sparse), and:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections import defaultdict
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from ..api import accelerated, runtimes_of
+from ..attention.config import AttentionConfig
+from ..attention.reorder_paro import candidate_orders, head_permutations, order_permutation
+from ..attention.select import encode_mask, select_blocks
 from ..config import PolicyError
 from ..policy import Policy
-from .config import AttentionConfig
-from .reorder_paro import candidate_orders, head_permutations, order_permutation
-from .select import encode_mask, select_blocks
 
 
 def _block_rows(p: torch.Tensor, n: int, block_size: int) -> torch.Tensor:
@@ -175,22 +177,39 @@ class AttentionRecorder:
 
 def _record(pipe: Any, prompts: Sequence[str | dict], recorder: AttentionRecorder, config: AttentionConfig,
             call_kwargs: dict) -> dict[int, int]:
-    from ..api import _runtimes, accelerated
-
     probe = AttentionConfig(sparse=None, block_size=config.block_size, warmup_steps=config.warmup_steps)
     with accelerated(pipe, Policy(name="attention-calibration", attention=probe)):
-        runtimes = list(_runtimes(pipe).values())
+        runtimes = list(runtimes_of(pipe).values())
         if len(runtimes) != 1:
             raise PolicyError("calibrate: attention calibration supports pipelines with one transformer")
-        controller = runtimes[0].attention
-        controller.recorder = recorder
-        recorder.step_of = lambda: runtimes[0].current.step if runtimes[0].current is not None else 0
+        feature = runtimes[0].feature("attention")
+        feature.recorder = recorder
+        recorder.step_of = feature.current_step
         for prompt in prompts:
             kwargs = dict(prompt) if isinstance(prompt, dict) else {"prompt": prompt}
             pipe(**{**call_kwargs, **kwargs})
         heads = {i: int(getattr(getattr(b.module, runtimes[0].adapter.attention_module), "heads", 1))
                  for i, b in enumerate(runtimes[0].blocks)}
         return heads
+
+
+@contextlib.contextmanager
+def observe_attention(pipe: Any, observe: Callable[..., None], *, block_size: int = 64,
+                      warmup_steps: int = 0) -> Iterator[Any]:
+    """Inside the block every self-attention call of ``pipe`` runs dense and ``observe(layer, step, q, k, v,
+    grid, scale)`` sees its post-RoPE queries, keys and values over the visual tokens (from ``warmup_steps``
+    on). For notebooks and accuracy benchmarks that study real attention maps."""
+    probe = AttentionConfig(sparse=None, block_size=block_size, warmup_steps=warmup_steps)
+    with accelerated(pipe, Policy(name="attention-probe", attention=probe)):
+        runtimes = list(runtimes_of(pipe).values())
+        feature = runtimes[0].feature("attention")
+
+        class Observer:
+            def observe(self, layer, q, k, grid, scale, v=None):
+                observe(layer, feature.current_step(), q, k, v, grid, scale)
+
+        feature.recorder = Observer()
+        yield pipe
 
 
 def calibrate_attention(pipe: Any, prompts: Sequence[str | dict], policy: Policy, *, sample_blocks: int = 16,

@@ -32,19 +32,18 @@ The gate reads one number per step on the host (like FBCache).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
-from ..config import ConfigBase, PolicyError, option
+from ..config import PolicyError, option
 from . import _taylor
-from .base import BranchState, CacheMethod, CachePlan, batch_agrees
+from .base import CacheConfig, CacheMethod, CachePlan, CacheState, Residual, batch_agrees, register_cache_method
 
 
 @dataclass(frozen=True)
-class CGTaylorConfig(ConfigBase):
-    section: ClassVar[str] = "cache"
-    method: str = option("cg_taylor", choices=("cg_taylor",))
+class CGTaylorConfig(CacheConfig):
+    """CG-Taylor: forecast the last block's output; the first block's forecast error gates the forecast."""
+
     threshold: float = option(0.13, ge=0.0, le=10.0,
                               doc="relative error of the first block's forecast under which the last "
                                   "block's forecast is trusted")
@@ -72,9 +71,31 @@ def relative_error(current: torch.Tensor, reference: torch.Tensor, per_sample: b
     return diff / norm.clamp_min(torch.finfo(dtype).tiny)
 
 
+@dataclass(eq=False)
+class CGTaylorState(CacheState):
+    """Args:
+        probe: the Taylor series of the first block's output (the gate's probe).
+        probe_out: the first block's output on this call.
+        error: its forecast error on this call (a tensor until the gate reads it).
+        last_hidden, last_encoder: the Taylor series of the last block's outputs.
+        last_encoder_none: the last block returns no encoder stream.
+        streak: consecutive forecast steps.
+    """
+
+    probe: _taylor.Series | None = None
+    probe_out: torch.Tensor | None = None
+    error: torch.Tensor | None = None
+    last_hidden: _taylor.Series | None = None
+    last_encoder: _taylor.Series | None = None
+    last_encoder_none: bool = False
+    streak: int = 0
+
+
+@register_cache_method("cg_taylor", CGTaylorConfig)
 class CGTaylor(CacheMethod):
-    name = "cg_taylor"
-    config_cls = CGTaylorConfig
+    State = CGTaylorState
+    exact = {"threshold": 0.0}
+    reusing = {"threshold": 10.0, "warmup_steps": 2}
 
     def make_plan(self, num_blocks: int) -> CachePlan:
         if num_blocks < 2:
@@ -86,67 +107,65 @@ class CGTaylor(CacheMethod):
     def per_sample(self) -> bool:
         return self.config.batch_decision == "strict"
 
-    def _keep(self, tensor: torch.Tensor, state: BranchState) -> torch.Tensor:
+    def _keep(self, tensor: torch.Tensor, state: CGTaylorState) -> torch.Tensor:
         # factor 0 aliases a tensor the model keeps using; clone where in-place writes can't be seen
-        return tensor.clone() if state.clone_inputs or (state.clone_unverifiable and tensor.is_inference()) else tensor
+        ctx = state.ctx
+        return tensor.clone() if ctx.clone_inputs or (ctx.clone_unverifiable and tensor.is_inference()) else tensor
 
-    def _forced_full(self, state: BranchState) -> bool:
+    def _forced_full(self, state: CGTaylorState) -> bool:
         c = self.config
         if state.step < c.warmup_steps:
             return True
         return state.num_steps is not None and state.step >= state.num_steps - c.final_steps
 
     # ---- the probe: block 0 -------------------------------------------------------------------
-    def on_output(self, index: int, hidden: torch.Tensor, encoder: torch.Tensor | None, state: BranchState) -> None:
-        m, c = state.method, self.config
+    def on_output(self, index: int, hidden: torch.Tensor, encoder: torch.Tensor | None,
+                  state: CGTaylorState) -> None:
+        c = self.config
         if index == 0:
-            m["cg_probe_out"] = hidden
-            m["cg_error"] = None
-            probe = m.get("cg_probe")
+            state.probe_out = hidden
+            state.error = None
+            probe = state.probe
             if probe is not None and probe.intact() and probe[0].shape == hidden.shape and not self._forced_full(state):
                 predicted = _taylor.forecast(probe, state.step, c.expansion)
                 # launched now, read at the range start: no host sync here
-                m["cg_error"] = relative_error(predicted, hidden, self.per_sample, 1 if c.metric == "l1" else 2)
+                state.error = relative_error(predicted, hidden, self.per_sample, 1 if c.metric == "l1" else 2)
         if index == self.num_blocks - 1:  # the last block ran: a full step
             step = state.step
-            m["cg_last_h"] = _taylor.update(m.get("cg_last_h"), self._keep(hidden, state), step, c.order, c.expansion,
-                                            track_version=True)
-            m["cg_last_enone"] = encoder is None
-            if encoder is None:
-                m.pop("cg_last_e", None)
-            else:
-                m["cg_last_e"] = _taylor.update(m.get("cg_last_e"), self._keep(encoder, state), step, c.order,
-                                                c.expansion, track_version=True)
+            state.last_hidden = _taylor.update(state.last_hidden, self._keep(hidden, state), step, c.order,
+                                               c.expansion, track_version=True)
+            state.last_encoder_none = encoder is None
+            state.last_encoder = None if encoder is None else _taylor.update(
+                state.last_encoder, self._keep(encoder, state), step, c.order, c.expansion, track_version=True)
 
     # ---- the gate ----------------------------------------------------------------------------
-    def should_reuse(self, range_id: int, state: BranchState) -> bool:
-        c, m = self.config, state.method
-        error = m.pop("cg_error", None)
-        probe_out = m.pop("cg_probe_out", None)
-        streak = m.get("cg_streak", 0)
-        last = m.get("cg_last_h")
+    def should_reuse(self, range_id: int, state: CGTaylorState) -> bool:
+        c = self.config
+        error, state.error = state.error, None
+        probe_out, state.probe_out = state.probe_out, None
+        last = state.last_hidden
         reuse = False
         if error is not None and last is not None and last.intact() and not self._forced_full(state) \
-                and (c.max_consecutive_forecast is None or streak < c.max_consecutive_forecast):
+                and (c.max_consecutive_forecast is None or state.streak < c.max_consecutive_forecast):
             reuse = batch_agrees(error < c.threshold, state)
         if reuse:
-            m["cg_streak"] = streak + 1
+            state.streak += 1
         else:
-            m["cg_streak"] = 0
+            state.streak = 0
             if probe_out is not None:
-                m["cg_probe"] = _taylor.update(m.get("cg_probe"), self._keep(probe_out, state), state.step,
-                                               c.probe_order, c.expansion, track_version=True)
+                state.probe = _taylor.update(state.probe, self._keep(probe_out, state), state.step, c.probe_order,
+                                             c.expansion, track_version=True)
         return reuse
 
-    def on_range_computed(self, range_id, residual, encoder_residual, encoder_out_is_none, state) -> None:
+    def on_range_computed(self, range_id: int, residual: Residual, state: CGTaylorState) -> None:
         """Nothing to cache: the last block's output is taken in ``on_output``."""
 
     def reused_output(self, range_id: int, hidden: torch.Tensor, encoder: torch.Tensor | None,
-                      state: BranchState) -> tuple[torch.Tensor, torch.Tensor | None]:
-        m, step, expansion = state.method, state.step, self.config.expansion
-        out_h = _taylor.forecast(m["cg_last_h"], step, expansion)
-        if m.get("cg_last_enone", False):
+                      state: CGTaylorState) -> tuple[torch.Tensor, torch.Tensor | None]:
+        step, expansion = state.step, self.config.expansion
+        out_h = _taylor.forecast(state.last_hidden, step, expansion)
+        if state.last_encoder_none:
             return out_h, None
-        series_e = m.get("cg_last_e")
+        series_e = state.last_encoder
         out_e = _taylor.forecast(series_e, step, expansion) if series_e is not None and series_e.intact() else encoder
         return out_h, out_e

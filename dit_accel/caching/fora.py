@@ -17,16 +17,15 @@ telescope on a reused step) with one add instead of one per block; ``block`` kee
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
-from ..config import ConfigBase, option
-from .base import GRANULARITIES, BranchState, CacheMethod, CachePlan, cache_ranges
+from ..config import option
+from .base import GRANULARITIES, CacheConfig, CacheMethod, CachePlan, CacheState, cache_ranges, register_cache_method
 
 
 @dataclass(frozen=True)
-class FORAConfig(ConfigBase):
-    section: ClassVar[str] = "cache"
-    method: str = option("fora", choices=("fora",))
+class FORAConfig(CacheConfig):
+    """FORA: compute every ``interval``-th step, reuse every block's residual in between."""
+
     interval: int = option(3, ge=1, le=1000, doc="compute every N-th step, reuse in between")
     warmup_steps: int = option(0, ge=0, doc="steps always computed at the start of each call")
     fn_compute: int = option(0, ge=0, doc="first blocks never cached")
@@ -35,9 +34,10 @@ class FORAConfig(ConfigBase):
                               doc="stack: one residual for all cached blocks; block: one per block (same result)")
 
 
+@register_cache_method("fora", FORAConfig)
 class FORA(CacheMethod):
-    name = "fora"
-    config_cls = FORAConfig
+    exact = {"interval": 1}
+    reusing = {"interval": 2}
 
     def make_plan(self, num_blocks: int) -> CachePlan:
         c = self.config
@@ -47,5 +47,5 @@ class FORA(CacheMethod):
         c = self.config
         return step < c.warmup_steps or (step - c.warmup_steps) % c.interval == 0
 
-    def should_reuse(self, range_id: int, state: BranchState) -> bool:
+    def should_reuse(self, range_id: int, state: CacheState) -> bool:
         return not self.is_compute_step(state.step) and range_id in state.residuals

@@ -16,16 +16,17 @@ relative step position (MagCache uses nearest-neighbour interpolation).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
-from ..config import ConfigBase, PolicyError, finite_numbers, option
-from .base import BranchState, CacheMethod, CachePlan, branch_table, require_calibrated
+from ..config import PolicyError, finite_numbers, option
+from .base import (CacheConfig, CacheMethod, CachePlan, CacheState, branch_table, register_cache_method,
+                   replace_config, require_calibrated)
+from .records import Records
 
 
 @dataclass(frozen=True)
-class MagCacheConfig(ConfigBase):
-    section: ClassVar[str] = "cache"
-    method: str = option("magcache", choices=("magcache",))
+class MagCacheConfig(CacheConfig):
+    """MagCache: skip while the error predicted from the calibrated magnitude-ratio curve stays small."""
+
     threshold: float = option(0.12, ge=0.0, le=100.0, doc="accumulated magnitude error under which a step is skipped")
     max_skips: int = option(2, ge=1, doc="K: at most this many consecutive skipped steps")
     retention_ratio: float = option(0.2, ge=0.0, le=1.0, doc="leading share of the steps always computed")
@@ -34,7 +35,8 @@ class MagCacheConfig(ConfigBase):
     def validate(self) -> None:
         if self.mag_ratios is not None:
             if not isinstance(self.mag_ratios, dict) or not self.mag_ratios:
-                raise PolicyError("cache.mag_ratios: expected a mapping {branch: [ratios...]} (run dit_accel.calibrate)")
+                raise PolicyError("cache.mag_ratios: expected a mapping {branch: [ratios...]} "
+                                  "(run dit_accel.calibrate)")
             for branch, ratios in self.mag_ratios.items():
                 if not isinstance(ratios, (list, tuple)) or len(ratios) < 2 or not all(
                         isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in ratios):
@@ -51,9 +53,24 @@ def interpolate(curve: list[float], position: float) -> float:
     return curve[lo] + (curve[hi] - curve[lo]) * (x - lo)
 
 
+@dataclass(eq=False)
+class MagCacheState(CacheState):
+    """Args:
+        ratio: the magnitude ratio accumulated over the current run of skipped steps.
+        error: the error accumulated over it.
+        skips: its length.
+    """
+
+    ratio: float = 1.0
+    error: float = 0.0
+    skips: int = 0
+
+
+@register_cache_method("magcache", MagCacheConfig)
 class MagCache(CacheMethod):
-    name = "magcache"
-    config_cls = MagCacheConfig
+    State = MagCacheState
+    exact = {"threshold": 0.0, "max_skips": 1, "retention_ratio": 1.0}
+    reusing = {"threshold": 100.0}
 
     def __init__(self, config: MagCacheConfig, blocks, adapter) -> None:
         super().__init__(config, blocks, adapter)
@@ -62,7 +79,7 @@ class MagCache(CacheMethod):
     def make_plan(self, num_blocks: int) -> CachePlan:
         return CachePlan(ranges=((0, num_blocks),))
 
-    def ratio(self, state: BranchState) -> float:
+    def ratio(self, state: CacheState) -> float:
         """γ at this call's position in its schedule (img2img calls start part-way through it)."""
         curve = branch_table(self.config.mag_ratios, state, "mag_ratios")
         index, length = state.schedule_position()
@@ -71,25 +88,22 @@ class MagCache(CacheMethod):
             return float(curve[min(index, len(curve) - 1)])
         return interpolate(list(curve), index / max(length - 1, 1))
 
-    def should_reuse(self, range_id: int, state: BranchState) -> bool:
+    def should_reuse(self, range_id: int, state: MagCacheState) -> bool:
         c = self.config
-        m = state.method
         index, length = state.schedule_position()
         length = length or len(branch_table(c.mag_ratios, state, "mag_ratios"))
         if index >= int(c.retention_ratio * length) and range_id in state.residuals:
-            ratio = m.get("ratio", 1.0) * self.ratio(state)
-            error = m.get("error", 0.0) + abs(1.0 - ratio)
-            skips = m.get("skips", 0) + 1
+            ratio = state.ratio * self.ratio(state)
+            error = state.error + abs(1.0 - ratio)
+            skips = state.skips + 1
             if error <= c.threshold and skips <= c.max_skips:
-                m.update(ratio=ratio, error=error, skips=skips)
+                state.ratio, state.error, state.skips = ratio, error, skips
                 return True
-        m.update(ratio=1.0, error=0.0, skips=0)
+        state.ratio, state.error, state.skips = 1.0, 0.0, 0
         return False
 
     @staticmethod
-    def calibrated(config: MagCacheConfig, records: list[dict], family: str) -> MagCacheConfig:
+    def calibrated(config: MagCacheConfig, records: Records, family: str) -> MagCacheConfig:
         """The mean magnitude-ratio curve per branch; step 0 (no previous residual) gets 1.0."""
-        from ..calibrate import per_branch_mean
-
-        curves = {branch: [1.0, *ratios] for branch, ratios in per_branch_mean(records, "mag_ratio").items()}
-        return MagCacheConfig(**{**config.to_dict(), "mag_ratios": curves})
+        curves = {branch: [1.0, *ratios] for branch, ratios in records.per_branch_mean("mag_ratio").items()}
+        return replace_config(config, mag_ratios=curves)

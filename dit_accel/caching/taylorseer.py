@@ -33,7 +33,7 @@ Granularity and where we depart:
 * ``expansion: newton`` (ours) uses true divided differences and the Newton form, exact for
   trajectories polynomial of degree ≤ ``order`` in the step, also across the uneven spacing of
   warm-up and interval steps; the paper's ``taylor`` expansion is exact only up to degree 1 (see
-  ``dit_accel.policies._taylor``). With the default ``order=1`` both are identical.
+  ``dit_accel.caching._taylor``). With the default ``order=1`` both are identical.
 * Factors are kept and combined in the model dtype (as the reference and diffusers do) in the
   branch state, so they count in ``stats().cache_bytes``. ``fn_compute`` / ``bn_compute`` exclude
   the first/last blocks from forecasting (both 0 in the paper).
@@ -45,20 +45,20 @@ Granularity and where we depart:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
 
 import torch
 
-from ..config import ConfigBase, option
+from ..config import option
 from . import _taylor
-from .base import GRANULARITIES, BranchState, CacheMethod, CachePlan, cache_ranges
+from .base import (GRANULARITIES, CacheConfig, CacheMethod, CachePlan, CacheState, Residual, cache_ranges,
+                   register_cache_method)
 
 
 @dataclass(frozen=True)
-class TaylorSeerConfig(ConfigBase):
-    section: ClassVar[str] = "cache"
-    method: str = option("taylorseer", choices=("taylorseer",))
+class TaylorSeerConfig(CacheConfig):
+    """TaylorSeer: full steps every ``interval``; in between, Taylor-forecast each block range's residual."""
+
     interval: int = option(6, ge=1, le=1000, doc="full computation every N-th step after warm-up; forecast in between")
     order: int = option(1, ge=0, le=8, doc="highest order of the finite-difference Taylor series (0 = plain reuse)")
     warmup_steps: int = option(3, ge=0, doc="steps always computed at the start of each call")
@@ -76,9 +76,24 @@ def is_full_step(step: int, warmup_steps: int, interval: int) -> bool:
     return step <= anchor or (step - anchor) % interval == 0
 
 
+@dataclass(eq=False)
+class TaylorSeerState(CacheState):
+    """Args:
+        hidden: the Taylor series of each range's hidden-stream residual.
+        encoder: the same for the encoder stream (dual-stream blocks).
+        encoder_none: the range's last block returns no encoder stream.
+    """
+
+    hidden: dict[int, _taylor.Series] = field(default_factory=dict)
+    encoder: dict[int, _taylor.Series] = field(default_factory=dict)
+    encoder_none: dict[int, bool] = field(default_factory=dict)
+
+
+@register_cache_method("taylorseer", TaylorSeerConfig)
 class TaylorSeer(CacheMethod):
-    name = "taylorseer"
-    config_cls = TaylorSeerConfig
+    State = TaylorSeerState
+    exact = {"interval": 1}
+    reusing = {"interval": 2, "warmup_steps": 1}
 
     def make_plan(self, num_blocks: int) -> CachePlan:
         c = self.config
@@ -87,27 +102,26 @@ class TaylorSeer(CacheMethod):
     def is_full_step(self, step: int) -> bool:
         return is_full_step(step, self.config.warmup_steps, self.config.interval)
 
-    def should_reuse(self, range_id: int, state: BranchState) -> bool:
-        return not self.is_full_step(state.step) and f"taylor_h:{range_id}" in state.method
+    def should_reuse(self, range_id: int, state: TaylorSeerState) -> bool:
+        return not self.is_full_step(state.step) and range_id in state.hidden
 
-    def on_range_computed(self, range_id: int, residual: torch.Tensor, encoder_residual: torch.Tensor | None,
-                          encoder_out_is_none: bool, state: BranchState) -> None:
-        c, m, step = self.config, state.method, state.step
-        m[f"taylor_h:{range_id}"] = _taylor.update(m.get(f"taylor_h:{range_id}"), residual, step, c.order, c.expansion)
-        m[f"taylor_enone:{range_id}"] = encoder_out_is_none
-        if encoder_residual is None:
-            m.pop(f"taylor_e:{range_id}", None)
+    def on_range_computed(self, range_id: int, residual: Residual, state: TaylorSeerState) -> None:
+        c, step = self.config, state.step
+        state.hidden[range_id] = _taylor.update(state.hidden.get(range_id), residual.hidden, step, c.order, c.expansion)
+        state.encoder_none[range_id] = residual.encoder_is_none
+        if residual.encoder is None:
+            state.encoder.pop(range_id, None)
         else:
-            m[f"taylor_e:{range_id}"] = _taylor.update(m.get(f"taylor_e:{range_id}"), encoder_residual, step,
-                                                       c.order, c.expansion)
+            state.encoder[range_id] = _taylor.update(state.encoder.get(range_id), residual.encoder, step, c.order,
+                                                     c.expansion)
 
     def reused_output(self, range_id: int, hidden: torch.Tensor, encoder: torch.Tensor | None,
-                      state: BranchState) -> tuple[torch.Tensor, torch.Tensor | None]:
-        m, step, expansion = state.method, state.step, self.config.expansion
-        hidden = hidden + _taylor.forecast(m[f"taylor_h:{range_id}"], step, expansion)
-        if m.get(f"taylor_enone:{range_id}", False):
+                      state: TaylorSeerState) -> tuple[torch.Tensor, torch.Tensor | None]:
+        step, expansion = state.step, self.config.expansion
+        hidden = hidden + _taylor.forecast(state.hidden[range_id], step, expansion)
+        if state.encoder_none.get(range_id, False):
             return hidden, None
-        series_e = m.get(f"taylor_e:{range_id}")
+        series_e = state.encoder.get(range_id)
         if series_e is not None and encoder is not None:
             encoder = encoder + _taylor.forecast(series_e, step, expansion)
         return hidden, encoder

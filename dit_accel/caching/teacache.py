@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
-from ..config import ConfigBase, PolicyError, finite_numbers, option
-from .base import BlockCall, BranchState, CacheMethod, CachePlan
+from ..config import PolicyError, finite_numbers, option
+from .base import BlockCall, CacheConfig, CacheMethod, CachePlan, CacheState, register_cache_method, replace_config
 from .dbcache import relative_l1
+from .records import Records
 
 logger = logging.getLogger("dit_accel")
 
@@ -45,9 +45,9 @@ PUBLISHED: dict[str, tuple[tuple[float, ...], str]] = {
 
 
 @dataclass(frozen=True)
-class TeaCacheConfig(ConfigBase):
-    section: ClassVar[str] = "cache"
-    method: str = option("teacache", choices=("teacache",))
+class TeaCacheConfig(CacheConfig):
+    """TeaCache: reuse the stack's residual while the accumulated rescaled input change stays small."""
+
     threshold: float = option(0.25, ge=0.0, le=100.0, doc="accumulated rescaled relative L1 under which to reuse")
     coefficients: tuple[float, ...] | None = option(
         None, doc="rescaling polynomial, highest power first; null = the family's published one, else identity")
@@ -83,9 +83,24 @@ def polyval(coefficients: tuple[float, ...], x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@dataclass(eq=False)
+class TeaCacheState(CacheState):
+    """Args:
+        previous_input: the watched input of the previous call.
+        distance: this call's rescaled change (a tensor until the gate reads it).
+        accumulated: the change accumulated since the last computed step.
+    """
+
+    previous_input: torch.Tensor | None = None
+    distance: torch.Tensor | None = None
+    accumulated: float = 0.0
+
+
+@register_cache_method("teacache", TeaCacheConfig)
 class TeaCache(CacheMethod):
-    name = "teacache"
-    config_cls = TeaCacheConfig
+    State = TeaCacheState
+    exact = {"threshold": 0.0}
+    reusing = {"threshold": 100.0}
 
     def __init__(self, config: TeaCacheConfig, blocks, adapter) -> None:
         super().__init__(config, blocks, adapter)
@@ -114,38 +129,32 @@ class TeaCache(CacheMethod):
             return temb
         return self.adapter.modulated_input(call.block, call.args, call.kwargs)
 
-    def on_input(self, call: BlockCall, state: BranchState) -> None:
+    def on_input(self, call: BlockCall, state: TeaCacheState) -> None:
         current = self.teacache_input(call)
-        m = state.method
-        previous = m.get("previous_input")
-        m["previous_input"] = current
+        previous, state.previous_input = state.previous_input, current
         if previous is None or previous.shape != current.shape:
-            m["distance"] = None
+            state.distance = None
             return
         change = relative_l1(current, previous, per_sample=False)
-        m["distance"] = polyval(self.coefficients, change).abs()
+        state.distance = polyval(self.coefficients, change).abs()
 
-    def should_reuse(self, range_id: int, state: BranchState) -> bool:
+    def should_reuse(self, range_id: int, state: TeaCacheState) -> bool:
         c = self.config
-        m = state.method
-        distance = m.pop("distance", None)
+        distance, state.distance = state.distance, None
         last = c.compute_last_step and state.num_steps is not None and state.step >= state.num_steps - 1
         if distance is None or state.step < c.warmup_steps or last or range_id not in state.residuals:
-            m["accumulated"] = 0.0
+            state.accumulated = 0.0
             return False
-        accumulated = m.get("accumulated", 0.0) + float(distance)  # the one host sync per step
+        accumulated = state.accumulated + float(distance)  # the one host sync per step
         if accumulated < c.threshold:
-            m["accumulated"] = accumulated
+            state.accumulated = accumulated
             return True
-        m["accumulated"] = 0.0
+        state.accumulated = 0.0
         return False
 
     @staticmethod
-    def calibrated(config: TeaCacheConfig, records: list[dict], family: str) -> TeaCacheConfig:
+    def calibrated(config: TeaCacheConfig, records: Records, family: str) -> TeaCacheConfig:
         """Fit the degree-4 rescaling polynomial: residual change ≈ P(input change)."""
-        from ..calibrate import fit_polynomial
-
         kind = config.input or PUBLISHED.get(family, (None, "modulated"))[1]
         key = "modulated_change" if kind == "modulated" else "temb_change"
-        coefficients = fit_polynomial([r[key] for r in records], [r["residual_change"] for r in records])
-        return TeaCacheConfig(**{**config.to_dict(), "coefficients": coefficients, "input": kind})
+        return replace_config(config, coefficients=records.fit_polynomial(key, "residual_change"), input=kind)

@@ -16,10 +16,9 @@ Within each stage the cached range is recomputed every ``interval`` (N) steps, c
 stage's first step (so each stage starts with a full step), and its delta is reused in between.
 
 Defaults, for PixArt-α (28 blocks, 20 DPM-Solver steps) in the paper: the boundary ``b = 12`` is
-the paper's (its Table 1 reports "Ours (b = 12)"). We could not re-check the paper's text for the
-cache interval and the number of cached blocks: ``interval=2`` with ``cached_fraction=0.75`` (21 of
-PixArt's 28 blocks) is our reconstruction — caching 21 of 28 blocks every other step gives exactly
-the reported 1.6× (1 / (1 − ½ · 21/28)) — not a quote. The boundary is stored as a fraction of the
+the paper's (its Table 1 reports "Ours (b = 12)"). ``interval=2`` with ``cached_fraction=0.75`` (21
+of PixArt's 28 blocks) is our reconstruction, not a quote: caching 21 of 28 blocks every other step
+gives exactly the reported 1.6× (1 / (1 − ½ · 21/28)). The boundary is stored as a fraction of the
 call's steps, ``boundary_fraction=0.6`` (12 of 20), read as "the first 12 of 20 steps are the outline
 stage"; whether the paper's ``b`` counts steps from the start or its descending timestep index is
 not verified (``boundary: 8`` gives the other reading at 20 steps).
@@ -38,18 +37,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
 
-import torch
-
-from ..config import ConfigBase, PolicyError, option
-from .base import BranchState, CacheMethod, CachePlan
+from ..config import PolicyError, option
+from .base import CacheConfig, CacheMethod, CachePlan, CacheState, Residual, register_cache_method
 
 
 @dataclass(frozen=True)
-class DeltaDiTConfig(ConfigBase):
-    section: ClassVar[str] = "cache"
-    method: str = option("delta_dit", choices=("delta_dit",))
+class DeltaDiTConfig(CacheConfig):
+    """Δ-DiT: cache the delta of the rear blocks before the boundary step, of the front blocks after it."""
+
     boundary: int | None = option(None, ge=0,
                                   doc="outline/detail boundary step b (steps < b cache rear blocks); overrides "
                                       "boundary_fraction")
@@ -63,9 +59,10 @@ class DeltaDiTConfig(ConfigBase):
                                         "cached_blocks is not set")
 
 
+@register_cache_method("delta_dit", DeltaDiTConfig)
 class DeltaDiT(CacheMethod):
-    name = "delta_dit"
-    config_cls = DeltaDiTConfig
+    exact = {"interval": 1}
+    reusing = {"interval": 2}
 
     def make_plan(self, num_blocks: int) -> CachePlan:
         c = self.config
@@ -85,7 +82,7 @@ class DeltaDiT(CacheMethod):
         self.front = frozenset(i for i, (_, b) in enumerate(ranges) if b <= n)
         return CachePlan(ranges=ranges)
 
-    def boundary(self, state: BranchState) -> int:
+    def boundary(self, state: CacheState) -> int:
         c = self.config
         if c.boundary is not None:
             return c.boundary
@@ -114,7 +111,7 @@ class DeltaDiT(CacheMethod):
         _, _, cached = self.stage(step, boundary)
         return [i for rid in sorted(cached) for i in range(*self.plan.ranges[rid])]
 
-    def should_reuse(self, range_id: int, state: BranchState) -> bool:
+    def should_reuse(self, range_id: int, state: CacheState) -> bool:
         b = self.boundary(state)
         step, _ = state.schedule_position()  # the stages are positions in the full schedule
         _, _, cached = self.stage(step, b)
@@ -123,8 +120,7 @@ class DeltaDiT(CacheMethod):
             return False
         return not self.is_compute_step(step, b) and range_id in state.residuals
 
-    def on_range_computed(self, range_id: int, residual: torch.Tensor, encoder_residual: torch.Tensor | None,
-                          encoder_out_is_none: bool, state: BranchState) -> None:
+    def on_range_computed(self, range_id: int, residual: Residual, state: CacheState) -> None:
         _, _, cached = self.stage(state.schedule_position()[0], self.boundary(state))
         if range_id in cached:  # keep only deltas this stage can reuse
-            state.residuals[range_id] = (residual, encoder_residual, encoder_out_is_none)
+            state.residuals[range_id] = residual

@@ -8,8 +8,8 @@ AG measures, per step, the cosine similarity ``γ_t = cos(c, g)`` and, once it e
 ``γ̄``, drops the unconditional evaluation for the rest of the generation (the decision is
 sticky): the remaining steps are conditional-only (``g = c``).
 
-Defaults: ``threshold=0.991`` is the γ̄ we remember from the paper's main setting (quoted from
-memory — not re-checked against the PDF; sweep it per model). ``min_steps=1``: the first step
+Defaults: ``threshold=0.991``, the paper's main setting (see ``docs/methods.md``; sweep it per model:
+on the reference model it drops guidance almost at once). ``min_steps=1``: the first step
 always runs full CFG (a decision needs one pair of predictions).
 
 Departures: the cosine is taken over the whole transformer output of a sample (including
@@ -17,8 +17,8 @@ learned-sigma channels where a model has them); a batch of several samples switc
 sample's similarity passed the threshold (one batch cannot drop the unconditional half for some
 rows only).
 
-This module holds the configuration and the decisions; the runtime (``dit_accel.hooks``) does the
-plumbing and asks the adapter for the CFG layout ("batched": one call on a stacked batch,
+This module holds the configuration and the decisions; the runtime (``dit_accel.runtime.guidance``)
+does the plumbing and asks the adapter for the CFG layout ("batched": one call on a stacked batch,
 "separate": a "cond" call and an "uncond" call per step, named through diffusers'
 ``cache_context``). Which half of a batched call is the conditional one depends on the pipeline,
 not the model: :data:`CFG_ORDER_BY_PIPELINE` lists the pipelines that stack ``[cond, uncond]``
@@ -28,14 +28,15 @@ policy overrides it and is required for a bare transformer with batched CFG.
 
 from __future__ import annotations
 
-import dataclasses
-import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
+from ..batching import slice_rows
 from ..config import ConfigBase, PolicyError, option
+from ..outputs import map_output
+from .base import register_guidance_method
 
 CFG_ORDERS = ("uncond_first", "cond_first")
 
@@ -53,6 +54,8 @@ COND, UNCOND = "cond", "uncond"  # the branch names diffusers pipelines give sep
 
 @dataclass(frozen=True)
 class AdaptiveGuidanceConfig(ConfigBase):
+    """Adaptive Guidance: drop the unconditional branch once the guided and conditional predictions agree."""
+
     section: ClassVar[str] = "guidance"
     method: str = option("adaptive", choices=("adaptive",))
     threshold: float = option(0.991, ge=-1.0, doc="γ̄: drop the unconditional branch once cos(cond, guided) >= it "
@@ -76,70 +79,6 @@ def cfg_order_for(pipeline: Any | None, config: AdaptiveGuidanceConfig, cfg_layo
         if cls.__name__ in CFG_ORDER_BY_PIPELINE:
             return CFG_ORDER_BY_PIPELINE[cls.__name__]
     return "uncond_first"
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value)
-
-
-def _call_frame_locals(pipeline: Any) -> dict | None:
-    """The locals of the running ``pipeline.__call__`` (the hooks run inside it), or None."""
-    frame = sys._getframe(1)
-    for _ in range(128):
-        if frame is None:
-            return None
-        if frame.f_code.co_name == "__call__" and frame.f_locals.get("self") is pipeline:
-            return frame.f_locals
-        frame = frame.f_back
-    return None
-
-
-def pipeline_guidance_scale(pipeline: Any, component: str = "transformer") -> float | None:
-    """The classifier-free guidance scale of the pipeline call in progress, or None if not found.
-
-    In order: the ``true_cfg_scale`` argument of the running ``__call__`` (Flux / HunyuanVideo, whose
-    ``guidance_scale`` is an embedded distilled guidance); the pipeline's ``_guidance_scale``
-    (``_guidance_scale_2`` first for a second-stage ``transformer_2``, as Wan 2.2 keeps it); the
-    ``guidance_scale`` argument of the running ``__call__`` (DiTPipeline and PixArt keep it as a local
-    only). Frames are read, never changed.
-    """
-    suffix = "_2" if component == "transformer_2" else ""
-    call = _call_frame_locals(pipeline)
-    if call is not None:
-        value = _number(call.get("true_cfg_scale"))
-        if value is not None:
-            return value
-    for name in ([f"_guidance_scale{suffix}"] if suffix else []) + ["_guidance_scale"]:
-        value = _number(getattr(pipeline, name, None))
-        if value is not None:
-            return value
-    if call is not None:
-        for name in ([f"guidance_scale{suffix}"] if suffix else []) + ["guidance_scale"]:
-            value = _number(call.get(name))
-            if value is not None:
-                return value
-    return None
-
-
-def pipeline_runs_cfg(pipeline: Any, scale: float | None) -> bool | None:
-    """Whether the pipeline call in progress runs classifier-free guidance: its ``do_classifier_free_guidance``
-    (a local of ``__call__`` in PixArt, a property in SD3 / CogVideoX), else ``scale > 1``; None if unknown.
-
-    The flag matters where the scale changes per step (CogVideoX's dynamic CFG starts at exactly 1)."""
-    call = _call_frame_locals(pipeline)
-    flag = call.get("do_classifier_free_guidance") if call is not None else None
-    if not isinstance(flag, bool):
-        try:
-            flag = getattr(pipeline, "do_classifier_free_guidance", None)
-        except Exception:  # a property reading state the pipeline has not set
-            flag = None
-    if isinstance(flag, bool):
-        return flag
-    return None if scale is None else scale > 1.0
 
 
 class AdaptiveGuidance:
@@ -189,8 +128,8 @@ class AdaptiveGuidance:
     def slice_call(self, args: tuple, kwargs: dict, batch: int) -> tuple[tuple, dict]:
         """The call's arguments for the conditional rows only (every tensor whose dim 0 is ``batch``)."""
         rows = self.cond_rows(batch)
-        return (tuple(slice_batched(a, batch, rows) for a in args),
-                {k: (v if k in UNBATCHED_ARGUMENTS else slice_batched(v, batch, rows)) for k, v in kwargs.items()})
+        return (tuple(slice_rows(a, batch, rows) for a in args),
+                {k: (v if k in UNBATCHED_ARGUMENTS else slice_rows(v, batch, rows)) for k, v in kwargs.items()})
 
     @staticmethod
     def complete_output(output: Any, half: int) -> Any:
@@ -200,50 +139,4 @@ class AdaptiveGuidance:
         return map_output(output, lambda t: torch.cat([t, t], 0) if t.ndim and t.shape[0] == half else t)
 
 
-def slice_batched(value: Any, batch: int, rows: slice) -> Any:
-    """``value`` with every tensor whose dim 0 is ``batch`` cut to ``rows`` (through dicts, lists, tuples)."""
-    if isinstance(value, torch.Tensor):
-        return value[rows] if value.ndim and value.shape[0] == batch else value
-    if hasattr(value, "map_tensors"):  # containers that know their own structure (Taylor series)
-        return value.map_tensors(lambda t: slice_batched(t, batch, rows))
-    if isinstance(value, dict):
-        return {k: slice_batched(v, batch, rows) for k, v in value.items()}
-    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        return type(value)(slice_batched(v, batch, rows) for v in value)
-    return value
-
-
-def output_sample(output: Any) -> torch.Tensor | None:
-    """The prediction in a transformer output: ``.sample`` of an output dataclass, ``[0]`` of a tuple."""
-    if isinstance(output, torch.Tensor):
-        return output
-    sample = getattr(output, "sample", None)
-    if isinstance(sample, torch.Tensor):
-        return sample
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    return None
-
-
-def map_output(output: Any, fn) -> Any:
-    """``output`` (tensor, tuple, or output dataclass) with ``fn`` applied to each of its tensors."""
-    if isinstance(output, torch.Tensor):
-        return fn(output)
-    if dataclasses.is_dataclass(output) and not isinstance(output, type):
-        changes = {f.name: fn(getattr(output, f.name)) for f in dataclasses.fields(output)
-                   if isinstance(getattr(output, f.name), torch.Tensor)}
-        return dataclasses.replace(output, **changes)
-    if isinstance(output, (tuple, list)):
-        return type(output)(fn(o) if isinstance(o, torch.Tensor) else o for o in output)
-    return output
-
-
-def replace_sample(output: Any, sample: torch.Tensor) -> Any:
-    """``output`` with its prediction (see :func:`output_sample`) replaced by ``sample``."""
-    if isinstance(output, torch.Tensor):
-        return sample
-    if dataclasses.is_dataclass(output) and hasattr(output, "sample"):
-        return dataclasses.replace(output, sample=sample)
-    if isinstance(output, (tuple, list)):
-        return type(output)([sample, *output[1:]])
-    return output
+register_guidance_method("adaptive", AdaptiveGuidanceConfig)

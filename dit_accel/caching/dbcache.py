@@ -16,26 +16,28 @@ Departures: the gate is evaluated per sample (``batch_decision="strict"``): the 
 reused only if every sample in the batch agrees; ``"mean"`` pools the batch into one number as
 ParaAttention and diffusers do. ``gate_lag=k`` computes ``k`` more blocks after the probe before
 the cached range starts, so the host reads the gate's verdict while those blocks keep the GPU
-busy instead of draining its queue (measured in benchmarks/results/flux_hooks.md). The reference residual is the one from the last *computed*
+busy instead of draining its queue (measured in benchmarks/results/flux_hooks_h200.md). The reference residual is
+the one from the last *computed*
 step (as in both anchors), so small drifts accumulate instead of hiding.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
-from ..config import ConfigBase, PolicyError, option
-from .base import BranchState, CacheMethod, CachePlan, batch_agrees, keep, take
+from ..config import PolicyError, option
+from .base import (CacheConfig, CacheMethod, CachePlan, CacheState, Kept, batch_agrees, keep, register_alias,
+                   register_cache_method, take)
 
 
 @dataclass(frozen=True)
-class DBCacheConfig(ConfigBase):
-    section: ClassVar[str] = "cache"
-    method: str = option("dbcache", choices=("dbcache",))
-    threshold: float = option(0.08, ge=0.0, le=10.0, doc="relative L1 change of the probe residual under which the middle is reused")
+class DBCacheConfig(CacheConfig):
+    """DBCache (FBCache with ``fn_compute: 1``): a probe residual gates the reuse of the middle blocks."""
+
+    threshold: float = option(0.08, ge=0.0, le=10.0,
+                              doc="relative L1 change of the probe residual under which the middle is reused")
     fn_compute: int = option(1, ge=1, doc="first blocks always computed (the probe)")
     bn_compute: int = option(0, ge=0, doc="last blocks always computed")
     warmup_steps: int = option(0, ge=0, doc="steps always computed at the start of each call")
@@ -59,9 +61,29 @@ def relative_l1(current: torch.Tensor, previous: torch.Tensor, per_sample: bool,
     return l1(current - previous, per_sample) / base.clamp_min(torch.finfo(torch.float32).tiny)
 
 
+@dataclass(eq=False)
+class DBCacheState(CacheState):
+    """Args:
+        probe_in: the first block's input, kept until the probe's output arrives.
+        change: the probe residual's relative L1 change on this call (a tensor: read at the range start).
+        probe_residual: this call's probe residual.
+        reference: the probe residual of the last computed step, and its L1 norm.
+        streak: consecutive reused steps.
+    """
+
+    probe_in: Kept | None = None
+    change: torch.Tensor | None = None
+    probe_residual: torch.Tensor | None = None
+    reference: torch.Tensor | None = None
+    reference_l1: torch.Tensor | None = None
+    streak: int = 0
+
+
+@register_cache_method("dbcache", DBCacheConfig)
 class DBCache(CacheMethod):
-    name = "dbcache"
-    config_cls = DBCacheConfig
+    State = DBCacheState
+    exact = {"threshold": 0.0}
+    reusing = {"threshold": 10.0}
 
     def make_plan(self, num_blocks: int) -> CachePlan:
         c = self.config
@@ -73,37 +95,37 @@ class DBCache(CacheMethod):
         return CachePlan(ranges=((c.fn_compute + c.gate_lag, num_blocks - c.bn_compute),),
                          watch_inputs=frozenset({0}), watch_outputs=frozenset({c.fn_compute - 1}))
 
-    def on_input(self, call, state: BranchState) -> None:
-        keep(state, "probe_in", call.hidden)
+    def on_input(self, call, state: DBCacheState) -> None:
+        state.probe_in = keep(state, call.hidden)
 
-    def on_output(self, index, hidden, encoder, state: BranchState) -> None:
-        probe_in = take(state, "probe_in")
-        m = state.method
-        m["probe_residual"] = residual = None if probe_in is None else hidden - probe_in
-        reference = m.get("reference")
-        m["change"] = None
+    def on_output(self, index, hidden, encoder, state: DBCacheState) -> None:
+        probe_in, state.probe_in = take(state, state.probe_in), None
+        state.probe_residual = residual = None if probe_in is None else hidden - probe_in
+        reference = state.reference
+        state.change = None
         if residual is not None and reference is not None and reference.shape == residual.shape:
             # launched now, read at the range start (gate_lag blocks later): no host sync here
-            m["change"] = relative_l1(residual, reference, self.per_sample, m["reference_l1"])
+            state.change = relative_l1(residual, reference, self.per_sample, state.reference_l1)
 
     @property
     def per_sample(self) -> bool:
         return self.config.batch_decision == "strict"
 
-    def should_reuse(self, range_id: int, state: BranchState) -> bool:
+    def should_reuse(self, range_id: int, state: DBCacheState) -> bool:
         c = self.config
-        m = state.method
-        change = m.pop("change", None)
-        streak = m.get("streak", 0)
+        change, state.change = state.change, None
         reuse = False
         if change is not None and state.step >= c.warmup_steps and range_id in state.residuals \
-                and (c.max_consecutive_reuse is None or streak < c.max_consecutive_reuse):
+                and (c.max_consecutive_reuse is None or state.streak < c.max_consecutive_reuse):
             reuse = batch_agrees(change < c.threshold, state)
         if reuse:
-            m["streak"] = streak + 1
+            state.streak += 1
         else:
-            m["streak"] = 0
-            residual = m["probe_residual"]
-            m["reference"] = residual
-            m["reference_l1"] = None if residual is None else l1(residual, self.per_sample)
+            state.streak = 0
+            residual = state.probe_residual
+            state.reference = residual
+            state.reference_l1 = None if residual is None else l1(residual, self.per_sample)
         return reuse
+
+
+register_alias("fbcache", "dbcache", fn_compute=1, bn_compute=0)

@@ -1,6 +1,6 @@
 """ERTACache — error rectification and timestep adjustment (2025, "ERTACache: Error Rectification
-and Timesteps Adjustment for Efficient Diffusion", Peng et al., arXiv 2508.21091; the abstract was
-checked, the exact equations were not available to us).
+and Timesteps Adjustment for Efficient Diffusion", Peng et al., arXiv 2508.21091; what is
+reconstructed from its abstract: ``docs/methods.md``).
 
 The paper (Peng et al., arXiv 2508.21091) has three parts: (1) offline residual profiling picks
 which steps may reuse the cached model features (a static schedule instead of an online gate);
@@ -13,16 +13,16 @@ compensate the remaining drift. What is implemented here:
   a < t, the error of reusing R_a at step t. ``budget`` is the share of steps computed: the
   schedule computes exactly k = round(budget · steps) steps (step 0 and the first
   ``warmup_steps`` included) chosen to minimise the total reuse error over the call, by the same
-  exact dynamic programme as BAC's scheduler (:func:`dit_accel.policies.bac.acs`). The paper
+  exact dynamic programme as BAC's scheduler (:func:`dit_accel.caching.bac.acs`). The paper
   selects reusable steps with a threshold on the profiled error; a budget makes the speed-up
   exact and comparable (our departure).
 * **Residual rectification** (part 2): on a reused step t whose cached residual is from step
   a(t), the stack's output is x + α_t·R_a + β_t, with (α_t, β_t) the least-squares fit
   R_t ≈ α_t·R_a + β_t averaged over the calibration generations (closed form, one scalar pair
   per step). With ``rectify: true`` the schedule minimises the error *after* rectification.
-  This is a scalar-per-step simplification of the paper's residual linearisation (which, as we
-  recall it, models the cache-induced error as a linear function; its exact form is not
-  reproduced). The encoder-stream residual (dual-stream models) is reused as cached.
+  This is a scalar-per-step simplification of the paper's residual linearisation (a linear model
+  of the cache-induced error; its exact form is not reproduced). The encoder-stream residual (dual-stream
+  models) is reused as cached.
 * **Trajectory-aware timestep adjustment** (part 3, ``timestep_adjust``, on by default as in the
   paper): a reused step feeds the sampler an approximate velocity v̂_t; the integration interval
   of that step is rescaled, Δt̃ = φ_t·Δt, by a per-step correction coefficient fitted offline on
@@ -36,9 +36,9 @@ compensate the remaining drift. What is implemented here:
   model output by φ_t instead — for the Euler update of flow-matching samplers (FLUX, SD3, Wan,
   HunyuanVideo, the reference model), x + Δt·(φ·v̂) = x + (φ·Δt)·v̂, exactly the adjusted interval;
   for other samplers (DDPM/DPM-Solver ε-prediction) it is the same least-squares correction of the
-  reused prediction, not literally a timestep change. The paper's exact formula for the coefficient
-  was not available to us (cited from its abstract: "dynamically adjusts integration intervals via a
-  trajectory-aware correction coefficient"); the least-squares fit on the cached trajectory is ours.
+  reused prediction, not literally a timestep change. The least-squares fit on the cached trajectory
+  is ours (the paper's abstract: "dynamically adjusts integration intervals via a trajectory-aware
+  correction coefficient").
   Inner products are estimated on a fixed random sketch of ``sketch_size`` output elements. Cost at
   run time: one multiply of the output on reused steps; calibration runs the prompts twice. On the
   reference model (cifar10_dit, 20 Euler steps) it adds +0.7 dB PSNR at budget 0.35 and +1.4 dB at
@@ -55,15 +55,15 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any
 
 import numpy as np
-import torch
 
-from ..config import ConfigBase, PolicyError, finite_numbers, option
-from .adaptive_guidance import output_sample, replace_sample
+from ..config import PolicyError, finite_numbers, option
+from ..outputs import output_sample, replace_sample
 from .bac import acs, position
-from .base import BranchState, CacheMethod, CachePlan, branch_table
+from .base import CacheConfig, CacheMethod, CachePlan, CacheState, branch_table, register_cache_method, replace_config
+from .records import Records
 
 logger = logging.getLogger("dit_accel")
 
@@ -80,9 +80,9 @@ def _numbers(value, where: str, positive: bool = False) -> None:
 
 
 @dataclass(frozen=True)
-class ERTACacheConfig(ConfigBase):
-    section: ClassVar[str] = "cache"
-    method: str = option("ertacache", choices=("ertacache",))
+class ERTACacheConfig(CacheConfig):
+    """ERTACache: a calibrated static reuse schedule with rectified residuals and step-size adjustment."""
+
     budget: float = option(0.5, gt=0.0, le=1.0, doc="share of steps computed (exact, per branch)")
     warmup_steps: int = option(1, ge=1, doc="leading steps always computed")
     rectify: bool = option(True, doc="rectify reused residuals with the calibrated α_t·R + β_t")
@@ -129,10 +129,11 @@ class ERTACacheConfig(ConfigBase):
         super().validate()
 
 
+@register_cache_method("ertacache", ERTACacheConfig)
 class ERTACache(CacheMethod):
-    name = "ertacache"
-    config_cls = ERTACacheConfig
     record_options = {"per_block": True}
+    exact = {"budget": 1.0}
+    reusing = {"budget": 0.5}
 
     def __init__(self, config: ERTACacheConfig, blocks, adapter) -> None:
         super().__init__(config, blocks, adapter)
@@ -147,10 +148,10 @@ class ERTACache(CacheMethod):
     def make_plan(self, num_blocks: int) -> CachePlan:
         return CachePlan(ranges=((0, num_blocks),))
 
-    def _table(self, field: str, state: BranchState):
+    def _table(self, field: str, state: CacheState):
         return branch_table(getattr(self.config, field), state, field)
 
-    def _calibrated_step(self, state: BranchState) -> tuple[int, bool]:
+    def _calibrated_step(self, state: CacheState) -> tuple[int, bool]:
         """The calibrated step at this call's schedule position, and whether the schedules match exactly."""
         calibrated = len(self._table("scale", state))
         index, length = state.schedule_position()
@@ -162,26 +163,25 @@ class ERTACache(CacheMethod):
             self._warned = True
         return position(index, steps, calibrated), steps == calibrated
 
-    def should_reuse(self, range_id: int, state: BranchState) -> bool:
+    def should_reuse(self, range_id: int, state: CacheState) -> bool:
         if state.step < self.config.warmup_steps or range_id not in state.residuals:
             return False
         t, _ = self._calibrated_step(state)
         return t not in self._table("compute_steps", state)
 
     def reused_output(self, range_id, hidden, encoder, state):
-        res_h, res_e, enc_none = state.residuals[range_id]
+        res = state.residuals[range_id]
         t, exact = self._calibrated_step(state)
         if self.config.rectify and exact:
             alpha, beta = self._table("scale", state)[t], self._table("shift", state)[t]
-            out = hidden + res_h * alpha + beta if (alpha, beta) != (1.0, 0.0) else hidden + res_h
+            out = hidden + res.hidden * alpha + beta if (alpha, beta) != (1.0, 0.0) else hidden + res.hidden
         else:
-            out = hidden + res_h
-        if enc_none:
+            out = hidden + res.hidden
+        if res.encoder_is_none:
             return out, None
-        return out, (encoder + res_e if res_e is not None else encoder)
+        return out, (encoder + res.encoder if res.encoder is not None else encoder)
 
-    @torch.compiler.disable
-    def adjust_output(self, output: Any, state: BranchState) -> Any | None:
+    def adjust_output(self, output: Any, state: CacheState) -> Any | None:
         """The model output of a reused step scaled by φ_t (Euler: Δt̃ = φ_t·Δt); None = unchanged."""
         if not self.config.timestep_adjust or not state.reuse.get(0, False):
             return None
@@ -193,18 +193,16 @@ class ERTACache(CacheMethod):
         return replace_sample(output, sample * phi)
 
     @staticmethod
-    def calibrated(config: ERTACacheConfig, records: list[dict], family: str) -> ERTACacheConfig:
+    def calibrated(config: ERTACacheConfig, records: Records, family: str) -> ERTACacheConfig:
         """Profile the whole-stack residual: the optimal schedule under the budget, then α_t, β_t.
-        (φ_t needs a second pass over the pipeline: see :meth:`calibrate_pipeline`.)"""
-        from ..calibrate import pairwise_tables, require_per_block
-
-        require_per_block(records, "ertacache")
+        (φ_t needs a second pass over the pipeline: :meth:`output_pass` / :meth:`refined`.)"""
+        records.require("stack_fit", "ertacache", "record with RecordConfig(per_block=True)")
         if config.rectify:
-            errors = pairwise_tables(records, lambda row: [f[2] for f in row["stack_fit"]])
+            errors = records.pairwise(lambda row: [f[2] for f in row["stack_fit"]])
         else:
-            errors = pairwise_tables(records, lambda row: row["stack_dist"])
-        alphas = pairwise_tables(records, lambda row: [f[0] for f in row["stack_fit"]])
-        betas = pairwise_tables(records, lambda row: [f[1] for f in row["stack_fit"]])
+            errors = records.pairwise(lambda row: row["stack_dist"])
+        alphas = records.pairwise(lambda row: [f[0] for f in row["stack_fit"]])
+        betas = records.pairwise(lambda row: [f[1] for f in row["stack_fit"]])
         compute, scale, shift = {}, {}, {}
         for branch, table in errors.items():
             steps = table.shape[0]
@@ -221,44 +219,23 @@ class ERTACache(CacheMethod):
                     a, b = alphas[branch][t, last], betas[branch][t, last]
                     scale[branch][t] = float(a) if np.isfinite(a) else 1.0
                     shift[branch][t] = float(b) if np.isfinite(b) else 0.0
-        return ERTACacheConfig(**{**config.to_dict(), "compute_steps": compute, "scale": scale, "shift": shift})
+        # φ_t comes from the second pass; until then the config is complete only without timestep adjustment
+        return replace_config(config, compute_steps=compute, scale=scale, shift=shift, step_scale=None,
+                              timestep_adjust=False) if config.timestep_adjust else \
+            replace_config(config, compute_steps=compute, scale=scale, shift=shift)
 
     @staticmethod
-    def calibrate_pipeline(pipe: Any, prompts: Sequence[str | dict], config: ERTACacheConfig,
-                           **call_kwargs: Any) -> tuple[ERTACacheConfig, Any]:
-        """Both calibration passes (see the module docstring): the recording pass gives the schedule,
-        α_t, β_t and the reference outputs; with ``timestep_adjust`` a second pass under the calibrated
-        schedule, from the same random state, gives the cached outputs and φ_t. Returns the config and
-        what the recording ran on."""
-        from ..api import accelerated
-        from ..calibrate import call_arguments, record
-        from ..policy import Policy
+    def output_pass(config: ERTACacheConfig) -> bool:
+        """Whether calibration needs the second pass: the model outputs under the calibrated schedule."""
+        return config.timestep_adjust
 
-        records: list[dict] = []
-        made_for = None
-        reference: list[dict] = []
-        snapshots: list[RandomState] = []
-        family = ""
-        for prompt in prompts:
-            snapshots.append(RandomState.capture(call_arguments(prompt, call_kwargs)))
-            with OutputTap(pipe, config.sketch_size) as tap:
-                rows, family = record(pipe, [prompt], ERTACache.record_options, **call_kwargs)
-            records.extend(rows)
-            made_for = rows.calibrated_for if made_for is None else made_for
-            reference.append(tap.outputs)
-        config = ERTACache.calibrated(config, records, family)
-        if not config.timestep_adjust:
-            return config, made_for
-        cached_config = ERTACacheConfig(**{**config.to_dict(), "timestep_adjust": False, "step_scale": None})
-        cached: list[dict] = []
-        with accelerated(pipe, Policy(name="calibration", cache=cached_config)):
-            for prompt, snapshot in zip(prompts, snapshots):
-                snapshot.restore()
-                with OutputTap(pipe, config.sketch_size) as tap:
-                    pipe(**call_arguments(prompt, call_kwargs))
-                cached.append(tap.outputs)
-        step_scale = fit_step_scale(reference, cached, config.compute_steps)
-        return ERTACacheConfig(**{**config.to_dict(), "step_scale": step_scale}), made_for
+    @staticmethod
+    def refined(config: ERTACacheConfig, calibrated: ERTACacheConfig, reference: list[dict],
+                cached: list[dict]) -> ERTACacheConfig:
+        """``calibrated`` completed with φ_t fitted from the output sketches of the two passes
+        (``reference``: every step computed; ``cached``: under ``calibrated``'s schedule)."""
+        step_scale = fit_step_scale(reference, cached, calibrated.compute_steps)
+        return replace_config(calibrated, timestep_adjust=config.timestep_adjust, step_scale=step_scale)
 
 
 def fit_step_scale(reference: list[dict], cached: list[dict], compute_steps: dict) -> dict[str, list[float]]:
@@ -285,76 +262,3 @@ def fit_step_scale(reference: list[dict], cached: list[dict], compute_steps: dic
                 phi[t] = value if np.isfinite(value) else 1.0
         out[branch] = phi
     return out
-
-
-class OutputTap:
-    """Records a fixed random sketch of every transformer output of a pipeline call, keyed by (CFG branch,
-    step of that branch), through a temporary forward hook on the (first) accelerated transformer."""
-
-    def __init__(self, pipe: Any, sketch_size: int) -> None:
-        transformers = [getattr(pipe, name) for name in ("transformer", "transformer_2")
-                        if isinstance(getattr(pipe, name, None), torch.nn.Module)]
-        if isinstance(pipe, torch.nn.Module):
-            transformers = [pipe]
-        if not transformers:
-            raise PolicyError(f"{type(pipe).__name__} has no transformer to calibrate")
-        self.pipe = pipe
-        self.transformer = transformers[0]
-        self.sketch_size = sketch_size
-        self.outputs: dict[tuple[str, int], torch.Tensor] = {}
-        self.calls: dict[str, int] = defaultdict(int)
-        self._index: torch.Tensor | None = None
-        self.handle = None
-
-    def __enter__(self) -> "OutputTap":
-        self.handle = self.transformer.register_forward_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.handle.remove()
-
-    def _branch(self) -> str:
-        from ..api import _runtimes
-
-        runtime = _runtimes(self.pipe).get("transformer") or next(iter(_runtimes(self.pipe).values()))
-        return runtime.tracker.context.branch()
-
-    @torch.no_grad()
-    def _hook(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        sample = output_sample(output)
-        if sample is None:
-            return
-        branch = self._branch()
-        step = self.calls[branch]
-        self.calls[branch] += 1
-        flat = sample.detach().reshape(-1)
-        if self._index is None or int(self._index.max()) >= flat.numel() or self._index.device != flat.device:
-            g = torch.Generator().manual_seed(0)
-            n = min(self.sketch_size, flat.numel())
-            self._index = torch.randperm(flat.numel(), generator=g)[:n].to(flat.device) \
-                if flat.numel() <= 1 << 24 else torch.randint(flat.numel(), (n,), generator=g).to(flat.device)
-        self.outputs[(branch, step)] = flat.index_select(0, self._index).float().cpu()
-
-
-class RandomState:
-    """The global torch RNG and every ``torch.Generator`` among the call arguments, to replay a call's noise."""
-
-    def __init__(self, cpu: torch.Tensor, cuda: list | None, generators: list) -> None:
-        self.cpu, self.cuda, self.generators = cpu, cuda, generators
-
-    @classmethod
-    def capture(cls, kwargs: dict) -> "RandomState":
-        generators = []
-        for value in kwargs.values():
-            for g in value if isinstance(value, (list, tuple)) else (value,):
-                if isinstance(g, torch.Generator):
-                    generators.append((g, g.get_state()))
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        return cls(torch.get_rng_state(), cuda, generators)
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
-        for g, state in self.generators:
-            g.set_state(state)

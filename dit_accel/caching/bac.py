@@ -1,6 +1,6 @@
-"""BAC — block-wise adaptive caching (Cui et al., 2025, "BAC: Block-wise Adaptive Caching for
-Accelerating Diffusion Transformer"; cited from memory: authors, venue and exact equations not
-re-checked).
+"""BAC — block-wise adaptive caching (Ji et al., 2025, "Block-wise Adaptive Caching for Accelerating
+Diffusion Policy"). The paper accelerates diffusion *policies*; applying its scheduler to diffusion
+transformers is our transfer (what is reconstructed: ``docs/methods.md``).
 
 The paper observes that how much a block's features change between steps differs from block to
 block and from step to step, so one fixed interval for every block (FORA) wastes computation.
@@ -40,20 +40,22 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from ..config import MAX_STEPS, ConfigBase, PolicyError, option
-from .base import BranchState, CacheMethod, CachePlan, branch_table, require_calibrated
+from ..config import MAX_STEPS, PolicyError, option
+from .base import (CacheConfig, CacheMethod, CachePlan, CacheState, branch_table, register_cache_method,
+                   replace_config, require_calibrated)
+from .records import Records
 
 logger = logging.getLogger("dit_accel")
 
 
 @dataclass(frozen=True)
-class BACConfig(ConfigBase):
-    section: ClassVar[str] = "cache"
-    method: str = option("bac", choices=("bac",))
+class BACConfig(CacheConfig):
+    """BAC: a calibrated per-block update schedule under a budget of block evaluations."""
+
     budget: float = option(0.4, gt=0.0, le=1.0, doc="share of block evaluations computed (exact, per branch)")
     warmup_steps: int = option(1, ge=1, doc="leading steps on which every block is computed")
     bubbling: bool = option(True, doc="Bubbling Union: a recomputed block forces every upstream block to recompute")
@@ -247,10 +249,11 @@ def position(step: int, steps: int, calibrated_steps: int) -> int:
     return min(int(round(step * (calibrated_steps - 1) / (steps - 1))), calibrated_steps - 1)
 
 
+@register_cache_method("bac", BACConfig)
 class BAC(CacheMethod):
-    name = "bac"
-    config_cls = BACConfig
     record_options = {"per_block": True}
+    exact = {"budget": 1.0}
+    reusing = {"budget": 0.5}
 
     def __init__(self, config: BACConfig, blocks, adapter) -> None:
         super().__init__(config, blocks, adapter)
@@ -273,7 +276,7 @@ class BAC(CacheMethod):
     def calibrated_steps(self) -> int:
         return max(t.shape[1] for t in self.compute.values())
 
-    def is_compute(self, block: int, state: BranchState) -> bool:
+    def is_compute(self, block: int, state: CacheState) -> bool:
         table = branch_table(self.compute, state, "schedule")
         if state.step < self.config.warmup_steps:
             return True
@@ -287,17 +290,15 @@ class BAC(CacheMethod):
         t = position(index, steps, calibrated)
         return t >= table.shape[1] or bool(table[block, t])
 
-    def should_reuse(self, range_id: int, state: BranchState) -> bool:
+    def should_reuse(self, range_id: int, state: CacheState) -> bool:
         return not self.is_compute(range_id, state) and range_id in state.residuals
 
     @staticmethod
-    def calibrated(config: BACConfig, records: list[dict], family: str) -> BACConfig:
+    def calibrated(config: BACConfig, records: Records, family: str) -> BACConfig:
         """ACS (+ Bubbling Union) on the recorded per-block pairwise reuse errors, per branch."""
-        from ..calibrate import pairwise_tables, require_per_block
-
-        require_per_block(records, "bac")
+        records.require("block_dist", "bac", "record with RecordConfig(per_block=True)")
         blocks = len(records[0]["block_dist"])
-        per_block = [pairwise_tables(records, lambda row, i=i: row["block_dist"][i]) for i in range(blocks)]
+        per_block = [records.pairwise(lambda row, i=i: row["block_dist"][i]) for i in range(blocks)]
         result = {}
         for branch in per_block[0]:
             tables = [p[branch] for p in per_block]
@@ -305,4 +306,4 @@ class BAC(CacheMethod):
             total = int(round(config.budget * blocks * steps))
             total = max(total, blocks * min(config.warmup_steps, steps))
             result[branch] = schedule(tables, total, config.warmup_steps, config.bubbling)
-        return BACConfig(**{**config.to_dict(), "schedule": result, "calibrated_steps": steps})
+        return replace_config(config, schedule=result, calibrated_steps=steps)

@@ -1,13 +1,12 @@
 """ProfilingDiT — profiling-guided per-block caching (Ma et al., 2025, "Model Reveals What to
-Cache: Profiling-Based Feature Reuse for Video Diffusion Models", arXiv 2504.03140; cited from
-memory: title, authors and the exact rules are not re-checked).
+Cache: Profiling-Based Feature Reuse for Video Diffusion Models", arXiv 2504.03140; what is
+reconstructed: ``docs/methods.md``).
 
 The paper profiles a DiT's attention maps and observes that some blocks attend mainly to the
 foreground (the moving / salient subject) and others mainly to the background; background
 features change slowly across steps, so background-focused blocks are cached aggressively while
-foreground-focused blocks are recomputed more often. (As we remember it, the paper measures the
-foreground share with segmentation masks of the generated content and also adapts the reuse
-decision per step; neither is reproduced here.)
+foreground-focused blocks are recomputed more often. The paper's foreground masks and its per-step
+adaptation of the reuse decision are not reproduced here.
 
 Our version, without masks:
 
@@ -35,20 +34,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 
-from ..config import ConfigBase, PolicyError, finite_numbers, option
-from .base import BranchState, CacheMethod, CachePlan, require_calibrated
+from ..config import PolicyError, finite_numbers, option
+from .base import (CacheConfig, CacheMethod, CachePlan, CacheState, register_cache_method, replace_config,
+                   require_calibrated)
+from .records import Records
 
 CLASSES = ("fg", "bg")
 
 
 @dataclass(frozen=True)
-class ProfilingDiTConfig(ConfigBase):
-    section: ClassVar[str] = "cache"
-    method: str = option("profiling_dit", choices=("profiling_dit",))
+class ProfilingDiTConfig(CacheConfig):
+    """ProfilingDiT: background blocks (flat attention) reuse their residual more often than foreground ones."""
+
     foreground_interval: int = option(1, ge=1, le=1000, doc="foreground blocks: compute every N-th step")
     background_interval: int = option(3, ge=1, le=1000, doc="background blocks: compute every N-th step")
     warmup_steps: int = option(1, ge=0, doc="leading steps on which every block is computed")
@@ -100,10 +100,11 @@ def classify(entropy, background_share: float = 0.5, threshold: float | None = N
     return ["bg" if i in background else "fg" for i in range(n)]
 
 
+@register_cache_method("profiling_dit", ProfilingDiTConfig)
 class ProfilingDiT(CacheMethod):
-    name = "profiling_dit"
-    config_cls = ProfilingDiTConfig
     record_options = {"attention_stats": True}
+    exact = {"background_interval": 1, "foreground_interval": 1}
+    reusing = {"background_interval": 2}
 
     def __init__(self, config: ProfilingDiTConfig, blocks, adapter) -> None:
         super().__init__(config, blocks, adapter)
@@ -121,18 +122,16 @@ class ProfilingDiT(CacheMethod):
         warmup = self.config.warmup_steps
         return step < warmup or (step - warmup) % self.intervals[block] == 0
 
-    def should_reuse(self, range_id: int, state: BranchState) -> bool:
+    def should_reuse(self, range_id: int, state: CacheState) -> bool:
         return not self.is_compute(range_id, state.step) and range_id in state.residuals
 
     @staticmethod
-    def calibrated(config: ProfilingDiTConfig, records: list[dict], family: str) -> ProfilingDiTConfig:
+    def calibrated(config: ProfilingDiTConfig, records: Records, family: str) -> ProfilingDiTConfig:
         """Mean attention entropy per block over all recorded steps and branches → fg/bg classes."""
-        if not records or "attn_entropy" not in records[0]:
-            raise PolicyError("profiling_dit: calibration records carry no attention statistics "
-                              "(record with RecordConfig(attention_stats=True))")
+        records.require("attn_entropy", "profiling_dit",
+                        "no attention statistics: record with RecordConfig(attention_stats=True)")
         table = np.array([row["attn_entropy"] for row in records], dtype=np.float64)  # (rows, blocks)
         with np.errstate(all="ignore"):
             entropy = [float(v) if math.isfinite(v) else math.nan for v in np.nanmean(table, axis=0)]
         classes = classify(entropy, config.background_share, config.entropy_threshold)
-        return ProfilingDiTConfig(**{**config.to_dict(), "block_classes": classes,
-                                     "block_entropy": [round(e, 6) for e in entropy]})
+        return replace_config(config, block_classes=classes, block_entropy=[round(e, 6) for e in entropy])

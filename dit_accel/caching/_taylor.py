@@ -3,7 +3,7 @@
 A :class:`Series` keeps, for one feature (a block residual, a block output), the factors
 ``F[0..k]`` computed at the last ``k + 1`` *nodes* — the steps at which the feature was really
 computed — and forecasts the feature at a later step. It is a ``tuple`` of tensors on purpose:
-``BranchState.cache_bytes`` walks tuples of tensors, so factors stored in ``state.method`` are
+the runtime's state walk counts tuples of tensors, so factors kept in a method's state are
 counted in ``dit_accel.stats(...).cache_bytes``.
 
 Two expansions share the storage and cost (``order + 1`` tensors, one subtraction per order on

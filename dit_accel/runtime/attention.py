@@ -1,4 +1,4 @@
-"""Per-layer attention processors that route a model's self-attention through the sparse path.
+"""The sparse-attention feature: per-layer processors that route a model's self-attention through the sparse path.
 
 :class:`SparseAttentionProcessor` replaces the processor of one self-attention module (set with
 the module's own ``set_processor``; ``remove`` puts the original object back). It delegates the
@@ -9,11 +9,11 @@ documented interception point, active only inside this processor call) hands the
 native backend) to :func:`dit_accel.attention.sparse.joint_attention`. Nothing is patched: outside the
 call, and on every dense step or layer, the original processor runs untouched.
 
-:class:`AttentionController` owns the processors of one transformer: it knows each layer's block
-index, reads the denoising step and CFG branch from the :class:`~dit_accel.hooks.Runtime`, the token
-layout from the adapter (computed once per transformer call by a forward pre-hook), keeps per-branch
-state (SVG2 centroids) in the branch's ``BranchState`` (so it is reset per generation and kept apart
-per CFG branch and input shape), and counts the attention density actually used.
+:class:`AttentionFeature` owns the processors of one transformer: it knows each layer's block
+index, reads the denoising step and CFG branch from the call's step context, the token layout from
+the adapter (computed once per transformer call), keeps per-branch state (SVG2 centroids, reused
+selections) in its :class:`AttentionState` (made per generation, CFG branch and input shape), and
+counts the attention density actually used.
 
 Calls the sparse path does not handle run dense and are counted: attention over keys that are not
 the layer's own tokens (cross-attention, Wan I2V image context), masks other than a key-padding
@@ -25,17 +25,20 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 from ..adapters.base import TokenLayout
+from ..attention.config import AttentionConfig
+from ..attention.reorder_paro import head_permutations
+from ..attention.select import decode_mask
+from ..attention.sparse import SparseRequest, joint_attention, quant_dense_attention
 from ..config import PolicyError
-from .config import AttentionConfig
-from .reorder_paro import head_permutations
-from .select import decode_mask
-from .sparse import SparseRequest, joint_attention, quant_dense_attention
+from ..context import StepContext
+from .feature import Call, Feature, Host
 
 logger = logging.getLogger("dit_accel")
 _SDPA = torch.nn.functional.scaled_dot_product_attention
@@ -69,7 +72,7 @@ class _RouteSDPA(TorchFunctionMode):
 class SparseAttentionProcessor:
     """Wraps one attention module's original processor (see the module docstring)."""
 
-    def __init__(self, original: Any, controller: "AttentionController", layer: int) -> None:
+    def __init__(self, original: Any, controller: "AttentionFeature", layer: int) -> None:
         self.original = original
         self.controller = controller
         self.layer = layer
@@ -99,38 +102,59 @@ def _with_signature(fn, original):
     return call
 
 
-class AttentionController:
+@dataclass(eq=False)
+class AttentionState:
+    """Per (generation, CFG branch, input shape).
+
+    Args:
+        ctx: the step context of the call in progress.
+        svg2: each layer's SVG2 centroids (warm start of the next step's k-means).
+        selections: each layer's (step selected, selection), reused for ``refresh_interval`` steps.
+    """
+
+    ctx: StepContext
+    svg2: dict[int, Any] = field(default_factory=dict)
+    selections: dict[int, tuple[int, Any]] = field(default_factory=dict)
+
+    @property
+    def step(self) -> int:
+        return self.ctx.step
+
+
+class AttentionFeature(Feature):
     """Sparse attention of one transformer under one ``attention`` policy section."""
 
-    def __init__(self, runtime: Any, config: AttentionConfig) -> None:
+    name = "attention"
+
+    def __init__(self, config: AttentionConfig, num_blocks: int) -> None:
         missing = config.needs_calibration
         if missing:
             raise PolicyError(f"attention: {', '.join(missing)} must be calibrated first: "
                               "policy = dit_accel.calibrate(pipe, prompts, policy)")
-        self.runtime = runtime
         self.config = config
+        self.host: Host | None = None
         self.modules: dict[int, tuple[torch.nn.Module, Any]] = {}
         self.layout: TokenLayout | None = None
         self.recorder = None  # set by calibration: observes q/k of dense calls
-        self._handle = None
+        self._call: Call | None = None
         self._layout_key = None
         self._warned: set[str] = set()
         self._perm_cache: dict = {}
         self._mask_cache: dict = {}
-        if config.paro_orders is not None and len(config.paro_orders) != len(runtime.blocks):
+        if config.paro_orders is not None and len(config.paro_orders) != num_blocks:
             raise PolicyError(f"attention.paro_orders: calibrated for {len(config.paro_orders)} layers, the model has "
-                              f"{len(runtime.blocks)} blocks")
-        bad = [i for i in config.dense_layers if i >= len(runtime.blocks)]
+                              f"{num_blocks} blocks")
+        bad = [i for i in config.dense_layers if i >= num_blocks]
         if bad:
-            raise PolicyError(f"attention.dense_layers: {bad} out of range; the model has {len(runtime.blocks)} blocks")
+            raise PolicyError(f"attention.dense_layers: {bad} out of range; the model has {num_blocks} blocks")
         self.new_generation()
 
     # ---- lifecycle ---------------------------------------------------------------------------
-    def attach(self) -> None:
-        name = self.runtime.adapter.attention_module
-        done = []
+    def attach(self, host: Host) -> None:
+        self.host = host
+        name = host.adapter.attention_module
         try:
-            for block in self.runtime.blocks:
+            for block in host.blocks:
                 attn = getattr(block.module, name, None)
                 if attn is None or not hasattr(attn, "set_processor") or getattr(attn, "processor", None) is None:
                     raise PolicyError(f"attention: block {block.name} has no attention module {name!r} "
@@ -138,8 +162,6 @@ class AttentionController:
                 original = attn.processor
                 attn.set_processor(SparseAttentionProcessor(original, self, block.index))
                 self.modules[block.index] = (attn, original)
-                done.append(block.index)
-            self._handle = self.runtime.transformer.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
         except Exception:
             self.detach()
             raise
@@ -148,9 +170,6 @@ class AttentionController:
         for attn, original in self.modules.values():
             attn.set_processor(original)
         self.modules = {}
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
 
     def new_generation(self) -> None:
         self.counts = {"sparse": 0, "quant_dense": 0, "dense_warmup": 0, "dense_layer": 0, "dense_unhandled": 0}
@@ -158,20 +177,41 @@ class AttentionController:
         self._kept = None
         self._total = 0.0
 
-    @torch.compiler.disable
-    def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    def release(self) -> None:
+        self._call = None
+
+    def new_state(self, ctx: StepContext) -> AttentionState:
+        return AttentionState(ctx)
+
+    def before_call(self, call: Call) -> None:
+        state: AttentionState = call.slots[self.name]
+        state.ctx = call.ctx
+        self._call = call
+        args, kwargs = call.args, call.kwargs
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         enc = kwargs.get("encoder_hidden_states")
         key = (tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else None,
                tuple(enc.shape) if isinstance(enc, torch.Tensor) else None)
         if key != self._layout_key:
-            self.layout = self.runtime.adapter.token_layout(module, args, kwargs)
+            self.layout = self.host.adapter.token_layout(self.host.transformer, args, kwargs)
             self._layout_key = key
+
+    def after_call(self, call: Call, output: Any) -> Any | None:
+        self._call = None
         return None
 
     # ---- per call ----------------------------------------------------------------------------
+    def current_step(self) -> int:
+        """The step of the call in progress (0 outside a call)."""
+        call = self._call
+        return call.ctx.step if call is not None and call.ctx is not None else 0
+
+    def _state(self) -> AttentionState | None:
+        call = self._call
+        return None if call is None else call.slots.get(self.name)
+
     def _dense_reason(self, layer: int) -> str | None:
-        state = self.runtime.current
+        state = self._state()
         if state is None or self.layout is None:
             return "dense_unhandled"
         if self.config.sparse is None and self.config.quant == "none":
@@ -200,7 +240,7 @@ class AttentionController:
             self.counts["dense_unhandled"] += 1
             self._warn_once("unhandled", "dit_accel: a self-attention call of %s did not reach the sparse path "
                             "(attention backend without SDPA, or an unsupported mask); it ran dense",
-                            type(self.runtime.transformer).__name__)
+                            type(self.host.transformer).__name__)
         return out
 
     def _visual_slice(self, seq: int) -> slice | None:
@@ -251,12 +291,12 @@ class AttentionController:
             request.head_perm = self._paro_perm(layer, grid, heads, q.device)
         if cfg.sparse.method == "static":
             request.static_mask = self._static_mask(layer, grid, heads, q.device)
-        state = self.runtime.current
-        svg2 = state.method.setdefault("attention_svg2", {}) if cfg.reorder == "svg2" else None
+        state = self._state()
+        svg2 = state.svg2 if cfg.reorder == "svg2" else None
         if svg2 is not None:
             request.svg2_init = svg2.get(layer)
             request.svg2_first = request.svg2_init is None
-        kept = state.method.setdefault("attention_selection", {})  # layer -> (step selected, Selection)
+        kept = state.selections  # layer -> (step selected, Selection)
         interval = cfg.sparse.refresh_interval
         if interval > 1 and layer in kept and state.step - kept[layer][0] < interval:
             request.selection = kept[layer][1]
@@ -306,6 +346,9 @@ class AttentionController:
 
     # ---- statistics --------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
+        return {"attention": self.summary()}
+
+    def summary(self) -> dict[str, Any]:
         """Per generation: attention calls by path and the density of the sparse calls (share of the
         visual query-key pairs computed) and over all self-attention calls (dense calls count 1)."""
         kept = float(self._kept) if self._kept is not None else 0.0

@@ -1,0 +1,229 @@
+"""The recording method of calibration: computes every block and records, per CFG branch and step: the
+relative L1 change of the first block's modulated input and of its timestep-embedding
+argument (TeaCache's inputs), and the relative L1 change and token-wise magnitude ratio of the
+block-stack residual (TeaCache's target, MagCache's γ). Each method that needs calibration
+implements ``calibrated(config, records, family) -> config`` over the
+:class:`~dit_accel.caching.records.Records` these rows become.
+
+Per-block and pairwise statistics (BAC, ERTACache) are recorded when ``RecordConfig(per_block=True)``
+(a method asks for it with a class attribute ``record_options = {"per_block": True}``). Every
+block's input and output are then watched (the single whole-stack range is unchanged, so the
+whole-stack statistics are exactly those of the default recorder) and each step's row gains:
+
+* ``block_dist[i][a]`` for every earlier step ``a`` of the branch: the relative L1 error of
+  block ``i``'s output if its residual from step ``a`` were reused on this step's input,
+  ‖r_t − r_a‖₁ / ‖out_t‖₁ — the quantity BAC's scheduler trades off;
+* ``stack_dist[a]`` (‖R_t − R_a‖₁ / ‖R_t‖₁ for the whole-stack residual R) and ``stack_fit[a]``
+  = (α, β, error after fit): the least-squares R_t ≈ α·R_a + β and its relative L1 error
+  (ERTACache's residual rectification).
+
+All of these are computed on a fixed random sketch of ``sketch_size`` elements of each tensor
+(the same elements at every step, per branch and shape), so the pairwise tables cost memory
+proportional to steps × blocks × sketch_size, not to the activations.
+
+Attention statistics (ProfilingDiT) are recorded when ``RecordConfig(attention_stats=True)``:
+a temporary forward pre-hook on every block's attention module (``adapter.attention_module``)
+recomputes, from the module's ``to_q``/``to_k`` (and ``norm_q``/``norm_k``, ``heads``), the
+self-attention rows softmax(q·Kᵀ/√d) of ``attention_queries`` random query tokens against all
+keys of the attention's ``hidden_states`` argument (the visual tokens; joint text tokens are not
+included), and each step's row gains ``attn_entropy[i]``: block ``i``'s attention entropy divided
+by log(number of keys), averaged over the sampled queries, heads and batch (1 = uniform, 0 = one
+key), and ``attn_topk[i]``: the attention mass on the top ``attention_topk`` share of keys. The
+hooks exist only while ``calibrate`` runs (``Recorder.close``); the blocks' outputs are unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..adapters.base import call_argument
+from ..caching.base import BlockCall, CacheConfig, CacheMethod, CachePlan, CacheState, Residual, register_cache_method
+from ..caching.dbcache import relative_l1
+from ..config import PolicyError, option
+
+
+@dataclass(frozen=True)
+class RecordConfig(CacheConfig):
+    """What calibration records (a hidden ``cache`` method that computes everything)."""
+
+    per_block: bool = option(False, doc="also record per-block and pairwise residual statistics (BAC, ERTACache)")
+    sketch_size: int = option(16384, ge=16, doc="elements sampled per tensor for the pairwise statistics")
+    attention_stats: bool = option(False, doc="also record per-block self-attention entropy / top-k mass "
+                                              "(ProfilingDiT)")
+    attention_queries: int = option(64, ge=1, doc="query tokens sampled per attention call")
+    attention_topk: float = option(0.1, gt=0.0, le=1.0, doc="share of keys whose attention mass is recorded")
+
+
+@dataclass(eq=False)
+class RecorderState(CacheState):
+    """Args:
+        sketch: the fixed random element indices of this branch's tensors.
+        row: the record of the call in progress.
+        modulated, temb: the first block's watched inputs of the previous call.
+        residual: the previous call's whole-stack residual.
+        block_in: this call's sketched block inputs.
+        stack_history, block_history: sketched residuals of every earlier call (per-block recording).
+    """
+
+    sketch: torch.Tensor | None = None
+    row: dict | None = None
+    modulated: torch.Tensor | None = None
+    temb: torch.Tensor | None = None
+    residual: torch.Tensor | None = None
+    block_in: dict[int, torch.Tensor] = field(default_factory=dict)
+    stack_history: list[torch.Tensor] = field(default_factory=list)
+    block_history: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+
+def _rel(current: torch.Tensor | None, previous: torch.Tensor | None) -> float:
+    if current is None or previous is None or current.shape != previous.shape:
+        return math.nan
+    return float(relative_l1(current.float(), previous.float(), per_sample=False))
+
+
+@register_cache_method("_record", RecordConfig)
+class Recorder(CacheMethod):
+    """Computes everything, records per-step statistics (see the module docstring)."""
+
+    State = RecorderState
+
+    def __init__(self, config, blocks, adapter) -> None:
+        super().__init__(config, blocks, adapter)
+        self.records: list[dict[str, Any]] = []
+        self._attention: dict[int, tuple[float, float]] = {}
+        self._handles: list = []
+        if self.config.attention_stats:
+            for block in blocks:
+                attn = getattr(block.module, adapter.attention_module, None)
+                if attn is None or not all(hasattr(attn, a) for a in ("to_q", "to_k", "heads")):
+                    raise PolicyError(f"attention statistics: block {block.name} has no attention module "
+                                      f"{adapter.attention_module!r} with to_q/to_k/heads")
+                self._handles.append(attn.register_forward_pre_hook(
+                    lambda module, args, kwargs, i=block.index: self._attention_hook(i, module, args, kwargs),
+                    with_kwargs=True))
+
+    def close(self) -> None:
+        """Remove the temporary attention hooks (calibration done)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @torch.no_grad()
+    def _attention_hook(self, index: int, attn: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+            return None
+        self._attention[index] = attention_statistics(attn, hidden, self.config.attention_queries,
+                                                      self.config.attention_topk)
+        return None
+
+    def make_plan(self, num_blocks: int) -> CachePlan:
+        if self.config.per_block:
+            every = frozenset(range(num_blocks))
+            return CachePlan(ranges=((0, num_blocks),), watch_inputs=every, watch_outputs=every)
+        return CachePlan(ranges=((0, num_blocks),), watch_inputs=frozenset({0}))
+
+    def _sketch(self, state: RecorderState, tensor: torch.Tensor) -> torch.Tensor:
+        """The fixed random sample of ``tensor``'s elements for this branch (float32 copy)."""
+        flat = tensor.reshape(-1)
+        idx = state.sketch
+        if idx is None or idx.device != flat.device or int(idx.max()) >= flat.numel():
+            g = torch.Generator().manual_seed(0)
+            n = min(self.config.sketch_size, flat.numel())
+            idx = torch.randperm(flat.numel(), generator=g)[:n] if flat.numel() <= 1 << 22 else \
+                torch.randint(flat.numel(), (n,), generator=g)
+            idx = state.sketch = idx.to(flat.device)
+        return flat.index_select(0, idx).float()
+
+    def on_input(self, call: BlockCall, state: RecorderState) -> None:
+        if self.config.per_block:
+            state.block_in[call.block.index] = self._sketch(state, call.hidden)
+            if call.block.index != 0:
+                return
+        modulated = self.adapter.modulated_input(call.block, call.args, call.kwargs) \
+            if self.adapter.modulated_input_fn is not None else None
+        temb = call_argument(call.block.meta, "temb", call.args, call.kwargs)
+        state.row = {"branch": state.branch, "step": state.step,
+                     "modulated_change": _rel(modulated, state.modulated), "temb_change": _rel(temb, state.temb)}
+        state.modulated, state.temb = modulated, temb
+        if self.config.per_block:
+            state.row["block_dist"] = [None] * self.num_blocks
+
+    def should_reuse(self, range_id: int, state: RecorderState) -> bool:
+        return False
+
+    def on_range_computed(self, range_id: int, residual: Residual, state: RecorderState) -> None:
+        previous, current = state.residual, residual.hidden
+        row = state.row
+        row["residual_change"] = _rel(current, previous)
+        if previous is not None and previous.shape == current.shape:
+            ratio = current.float().norm(dim=-1) / previous.float().norm(dim=-1).clamp_min(1e-12)
+            row["mag_ratio"], row["mag_std"] = float(ratio.mean()), float(ratio.std())
+        else:
+            row["mag_ratio"], row["mag_std"] = math.nan, math.nan
+        state.residual = current
+        if self.config.per_block:
+            self._record_stack(row, current, state)
+        if self.config.attention_stats:
+            stats = [self._attention.get(i, (math.nan, math.nan)) for i in range(self.num_blocks)]
+            row["attn_entropy"] = [e for e, _ in stats]
+            row["attn_topk"] = [k for _, k in stats]
+            self._attention = {}
+        self.records.append(row)  # a per-block run completes the row in on_output of the last block
+
+    def _record_stack(self, row: dict, residual: torch.Tensor, state: RecorderState) -> None:
+        current = self._sketch(state, residual)
+        norm = float(current.abs().sum().clamp_min(1e-12))
+        row["stack_dist"], row["stack_fit"] = [], []
+        for previous in state.stack_history:
+            row["stack_dist"].append(float((current - previous).abs().sum()) / norm)
+            centred = previous - previous.mean()
+            alpha = float((centred * (current - current.mean())).sum() / (centred * centred).sum().clamp_min(1e-30))
+            beta = float(current.mean() - alpha * previous.mean())
+            row["stack_fit"].append((alpha, beta, float((current - alpha * previous - beta).abs().sum()) / norm))
+        state.stack_history.append(current)
+
+    def on_output(self, index: int, hidden: torch.Tensor, encoder: torch.Tensor | None, state: RecorderState) -> None:
+        row = state.row
+        block_in = state.block_in.pop(index, None)
+        if row is None or block_in is None or row["step"] != state.step:
+            return
+        out = self._sketch(state, hidden)
+        residual = out - block_in
+        history = state.block_history.setdefault(index, [])
+        norm = float(out.abs().sum().clamp_min(1e-12))
+        row["block_dist"][index] = [float((residual - previous).abs().sum()) / norm for previous in history]
+        history.append(residual)
+
+
+def _heads(norm: torch.nn.Module | None, x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, S, H·D) projections → (B, H, S, D), with the attention's q/k norm (per head or across heads)."""
+    per_head = x.unflatten(-1, (heads, -1))
+    if norm is not None:
+        try:
+            per_head = norm(per_head)
+        except RuntimeError:  # a norm over all heads' channels (e.g. "layer_norm_across_heads")
+            per_head = norm(x).unflatten(-1, (heads, -1))
+    return per_head.transpose(1, 2)
+
+
+@torch.no_grad()
+def attention_statistics(attn: torch.nn.Module, hidden: torch.Tensor, queries: int = 64,
+                         topk: float = 0.1, seed: int = 0) -> tuple[float, float]:
+    """(normalised entropy, top-``topk`` key mass) of ``attn``'s self-attention on ``hidden`` (B, S, C),
+    from ``queries`` random query tokens (a fixed sample): see the module docstring."""
+    heads = int(attn.heads)
+    tokens = hidden.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(tokens, generator=g)[:min(queries, tokens)].to(hidden.device)
+    q = _heads(getattr(attn, "norm_q", None), attn.to_q(hidden.index_select(1, rows)), heads).float()
+    k = _heads(getattr(attn, "norm_k", None), attn.to_k(hidden), heads).float()
+    probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)  # (B, H, queries, S)
+    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1) / math.log(max(tokens, 2))
+    top = max(1, int(math.ceil(topk * tokens)))
+    mass = probs.topk(top, dim=-1).values.sum(-1)
+    return float(entropy.mean()), float(mass.mean())

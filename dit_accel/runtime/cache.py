@@ -1,0 +1,236 @@
+"""The caching feature: runs one :class:`~dit_accel.caching.base.CacheMethod` on the transformer's blocks.
+
+For every gated block it skips the block when its range is reused, adds the cached residual at the
+range's last block, stores fresh residuals and hands watched inputs / outputs to the method. The
+method's typed ``State`` is made by the runtime per (generation, CFG branch, input shape).
+
+A range's residual excludes what the transformer's own loop adds between the range's blocks
+(:class:`RangeLinks`): diffusers' Flux and SD3 add ControlNet residuals there
+(``hidden_states = hidden_states + controlnet_block_samples[i]``). On a reused step the skipped
+blocks pass their input through, the loop adds *this* step's additions again, and the range's last
+block adds the cached residual — so the cached residual must be the sum of the blocks' own work.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..caching.base import BlockCall, CacheMethod, CacheState, Kept, Residual, keep, take
+from .blocks import block_inputs, block_outputs, pack_outputs
+from ..context import StepContext
+from .feature import COMPUTE, Call, Feature, Host
+from .state import tensor_bytes
+
+logger = logging.getLogger("dit_accel")
+
+
+class RangeLinks:
+    """What the transformer adds to the streams between the blocks of one range, on a computed step.
+
+    Detection costs nothing without such additions: a block's input is the very tensor object the
+    previous block returned. Otherwise the difference is accumulated. A change between blocks that is
+    not an addition (another shape, or the previous output modified in place) marks the range broken:
+    its residual is not cached that step.
+    """
+
+    __slots__ = ("last", "versions", "hidden", "encoder", "broken")
+
+    def __init__(self) -> None:
+        self.last: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
+        self.versions: tuple[int | None, int | None] = (None, None)
+        self.hidden: torch.Tensor | None = None
+        self.encoder: torch.Tensor | None = None
+        self.broken = False
+
+    @staticmethod
+    def _version(t: torch.Tensor | None) -> int | None:
+        return None if t is None or t.is_inference() else t._version
+
+    def block_returned(self, hidden: torch.Tensor, encoder: torch.Tensor | None) -> None:
+        self.last = (hidden, encoder)
+        self.versions = (self._version(hidden), self._version(encoder))
+
+    def block_called(self, hidden: torch.Tensor, encoder: torch.Tensor | None) -> None:
+        if self.last is None or self.broken:
+            return
+        (last_h, last_e), (ver_h, ver_e) = self.last, self.versions
+        self.hidden = self._add(self.hidden, hidden, last_h, ver_h)
+        if encoder is not None and last_e is not None:
+            self.encoder = self._add(self.encoder, encoder, last_e, ver_e)
+        self.last = None
+
+    def _add(self, total: torch.Tensor | None, now: torch.Tensor, before: torch.Tensor, version: int | None):
+        if now is before and (version is None or before._version == version):
+            return total
+        if now.shape != before.shape or (version is not None and before._version != version):
+            self.broken = True
+            return total
+        gap = now - before
+        return gap if total is None else total + gap
+
+
+@dataclass(frozen=True)
+class _Role:
+    range_id: int | None
+    is_start: bool
+    is_end: bool
+    watch_in: bool
+    watch_out: bool
+
+    @property
+    def multi(self) -> bool:
+        return self.range_id is not None and not (self.is_start and self.is_end)
+
+
+class CacheFeature(Feature):
+    """Caching through one method (see the module docstring)."""
+
+    name = "cache"
+
+    def __init__(self, method: CacheMethod) -> None:
+        self.method = method
+        self.host: Host | None = None
+        plan = method.plan
+        roles: dict[int, _Role] = {}
+        for rid, (start, end) in enumerate(plan.ranges):
+            for i in range(start, end):
+                roles[i] = _Role(rid, i == start, i == end - 1, i in plan.watch_inputs, i in plan.watch_outputs)
+        for i in plan.watch_inputs | plan.watch_outputs:
+            roles.setdefault(i, _Role(None, False, False, i in plan.watch_inputs, i in plan.watch_outputs))
+        self.roles = roles
+        self._warned: set[str] = set()
+        self.new_generation()
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def attach(self, host: Host) -> None:
+        self.host = host
+
+    def gated_blocks(self) -> set[int]:
+        return set(self.roles)
+
+    def new_generation(self) -> None:
+        self.range_reused = [0] * len(self.method.plan.ranges)
+        self.mixed_batch = 0
+        self.held_bytes = 0
+        self.released_bytes = 0
+        self.states: list[CacheState] = []
+        self._inputs: dict[int, tuple[Kept | None, Kept | None]] = {}
+        self._links: dict[int, RangeLinks] = {}
+
+    def release(self) -> None:
+        if self.states:
+            self.released_bytes = sum(tensor_bytes(s) for s in self.states)
+            self.mixed_batch += sum(s.mixed_batch for s in self.states)
+        self.states = []
+        self._inputs, self._links = {}, {}
+
+    def new_state(self, ctx: StepContext) -> CacheState:
+        state = self.method.State(ctx=ctx)
+        self.states.append(state)
+        return state
+
+    # ---- per call -----------------------------------------------------------------------------
+    def before_call(self, call: Call) -> None:
+        state: CacheState = call.slots[self.name]
+        state.ctx = call.ctx
+        self._inputs, self._links = {}, {}
+
+    def after_call(self, call: Call, output: Any) -> Any | None:
+        state: CacheState | None = call.slots.get(self.name)
+        if state is None:
+            return None
+        adjusted = self.method.adjust_output(output, state) if output is not None else None
+        if state.modified_inplace:
+            state.modified_inplace = False
+            call.inputs_modified_in_place()
+        return adjusted
+
+    def enter_block(self, index: int, args: tuple, kwargs: dict, call: Call) -> Any:
+        state: CacheState | None = call.slots.get(self.name)
+        if state is None:
+            return COMPUTE
+        role = self.roles[index]
+        block = self.host.blocks[index]
+        method = self.method
+        rid = role.range_id
+        if role.watch_in:
+            method.on_input(BlockCall(block, args, kwargs), state)
+        if rid is None:
+            return COMPUTE
+        if role.is_start:
+            reuse = method.should_reuse(rid, state)
+            state.reuse[rid] = reuse
+            if reuse:
+                self.range_reused[rid] += 1
+            else:
+                hidden, encoder = block_inputs(block, args, kwargs)
+                self._inputs[rid] = (keep(state, hidden), keep(state, encoder))
+        if state.reuse.get(rid, False):
+            hidden, encoder = block_inputs(block, args, kwargs)
+            if role.is_end:
+                hidden, encoder = method.reused_output(rid, hidden, encoder, state)
+            return pack_outputs(block, hidden, encoder)
+        if role.multi:
+            if role.is_start:
+                self._links[rid] = RangeLinks()
+            elif rid in self._links:
+                self._links[rid].block_called(*block_inputs(block, args, kwargs))
+        return COMPUTE
+
+    def exit_block(self, index: int, output: Any, call: Call) -> Any:
+        state: CacheState | None = call.slots.get(self.name)
+        if state is None:
+            return output
+        role = self.roles[index]
+        block = self.host.blocks[index]
+        rid = role.range_id
+        if role.multi and not role.is_end and rid in self._links:
+            self._links[rid].block_returned(*block_outputs(block, output))
+        if role.is_end or role.watch_out:
+            out_h, out_e = block_outputs(block, output)
+            if role.is_end:
+                self._range_computed(rid, out_h, out_e, state, call)
+            if role.watch_out:
+                self.method.on_output(index, out_h, out_e, state)
+        return output
+
+    def _range_computed(self, rid: int, out_h, out_e, state: CacheState, call: Call) -> None:
+        kept_h, kept_e = self._inputs.pop(rid, (None, None))
+        in_h, in_e = take(state, kept_h), take(state, kept_e)
+        links = self._links.pop(rid, None)
+        if in_h is None or (links is not None and links.broken):
+            # modified in place, or changed between blocks other than by an addition: no trustworthy
+            # residual this step
+            state.residuals.pop(rid, None)
+            if links is not None and links.broken:
+                self._warn_once("links", "dit_accel: the transformer changes the hidden states between cached blocks "
+                                "other than by an addition; that range is computed on every step")
+            return
+        res_h = out_h - in_h
+        res_e = out_e - in_e if (out_e is not None and in_e is not None) else None
+        if links is not None and links.hidden is not None:
+            res_h = res_h - links.hidden
+        if links is not None and links.encoder is not None and res_e is not None:
+            res_e = res_e - links.encoder
+        self.method.on_range_computed(rid, Residual(res_h, res_e, out_e is None), state)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message)
+
+    # ---- statistics ---------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        blocks = len(self.host.blocks) if self.host is not None else 0
+        reused = [0] * blocks
+        for (start, end), n in zip(self.method.plan.ranges, self.range_reused):
+            for i in range(start, end):
+                reused[i] += n
+        live = sum(tensor_bytes(s) for s in self.states)
+        return {"method": self.method.describe(), "reused": reused,
+                "mixed_batch_decisions": self.mixed_batch + sum(s.mixed_batch for s in self.states),
+                "cache_bytes": live if self.states else self.released_bytes, "held_bytes": live}
