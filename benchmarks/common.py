@@ -17,11 +17,15 @@ import torch
 
 def environment() -> dict:
     """GPU, library versions and the command line, written beside every result."""
-    import diffusers
+    try:  # the kernel benchmarks do not need diffusers (and a bare GPU image may lack it)
+        import diffusers
 
+        diffusers_version = diffusers.__version__
+    except ImportError:
+        diffusers_version = None
     env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-           "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+           "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers_version,
            "cuda": torch.version.cuda}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()

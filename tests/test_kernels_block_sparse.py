@@ -25,6 +25,7 @@ from dit_accel.kernels import (  # noqa: E402
     triton_available,
 )
 from dit_accel.kernels import block_sparse as bsa_module  # noqa: E402
+from helpers import interpreter_ready  # noqa: E402
 
 
 def _restore_interpret():
@@ -34,18 +35,10 @@ def _restore_interpret():
         os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
 
 
-def _interpreter_ready() -> bool:
-    if not triton_available():
-        return False
-    from dit_accel.kernels._block_sparse_triton import interpreter_ready
-
-    return interpreter_ready()
-
-
 # Triton reads TRITON_INTERPRET when it is imported. In a full pytest run an earlier test module has
 # usually imported it already (diffusers imports it) in compiled mode; then the kernel tests of this
 # module run in a fresh subprocess instead (test_kernel_tests_in_fresh_process).
-INTERPRETER_READY = _interpreter_ready()
+INTERPRETER_READY = interpreter_ready(cpu_only=False)
 requires_triton = pytest.mark.skipif(
     not INTERPRETER_READY,
     reason="triton not installed" if not triton_available() else

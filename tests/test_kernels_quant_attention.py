@@ -11,17 +11,11 @@ from dit_accel.kernels import block_sparse_attention_reference, mask_to_block_ta
 from dit_accel.kernels import quant_attention as qa_module
 from dit_accel.kernels.quant_attention import quant_attention, quant_attention_reference, quantize_per_block
 
-
-def _interpreter_ready() -> bool:
-    if not triton_available() or torch.cuda.is_available():
-        return False
-    from dit_accel.kernels._block_sparse_triton import interpreter_ready
-
-    return interpreter_ready()
+from helpers import interpreter_ready
 
 
 requires_interpreter = pytest.mark.skipif(
-    not _interpreter_ready(),
+    not interpreter_ready(),
     reason="needs triton imported with TRITON_INTERPRET=1 on CPU (tests/conftest.py sets it before any import)")
 
 
@@ -216,7 +210,6 @@ def test_bad_inputs(change, match):
         quant_attention(q, k, v, idx, cnt, **kwargs)
     with pytest.raises(ValueError, match=match):
         quant_attention_reference(q, k, v, idx, cnt, **kwargs)
-
 
 
 @requires_interpreter

@@ -11,24 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from helpers import interpreter_ready
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quant_attention.py"
-
-
-def _interpreter_ready() -> bool:
-    import torch
-
-    from dit_accel.kernels import triton_available
-
-    if not triton_available() or torch.cuda.is_available():
-        return False
-    from dit_accel.kernels._block_sparse_triton import interpreter_ready
-
-    return interpreter_ready()
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    if not _interpreter_ready():
+    if not interpreter_ready():
         pytest.skip("needs triton imported with TRITON_INTERPRET=1 on the CPU")
     pytest.importorskip("torchao")
     spec = importlib.util.spec_from_file_location("bench_quant_attention", BENCH)

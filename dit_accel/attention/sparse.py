@@ -68,8 +68,9 @@ def _gather(x: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
     return torch.gather(x, 2, perm.unsqueeze(-1).expand(*perm.shape, x.shape[-1]))
 
 
-def _inverse(perm: torch.Tensor) -> torch.Tensor:
-    return torch.argsort(perm, dim=-1)
+def _scatter(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_gather`: ``y[..., perm[i], :] = x[..., i, :]``."""
+    return torch.empty_like(x).scatter_(2, perm.unsqueeze(-1).expand(*perm.shape, x.shape[-1]), x)
 
 
 def _padded_head_dim(d: int) -> int:
@@ -88,19 +89,22 @@ def run_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: to
     ``quant`` "int8" / "fp8": the quantized kernel (:func:`dit_accel.kernels.quant_attention.quant_attention`,
     same block table, or its default tiles when dense) instead; it takes 16-bit inputs, so float32 inputs
     are cast to bfloat16 for it. CUDA: the Triton kernels; CPU: their PyTorch references (the Triton
-    interpreter is for kernel tests only)."""
+    interpreter is for kernel tests only).
+
+    q, k, v go to the kernels with their strides as they come (e.g. diffusers' ``[B, S, H, D]`` memory
+    viewed as ``[B, H, S, D]``, or a slice of the joint sequence): both kernels address any strides (TMA
+    descriptors when 16-byte aligned, pointer loads otherwise), so no ``.contiguous()`` copy is made."""
     d = q.shape[-1]
     dp = _padded_head_dim(d)
+    dtype = q.dtype
+    if quant != "none" and dtype == torch.float32:   # cast before padding: the pad then copies 16-bit data
+        q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
     if dp != d:
         q, k, v = (torch.nn.functional.pad(t, (0, dp - d)) for t in (q, k, v))
-    q, k, v = (t.contiguous() for t in (q, k, v))
     tables = mask_to_block_table(block_mask) if block_mask is not None else (None, None)
     if quant != "none":
         from ..kernels.quant_attention import quant_attention, quant_attention_reference
 
-        dtype = q.dtype
-        if dtype == torch.float32:
-            q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
         tiles = {} if block_mask is None else {"block_m": block_size, "block_n": block_size}
         kernel = quant_attention if q.is_cuda else quant_attention_reference
         out, lse = kernel(q, k, v, *tables, mode=quant, sm_scale=scale, return_lse=True, validate=False, **tiles)
@@ -178,10 +182,9 @@ def sparse_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, req
     out, lse = run_kernel(qp, kp, vp, mask, bs, scale, cfg.quant)
     if cfg.compensate:
         out, lse = compensate_skipped(out, lse, qp, kp, vp, mask, bs, scale)
-    if q_perm is not None:
-        inv = _inverse(q_perm)
-        out = _gather(out, inv)
-        lse = torch.gather(lse, 2, inv)
+    if q_perm is not None:  # back to the input order: one scatter by q_perm (no argsort for its inverse)
+        out = _scatter(out, q_perm)
+        lse = torch.empty_like(lse).scatter_(2, q_perm, lse)
     return SparseResult(out=out, lse=lse, block_mask=mask, kept=_pair_counts(mask, n, bs), total=float(b * h * n * n))
 
 

@@ -4,11 +4,14 @@ GPU code paths are chosen at run time: the Triton kernel runs on CUDA tensors (o
 tensors under ``TRITON_INTERPRET=1``); everywhere else the reference runs. Importing this
 package never imports Triton.
 
-Modules: ``block_sparse`` (block-sparse attention API, block tables, reference),
-``quant_attention`` (SageAttention-style INT8/FP8 attention, dense or with the same block tables,
-and its reference), and the Triton kernels ``_block_sparse_triton`` / ``_quant_attention_triton``
-(imported on first use). The quantized kernel's functions are not re-exported here (the function
-``quant_attention`` would shadow its module): ``from dit_accel.kernels.quant_attention import quant_attention``.
+Modules: ``ops`` (the kernels as ``torch.library`` custom ops ``torch.ops.dit_accel.*``, which the
+public functions call, so ``torch.compile`` traces through them), ``block_sparse`` (block-sparse
+attention API, block tables, reference), ``quant_attention`` (SageAttention-style INT8/FP8
+attention, dense or with the same block tables, and its reference), and the Triton kernels
+``_block_sparse_triton`` / ``_quant_attention_triton`` (imported on first use). The quantized
+kernel's functions are not re-exported here (the function ``quant_attention`` would shadow its
+module): ``from dit_accel.kernels.quant_attention import quant_attention``. What the kernels do and how to
+choose their tiles: ``docs/kernels.md``.
 """
 
 from .block_sparse import (
@@ -21,6 +24,7 @@ from .block_sparse import (
     mask_to_block_table,
     triton_available,
 )
+from . import ops  # noqa: E402,F401  (registers torch.ops.dit_accel.*; after block_sparse, which it imports)
 
 __all__ = [
     "SUPPORTED_BLOCK_SIZES",

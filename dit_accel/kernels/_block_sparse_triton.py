@@ -1,37 +1,41 @@
-"""Triton block-sparse FlashAttention forward (imported only when Triton is used).
+"""Block-sparse FlashAttention forward in Triton (imported only when Triton is used).
 
-One program computes ``BLOCK_M`` query rows of one (batch, head): it reads the block-table row
-of the q-block those rows belong to and walks its kv-blocks, ``BLOCK_N`` keys at a time, with an
-online softmax in float32 (``exp2``, ``sm_scale * log2(e)`` folded into ``qk_scale``).
+For each (batch, head) the kernel computes ``O = softmax(sm_scale * Q K^T + M) V`` and, optionally,
+each row's log-sum-exp, where the mask ``M`` is 0 on the kv-blocks that the block table lists for
+the query's q-block and ``-inf`` elsewhere. It is the FlashAttention-2 forward (Dao, 2023: an online
+softmax over key tiles, the output normalised once at the end) walking only the listed kv-blocks;
+the table's layout and conventions are in :mod:`dit_accel.kernels.block_sparse`.
 
-Tiles versus table blocks: the kernel tile (``BLOCK_M`` x ``BLOCK_N``, autotuned on CUDA) divides
-the table block (``TABLE_BM`` x ``TABLE_BN``, the user's ``block_m``/``block_n``): several programs
-share one table row when ``BLOCK_M < TABLE_BM``, and each kv-block is walked in
-``TABLE_BN // BLOCK_N`` sub-tiles. The (kv-block, sub-tile) loop is flattened into one loop so the
-software pipeliner (``num_stages``) sees a single loop whose K/V loads it can prefetch.
+One program computes ``BLOCK_M`` query rows of one (batch, head): it reads the table row of the
+q-block those rows belong to and walks its kv-blocks, ``BLOCK_N`` keys at a time.
 
-Masking: only when ``S`` is not a multiple of the table block (constexpr ``EVEN_M``/``EVEN_N``):
-query rows past ``S`` are loaded as zeros and not stored, keys past ``S`` are not loaded and get
-a score of ``-inf`` — only in the tile that holds the sequence end, behind a uniform branch (a select
-in every tile cost 9% at 25% density and 16% dense at 32,760 tokens on an H200:
-``benchmarks/results/kernel_variants_h200/``). The running max starts at a large finite negative
-value (not ``-inf``) so a sub-tile lying wholly past ``S`` cannot produce ``-inf - -inf = nan``.
+Choices, and why:
 
-The kernel is jitted lazily (:func:`_kernel`), so whether Triton interprets it is decided by
-``TRITON_INTERPRET`` when it is first needed, not when this module is imported.
+* ``exp2`` with ``sm_scale * log2(e)`` folded into ``qk_scale``: one multiply per score feeds the
+  hardware's ``exp2`` directly (``exp`` would add a multiply per score).
+* Kernel tile versus table block: the tile (``BLOCK_M`` x ``BLOCK_N``, autotuned on CUDA) only has to
+  divide the table block (``TABLE_BM`` x ``TABLE_BN``, the caller's ``block_m`` / ``block_n``), so the
+  selection's granularity and the GPU's best tile are chosen independently. Several programs
+  share one table row when ``BLOCK_M < TABLE_BM``; each kv-block is walked in ``TABLE_BN // BLOCK_N``
+  sub-tiles. The (kv-block, sub-tile) loop is flattened into one loop so that the software pipeliner
+  (``num_stages``) sees a single loop whose K/V loads it can prefetch.
+* Masking only when ``S`` is not a multiple of the table block (constexpr ``EVEN_M`` / ``EVEN_N``):
+  query rows past ``S`` are loaded as zeros and not stored; keys past ``S`` score ``-inf``, but only
+  in the tile that holds the sequence end, behind a branch that is uniform across the program — a
+  select on every score of every tile would cost an instruction per score for one tile's benefit.
+* The running max starts at a large finite negative value, not ``-inf``, so that a sub-tile lying
+  wholly past ``S`` cannot produce ``-inf - (-inf) = nan``.
+* K/V tiles by TMA descriptors on sm_90+: one descriptor over ``[B, H, S, D]`` with the tensor's own
+  strides (any 16-byte-aligned layout, so diffusers' transposed views need no copy), and the
+  hardware returns zeros for keys past ``S``. ``DIT_ACCEL_TMA=0``, older GPUs or unaligned strides:
+  pointer loads, which the pipeliner turns into ``cp.async`` copies ``num_stages`` deep.
+* The autotune key holds the table's width rounded up to a power of two, so a sparse table is not
+  run with the tile tuned for a dense one of the same length.
+* The kernel is jitted lazily (:func:`_kernel`), so whether Triton interprets it is decided by
+  ``TRITON_INTERPRET`` when it is first needed, not when this module is imported.
 
-Hopper (sm_90), checked ahead of time without a GPU (:func:`aot_compile`, Triton 3.9): both
-``tl.dot`` become ``wgmma`` (SASS ``HGMMA.64x128x16.F32.BF16``); K/V tiles arrive by TMA
-descriptors over ``[B, H, S, D]`` (any 16-byte-aligned strides; keys past ``S`` arrive as zeros)
-or, with ``DIT_ACCEL_TMA=0`` or unaligned strides, by 16-byte ``cp.async`` ``num_stages`` deep.
-ptxas, D=128, TMA, tail masking (``cuobjdump -res-usage``): 128x128 tiles with 8 warps use 193 / 224
-registers with 2 / 3 stages, 64x128 with 4 warps 170 / 192 / 224 with 1 / 2 / 3 stages, no spills;
-128-row tiles with 4 warps spill, hence :func:`_prune` drops them for D=128. On an H200
-TMA was 5% faster at 32,760 tokens and equal at 75,600. Triton's automatic Hopper warp
-specialisation engages only with the tile split by hand into two 64-row halves and Q by TMA; written
-that way this kernel ran at 300–314 TFLOP/s against 461–490 for this one in the same run
-(``benchmarks/results/kernel_variants_h200/ws_exp.json``), so it is not used. Not done: a persistent
-grid ordered heaviest q-block first, FP8 (see :mod:`._quant_attention_triton`).
+How to choose tiles, what the autotune space holds and why, the Hopper compilation notes and the
+H200 measurements behind these choices (including variants tried and dropped): ``docs/kernels.md``.
 """
 
 from __future__ import annotations
@@ -185,13 +189,12 @@ def tile_configs(space, env: str, pre_hook) -> list[triton.Config]:
 
 
 def hopper_configs() -> list[triton.Config]:
-    """Autotune space on CUDA: tiles 64/128, 4/8 warps, 2/3 pipeline stages (pruned per table), plus
-    64-row tiles with 4 warps and *one* stage; ``DIT_ACCEL_BSA_CONFIG`` pins one.
+    """Autotune space on CUDA: tiles 64/128, 4/8 warps, 2/3 pipeline stages (pruned per table by
+    :func:`_prune`), plus 64-row tiles with 4 warps and *one* stage; ``DIT_ACCEL_BSA_CONFIG`` pins one.
 
-    The one-stage tiles need 50 KB of shared memory (64x128) instead of 147 KB with two stages, so
-    two programs share an SM instead of one; on an H200 64x128x4w x 1 stage was the fastest tile at
-    S = 32,760 and 75,600, dense and 25% (539 vs 505 useful TFLOP/s for the best 2-3-stage tile at
-    32,760 / 25%: ``benchmarks/results/kernel_variants_h200/cfg_sweep.json``)."""
+    The one-stage tiles need far less shared memory than the pipelined ones, so two programs share
+    an SM and each hides the other's K/V loads, which a single stage does not prefetch
+    (``docs/kernels.md``: why they are in the space, and the per-tile timings)."""
     space = [(bm, bn, w, s) for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for s in (2, 3)]
     return tile_configs(space + [(64, 64, 4, 1), (64, 128, 4, 1)], "DIT_ACCEL_BSA_CONFIG", _tma_pre_hook)
 
@@ -219,9 +222,10 @@ def interpreter_ready() -> bool:
     return bool(triton.knobs.runtime.interpret) and not isinstance(tl.zeros, JITFunction)
 
 
-def _kernel(interpret: bool):
-    """The jitted kernel: autotuned on CUDA, plain (fixed tiles) under the interpreter."""
-    key = "interpret" if interpret else "cuda"
+def _kernel(interpret: bool, autotune: bool = True):
+    """The jitted kernel: autotuned on CUDA, plain (the launch names the tile) under the interpreter or
+    with ``autotune=False``."""
+    key = "interpret" if interpret else ("cuda" if autotune else "cuda-pinned")
     if key not in _KERNELS:
         if interpret and not interpreter_ready():
             raise RuntimeError(
@@ -230,17 +234,32 @@ def _kernel(interpret: bool):
                 "the interpreter cannot run the kernel on CPU tensors. Set it at process start, or unset it "
                 "to use the PyTorch reference on CPU.")
         jitted = triton.jit(_bsa_fwd_kernel)
-        if not interpret:
-            jitted = triton.autotune(configs=hopper_configs(), key=["S", "KV_BUCKET", "HEAD_DIM", "TABLE_BM", "TABLE_BN",
-                                                                     "USE_TMA"],
+        if key == "cuda":
+            key_args = ["S", "KV_BUCKET", "HEAD_DIM", "TABLE_BM", "TABLE_BN", "USE_TMA"]
+            jitted = triton.autotune(configs=hopper_configs(), key=key_args,
                                      prune_configs_by={"early_config_prune": _prune})(jitted)
         _KERNELS[key] = jitted
     return _KERNELS[key]
 
 
+def check_tile(tile, table_m: int, table_n: int) -> tuple[int, int, int, int, int | None]:
+    """``tile`` = ``(BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg])`` as a 5-tuple; ValueError unless
+    both tile sides are powers of two from 16 that divide the table block."""
+    bm, bn, warps, stages, *rest = tile
+    maxnreg = rest[0] if rest else None
+    for name, t, tb in (("BLOCK_M", bm, table_m), ("BLOCK_N", bn, table_n)):
+        if t < 16 or t & (t - 1) or tb % t:
+            raise ValueError(f"tile {name}={t} must be a power of two >= 16 dividing the table block {tb}")
+    return bm, bn, warps, stages, maxnreg
+
+
 def block_sparse_attention_triton(q, k, v, kv_indices, kv_counts, *, block_m: int, block_n: int,
-                                  qk_scale: float, interpret: bool, return_lse: bool):
-    """Launch the kernel; inputs are assumed checked (see ``block_sparse_attention``)."""
+                                  qk_scale: float, interpret: bool, return_lse: bool, tile=None):
+    """Launch the kernel; inputs are assumed checked (see ``block_sparse_attention``).
+
+    ``tile``: ``(BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg])`` launches that config without
+    autotuning (``benchmarks/bench_tile_sweep.py``); under the interpreter only the tile sides matter.
+    Default: autotuned on CUDA, :data:`INTERPRET_BLOCK` under the interpreter."""
     B, H, S, D = q.shape
     out = torch.empty_like(q)
     lse = torch.empty((B, H, S) if return_lse else (1,), dtype=torch.float32, device=q.device)
@@ -251,9 +270,17 @@ def block_sparse_attention_triton(q, k, v, kv_indices, kv_counts, *, block_m: in
                   DOT_F32=interpret and q.dtype == torch.bfloat16)
     tma = use_tma(q.device, interpret, k, v)
     common["USE_TMA"] = tma
+    pinned = None
+    if tile is not None:
+        bm, bn, warps, stages, maxnreg = check_tile(tile, block_m, block_n)
+        pinned = dict(BLOCK_M=bm, BLOCK_N=bn)
+        if not interpret:
+            pinned.update(num_warps=warps, num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {}))
+    elif interpret:
+        pinned = dict(BLOCK_M=min(block_m, INTERPRET_BLOCK), BLOCK_N=min(block_n, INTERPRET_BLOCK))
     k_arg, v_arg = k, v
-    if tma:  # under the interpreter the tile below; on the GPU the autotuner's pre-hook sets each config's
-        bn0 = min(block_n, INTERPRET_BLOCK) if interpret else 64
+    if tma:  # a pinned tile's own block shape; autotuned, the pre-hook sets each config's
+        bn0 = pinned["BLOCK_N"] if pinned else 64
         k_arg, v_arg = tma_descriptor(k, bn0), tma_descriptor(v, bn0)
     args = (q, k_arg, v_arg, out, lse, kv_indices, kv_counts,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -261,11 +288,14 @@ def block_sparse_attention_triton(q, k, v, kv_indices, kv_counts, *, block_m: in
             # autotune key only (unused in the kernel): the table's width, rounded up to a power of
             # two, so a sparse table is not run with the tile tuned for a dense one of the same S
             triton.next_power_of_2(kv_indices.shape[-1]))
-    kernel = _kernel(interpret)
-    if interpret:
-        bm, bn = min(block_m, INTERPRET_BLOCK), min(block_n, INTERPRET_BLOCK)
-        grid = (triton.cdiv(S, bm), B * H)
-        kernel[grid](*args, **common, BLOCK_M=bm, BLOCK_N=bn)
+    kernel = _kernel(interpret, autotune=pinned is None)
+    if pinned is not None:
+        grid = (triton.cdiv(S, pinned["BLOCK_M"]), B * H)
+        if interpret:
+            kernel[grid](*args, **common, **pinned)
+        else:
+            with torch.cuda.device(q.device):
+                kernel[grid](*args, **common, **pinned)
     else:
         def grid(meta):
             return (triton.cdiv(S, meta["BLOCK_M"]), B * H)

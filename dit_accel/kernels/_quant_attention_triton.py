@@ -1,47 +1,42 @@
-"""Triton kernels of quantized attention (imported only when Triton is used).
+"""Quantized attention forward in Triton, dense or block-sparse (imported only when Triton is used).
 
-Four kernels, after SageAttention (Zhang et al., ICLR 2025) and SageAttention2 (Zhang et al.,
-ICML 2025):
+Computes ``O = softmax(sm_scale * Q K^T [+ M]) V`` like :mod:`._block_sparse_triton` (FlashAttention-2
+forward, online softmax, optional block table ``M``), but with the products on 8-bit tensor cores,
+after SageAttention (Zhang et al., ICLR 2025) and SageAttention2 (Zhang et al., ICML 2025). What is
+quantized, and the accuracy contract, is in :mod:`dit_accel.kernels.quant_attention`. Four kernels:
 
-* :func:`_kv_stats_kernel` — one pass over K (and V): per-chunk partial column sums of K (for
-  the smoothing mean) and partial column abs-max of V (for the per-channel FP8 scale). The
-  partials are reduced with two tiny torch ops.
+* :func:`_kv_stats_kernel` — one pass over K (and V): per-chunk partial column sums of K (for the
+  smoothing mean) and partial column abs-max of V (for the per-channel FP8 scale). The partials are
+  reduced with two tiny torch ops: a second pass over K would cost more than they do.
 * :func:`_kv_quant_kernel` — one program per kv-block of ``KGRAN`` tokens: subtracts the K mean,
-  quantizes the block to INT8 (``/127``) or FP8 e4m3 (``/448``) with one scale, and writes V as
-  FP8 divided by its per-channel scale, *transposed* (``[BH, D, S_pad]``, tokens contiguous) so
-  that the P·V dot reads its B operand K-major, which Hopper's FP8 ``wgmma`` requires. Outputs
-  are padded to ``S_pad`` (a multiple of 128) with zeros, so the attention kernel loads K and V
-  without masks.
-* :func:`_q_quant_kernel` — Q per row (one scale per token, finer than SageAttention's per-block
-  Q), ``sm_scale·log2(e)`` folded into the stored scale, padded to ``S_pad`` rows; with an LSE it
-  also stores ``sm_scale · q·mean(K)`` per row. A separate pass, not in the attention kernel: loaded
-  straight from memory, the Q tile stays in shared memory as a ``wgmma`` operand and its row scale
-  arrives in the accumulator's layout (quantized in registers, Q was re-read through ``LDSM`` and
-  the scale crossed layouts through shared memory with two barriers, every kv step).
-* :func:`_attn_fwd_kernel` — FlashAttention-2-style forward with ``exp2``. QK^T is an INT8 dot
-  with int32 accumulation, turned into float32 by adding the bits of 1.5·2^23 (exact for
-  ``|qk| < 2^22``) instead of the conversion unit, which on Hopper runs at the rate of ``exp2``
-  (16/clk/SM); the offset is removed inside the scaling FMA. Or an FP8 dot. Dequantized with one
-  multiply by ``q_scale · k_scale``. P·V: FP8 — P is scaled by 448 through the ``exp2`` offset
-  ``log2(448)`` (the scale cancels in ``acc / l``, SageAttention2's static P scale) and the FP8 dot
-  result is added to a float32 accumulator every tile (two-level accumulation, as SageAttention2,
-  because Hopper's FP8 MMA accumulates with fewer bits); or 16-bit — P in V's dtype, the raw
-  bf16/fp16 V, fp32 accumulation. K / V tiles arrive by TMA descriptors on sm_90+
-  (``DIT_ACCEL_TMA=0``: ``cp.async`` pointer loads).
+  quantizes the block to INT8 (``/127``) or FP8 e4m3 (``/448``) with one scale, and writes V as FP8
+  divided by its per-channel scale, *transposed* (``[BH, D, S_pad]``, tokens contiguous) because
+  Hopper's FP8 ``wgmma`` reads its B operand K-major only. Outputs are padded to ``S_pad`` (a
+  multiple of 128) with zeros, so the attention kernel loads K and V without masks.
+* :func:`_q_quant_kernel` — Q per row (one scale per token, finer than SageAttention's per-block Q,
+  for a lower error), ``sm_scale * log2(e)`` folded into the stored scale, padded to ``S_pad`` rows;
+  with an LSE it also stores ``sm_scale * q . mean(K)`` per row. A separate pass rather than
+  quantizing in the attention kernel: loaded straight from memory, the Q tile stays in shared memory
+  as a ``wgmma`` operand and its row scale arrives in the accumulator's layout; quantized in
+  registers, Q would be re-read through ``LDSM`` and the scale would cross layouts through shared
+  memory on every kv step.
+* :func:`_attn_fwd_kernel` — the attention loop with ``exp2``. QK^T is an INT8 dot with int32
+  accumulation, turned into float32 by adding the bits of 1.5 * 2^23 (exact for ``|qk| < 2^22``)
+  rather than by the conversion unit, which on Hopper runs at the rate of ``exp2`` (16/clk/SM) and
+  would compete with the softmax; the offset is removed inside the scaling FMA. Or an FP8 dot. The
+  dequantization is one multiply by ``q_scale * k_scale``. P.V in FP8: P is scaled by 448 through the
+  ``exp2`` offset ``log2(448)`` (the scale cancels in ``acc / l``: SageAttention2's static P scale)
+  and each tile's FP8 dot is added to a float32 accumulator (two-level accumulation, because
+  Hopper's FP8 MMA accumulates with fewer bits than float32). P.V in 16 bits: P in V's dtype, the
+  raw bf16/fp16 V, float32 accumulation. K/V tiles arrive by TMA descriptors on sm_90+
+  (``DIT_ACCEL_TMA=0``: pointer loads).
 
 The kv loop walks either all kv tiles (``DENSE``) or the kv-blocks of the table row, with the
-block-sparse conventions of :mod:`dit_accel.kernels.block_sparse` (empty row → zeros and
-``lse = -inf``; tail keys masked, in the tile holding the sequence end only). Hopper notes: the tile is
-``BLOCK_M`` (128 with 8 warps or 64 with 4, dividing ``block_m``) × ``BLOCK_N`` (64/128), autotuned
-with 1–3 pipeline stages (on an H200 64×128 with 4 warps, two programs per SM, won almost everywhere
-among the 2–3-stage tiles). Measured and dropped: bf16 P rounded by integer ops, half of the
-``exp2`` as an FMA-pipe polynomial (FlashAttention-4), both slower. Not expressible here:
-FlashAttention-3's ping-pong warpgroups and QK^T ``wgmma`` kept in flight across the softmax (Triton
-3.9 waits for it right after issue). Triton's automatic Hopper warp specialisation
-(``tl.range(warp_specialize=True)``) engages only when the tile is split by hand into two 64-row
-halves with Q by TMA (one producer warp, two consumer warpgroups); an all-FP8 kernel written that
-way ran at 447–462 TFLOP/s dense on an H200 against this kernel's 669–696 in the same run
-(``benchmarks/results/kernel_variants_h200/ws_exp.json``): not used.
+block-sparse conventions of :mod:`dit_accel.kernels.block_sparse` (empty row -> zeros and
+``lse = -inf``; tail keys masked in the tile holding the sequence end only).
+
+Tiles, the Hopper notes (what Triton does and does not express here) and the H200 measurements,
+including the variants tried and dropped: ``docs/kernels.md``.
 """
 
 from __future__ import annotations
@@ -52,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._block_sparse_triton import interpreter_ready, tile_configs, tma_descriptor, use_tma
+from ._block_sparse_triton import check_tile, interpreter_ready, tile_configs, tma_descriptor, use_tma
 
 #: padded length multiple of the quantized K / V buffers (covers every tile and table block).
 PAD = 128
@@ -312,13 +307,9 @@ def hopper_configs() -> list[triton.Config]:
     """A small autotune space for H100/H200 (query tile x kv tile, warps, pipeline stages):
     128x64 (3 stages) and 128x128 (2 stages) with 8 warps (two warpgroups share the 128-row fp32
     accumulator), 64x64 and 64x128 with 4 warps (one warpgroup), also with a single stage (less
-    shared memory, so more programs per SM: the block-sparse kernel's fastest tile on an H200).
-
-    Checked ahead of time for sm_90 with Triton 3.9 (not timed): the dots become ``IGMMA.S8.S8`` /
-    ``QGMMA.E4M3.E4M3`` (and ``HGMMA.BF16`` for 16-bit P·V), K/V tiles arrive by TMA (or ``cp.async``);
-    128x64 tiles fit in 175-252 registers without spills, 128x128 tiles with FP8 P·V spill ~250
-    bytes (kept so the autotuner can reject them by timing). ``DIT_ACCEL_QATTN_CONFIG=
-    "BLOCK_M,BLOCK_N,num_warps,num_stages"`` pins one config (no autotuning).
+    shared memory, so two programs share an SM). 128x128 with FP8 P.V spills registers; it stays in
+    the space so that the autotuner rejects it by timing rather than by rule.
+    ``DIT_ACCEL_QATTN_CONFIG="BLOCK_M,BLOCK_N,num_warps,num_stages"`` pins one config (no autotuning).
     """
     return tile_configs(((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2), (64, 64, 4, 1),
                          (64, 128, 4, 1)), "DIT_ACCEL_QATTN_CONFIG", _tma_pre_hook)
@@ -349,9 +340,11 @@ INTERPRET_BLOCK_M = 16
 INTERPRET_BLOCK_N = {True: 32, False: 16}   # dense: 32, sparse: min(16, block_n)
 
 
-def _jit(name: str, interpret: bool):
+def _jit(name: str, interpret: bool, autotune: bool = True):
+    """The jitted kernel ``name``; the attention kernel is autotuned on CUDA unless ``autotune=False``
+    (the launch then names the tile)."""
     global _fp8_rne, _to_codes, _load_rows, _row_tile
-    key = f"{name}:{'interpret' if interpret else 'cuda'}"
+    key = f"{name}:{'interpret' if interpret else 'cuda'}" + ("" if autotune or interpret else "-pinned")
     if key not in _KERNELS:
         if interpret and not interpreter_ready():
             raise RuntimeError(
@@ -368,7 +361,7 @@ def _jit(name: str, interpret: bool):
         # S is not specialised (its 16-divisibility would compile every kernel twice for the
         # benchmark's lengths); the tail is handled by the EVEN_* constexprs instead.
         jitted = triton.jit(fn, do_not_specialize=["S"])
-        if name == "attn" and not interpret:
+        if name == "attn" and not interpret and autotune:
             jitted = triton.autotune(configs=hopper_configs(),
                                      key=["S", "HEAD_DIM", "TABLE_BM", "TABLE_BN", "KGRAN", "DENSE", "QK_FP8",
                                           "PV_FP8", "USE_TMA"],
@@ -446,10 +439,24 @@ def quantize_q_triton(q: torch.Tensor, k_mean: torch.Tensor, s_pad: int, *, qk_s
 
 def quant_attention_triton(q, k, v, kv_indices, kv_counts, *, block_m: int, block_n: int, qk_scale: float,
                            sm_scale: float, qk_fp8: bool, pv_fp8: bool, smooth_k: bool, interpret: bool,
-                           return_lse: bool):
-    """Quantize Q, K and V, then run the attention kernel; inputs are assumed checked (``quant_attention``)."""
+                           return_lse: bool, tile=None):
+    """Quantize Q, K and V, then run the attention kernel; inputs are assumed checked (``quant_attention``).
+
+    ``tile``: ``(BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg])`` launches the attention kernel with
+    that config, without autotuning (``benchmarks/bench_tile_sweep.py``); ``BLOCK_M`` must divide
+    ``block_m`` and, with a table, ``BLOCK_N`` must divide ``block_n``. Under the interpreter only the
+    tile sides matter."""
     B, H, S, D = q.shape
     dense = kv_indices is None
+    pinned = None
+    if tile is not None:
+        bm, bn, warps, stages, maxnreg = check_tile(tile, block_m, PAD if dense else block_n)
+        pinned = dict(BLOCK_M=bm, BLOCK_N=bn)
+        if not interpret:
+            pinned.update(num_warps=warps, num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {}))
+    elif interpret:  # small tiles: several query tiles per q-block, kv sub-tiles (the GPU's paths, cheaply)
+        pinned = dict(BLOCK_M=min(block_m, INTERPRET_BLOCK_M),
+                      BLOCK_N=INTERPRET_BLOCK_N[True] if dense else min(block_n, INTERPRET_BLOCK_N[False]))
     k_q, k_scale, v_t, v_scale, k_mean = quantize_kv_triton(k, v, kgran=block_n, k_fp8=qk_fp8, v_fp8=pv_fp8,
                                                             smooth_k=smooth_k, interpret=interpret)
     s_pad = k_q.shape[1]
@@ -465,8 +472,8 @@ def quant_attention_triton(q, k, v, kv_indices, kv_counts, *, block_m: int, bloc
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        # under the interpreter the tile below; on the GPU the autotuner's pre-hook sets each config's
-        bn0 = (INTERPRET_BLOCK_N[True] if dense else min(block_n, INTERPRET_BLOCK_N[False])) if interpret else 64
+        # a pinned tile's own block shape; autotuned, the pre-hook sets each config's
+        bn0 = pinned["BLOCK_N"] if pinned else 64
         k_arg = TensorDescriptor(k_q.view(B * H * s_pad, D), [B * H * s_pad, D], [D, 1], [bn0, D])
         v_arg = (TensorDescriptor(v_t.view(B * H * D, s_pad), [B * H * D, s_pad], [s_pad, 1], [D, bn0]) if pv_fp8
                  else tma_descriptor(v, bn0))
@@ -478,12 +485,13 @@ def quant_attention_triton(q, k, v, kv_indices, kv_counts, *, block_m: int, bloc
             kv_indices, kv_counts, *v.stride(), *out.stride(), *kv_indices.stride(), *kv_counts.stride(),
             H, S, s_pad)
 
-    kernel = _jit("attn", interpret)
-    if interpret:  # small tiles: several query tiles per q-block, kv sub-tiles (the GPU's paths, cheaply)
-        bm = min(block_m, INTERPRET_BLOCK_M)
-        bn = INTERPRET_BLOCK_N[True] if dense else min(block_n, INTERPRET_BLOCK_N[False])
-        kernel[(triton.cdiv(S, bm), B * H)](*args, **common, EVEN_M=S % bm == 0, EVEN_N=S % bn == 0,
-                                            BLOCK_M=bm, BLOCK_N=bn)
+    kernel = _jit("attn", interpret, autotune=pinned is None)
+    if pinned is not None:
+        bm, bn = pinned["BLOCK_M"], pinned["BLOCK_N"]
+        grid = (triton.cdiv(S, bm), B * H)
+        ctx = contextlib.nullcontext() if interpret else torch.cuda.device(q.device)
+        with ctx:
+            kernel[grid](*args, **common, EVEN_M=S % bm == 0, EVEN_N=S % bn == 0, **pinned)
     else:  # EVEN_M / EVEN_N: S is a multiple of every autotuned tile (64, 128)
         def grid(meta):
             return (triton.cdiv(S, meta["BLOCK_M"]), B * H)

@@ -23,10 +23,13 @@ Conventions (kernel and reference agree on all of them):
   multiply; the output has the input dtype, the log-sum-exp is float32 in natural-log units of
   the *scaled* scores (``logsumexp(sm_scale * q @ k^T)`` over the kept keys).
 
-Dispatch: :func:`block_sparse_attention` runs the Triton kernel on CUDA tensors, or on CPU
-tensors when ``TRITON_INTERPRET=1`` is set (the interpreter, for tests); everywhere else it runs
-:func:`block_sparse_attention_reference`. The Triton kernel is jitted lazily at the first call,
-so whether it is interpreted is decided by the environment at call time, not at import time.
+Dispatch: :func:`block_sparse_attention` checks its inputs and calls the custom op
+``torch.ops.dit_accel.block_sparse_attention`` (:mod:`dit_accel.kernels.ops`; ``torch.compile``
+traces it as one node). The op runs the Triton kernel on CUDA tensors, or on CPU tensors when
+``TRITON_INTERPRET=1`` is set (the interpreter, for tests); everywhere else the reference
+(:func:`block_sparse_attention_reference`'s arithmetic). The Triton kernel is jitted lazily at the
+first call, so whether it is interpreted is decided by the environment at call time, not at import
+time.
 """
 
 from __future__ import annotations
@@ -151,8 +154,10 @@ def check_qkv(fn: str, q, k, v, dtypes: tuple, head_dims: tuple) -> None:
 
 
 def check_sm_scale(fn: str, sm_scale) -> None:
+    # Comparisons rather than math.isfinite: under torch.compile an argument float is a SymFloat, which
+    # comparisons guard on but math.isfinite cannot trace. NaN fails both.
     if sm_scale is not None and not (isinstance(sm_scale, (int, float)) and not isinstance(sm_scale, bool)
-                                     and math.isfinite(sm_scale) and sm_scale > 0):
+                                     and 0 < sm_scale < math.inf):
         raise ValueError(f"{fn}: sm_scale must be a positive finite float or None, got {sm_scale!r}")
 
 
@@ -219,12 +224,22 @@ def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
     Materialises the token mask of each chunk of q-blocks from the block table and runs an
     explicit float32 softmax; rows with no kv-block give zeros (and ``lse = -inf``). Memory is
     bounded by processing q-blocks in chunks of about ``max_chunk_elements`` scores.
+    ``validate`` checks the table's values (a host sync on CUDA); skipped while
+    ``torch.compile`` traces (:func:`torch.compiler.is_compiling`), where reading values would break
+    the graph.
     """
     _check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, sm_scale)
+    if validate and not torch.compiler.is_compiling():
+        _check_table_values(kv_indices, kv_counts, q.shape[2], block_n)
+    scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    out, lse = _reference(q, k, v, kv_indices, kv_counts, block_m, block_n, scale, max_chunk_elements)
+    return (out, lse) if return_lse else out
+
+
+def _reference(q, k, v, kv_indices, kv_counts, block_m: int, block_n: int, scale: float,
+               max_chunk_elements: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's arithmetic on checked inputs: ``(out in q's dtype, float32 lse)``."""
     B, H, S, D = q.shape
-    if validate:
-        _check_table_values(kv_indices, kv_counts, S, block_n)
-    scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(D)
     nq, nk = _cdiv(S, block_m), _cdiv(S, block_n)
     block_mask = block_table_to_mask(kv_indices, kv_counts, nk)          # [B, H, nq, nk]
     col_mask = block_mask.repeat_interleave(block_n, dim=-1)[..., :S]     # [B, H, nq, S]
@@ -243,8 +258,7 @@ def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
         p = torch.nan_to_num(p, nan=0.0)                                  # empty rows: exp(-inf + inf)
         out[:, :, r0:r1] = torch.matmul(p, vf)
         lse[:, :, r0:r1] = row_lse
-    out = out.to(q.dtype)
-    return (out, lse) if return_lse else out
+    return out.to(q.dtype), lse
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -275,9 +289,15 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            return_lse: bool = False, validate: bool | None = None):
     """Block-sparse attention forward: ``softmax(sm_scale * q @ k^T, masked to the table) @ v``.
 
+    A thin wrapper: it checks the inputs here, in Python, and calls the custom op
+    ``torch.ops.dit_accel.block_sparse_attention`` (:mod:`dit_accel.kernels.ops`), which
+    ``torch.compile`` traces as one node (no graph break) and which picks the Triton kernel or the
+    reference at run time. Plain eager calls run the op's function directly (the same code without
+    the dispatcher's host overhead: :func:`dit_accel.kernels.ops.plain_eager`).
+
     Args:
         q, k, v: ``[B, H, S, D]`` float16 / bfloat16 (float32 too, mainly for tests); one dtype,
-            one device; ``D`` in :data:`SUPPORTED_HEAD_DIMS`; any ``S``.
+            one device; ``D`` in :data:`SUPPORTED_HEAD_DIMS`; any ``S``; any strides.
         kv_indices: int32 ``[B, H, ceil(S / block_m), max_kv_blocks]``, kv-block indices per
             q-block (entries past the row's count are ignored).
         kv_counts: int32 ``[B, H, ceil(S / block_m)]``, valid entries per row (0 allowed: the
@@ -287,26 +307,26 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         sm_scale: softmax scale, default ``1 / sqrt(D)``.
         return_lse: also return the float32 log-sum-exp ``[B, H, S]`` of the scaled scores.
         validate: check the table's *values* (indices in range, counts in range, no duplicates).
-            Default: on for the reference and the interpreter, off on CUDA (it costs a host sync).
-            Shapes and dtypes are always checked.
+            Default: on for CPU tensors (the reference and the interpreter), off on CUDA (it reads
+            the table back: a host sync). Never done while ``torch.compile`` traces the call
+            (:func:`torch.compiler.is_compiling`: reading tensor values would break the graph) nor
+            under a dispatch mode such as fake tensors, where there are no values to read.
+            Shapes and dtypes are always checked (they are metadata, free under compile too).
 
     Returns:
-        ``out`` ``[B, H, S, D]`` in q's dtype, or ``(out, lse)`` when ``return_lse``.
+        ``out`` ``[B, H, S, D]`` in q's dtype (laid out like ``torch.empty_like(q)``), or
+        ``(out, lse)`` when ``return_lse``.
 
     Raises:
         ValueError: on a wrong dtype, shape, table shape, head dim or block size.
     """
-    _check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, sm_scale)
-    if not _use_triton(q):
-        return block_sparse_attention_reference(q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n,
-                                                sm_scale=sm_scale, return_lse=return_lse,
-                                                validate=True if validate is None else validate)
-    if validate if validate is not None else not q.is_cuda:
-        _check_table_values(kv_indices, kv_counts, q.shape[2], block_n)
-    from ._block_sparse_triton import block_sparse_attention_triton
+    from . import ops
 
+    _check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, sm_scale)
+    eager = ops.plain_eager(q, k, v, kv_indices, kv_counts)
+    if eager and (validate if validate is not None else not q.is_cuda):
+        _check_table_values(kv_indices, kv_counts, q.shape[2], block_n)
     scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    out, lse = block_sparse_attention_triton(q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n,
-                                             qk_scale=scale * _LOG2E, interpret=not q.is_cuda,
-                                             return_lse=return_lse)
+    op = ops.block_sparse_attention_impl if eager else torch.ops.dit_accel.block_sparse_attention.default
+    out, lse = op(q, k, v, kv_indices, kv_counts, block_m, block_n, scale, return_lse)
     return (out, lse) if return_lse else out
