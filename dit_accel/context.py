@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,9 @@ class StepContext:
             place earlier in this runtime's life).
         clone_unverifiable: inputs without a version counter (``torch.inference_mode``) must be copied,
             because the adapter does not know the blocks to be in-place safe.
+        shards: the context-parallel group when diffusers shards the sequence across ranks
+            (:class:`dit_accel.runtime.parallel.ShardGroup`; its ``sum`` reduces a gate's statistics so
+            that every rank decides alike), None on one process.
     """
 
     branch: str
@@ -32,6 +36,7 @@ class StepContext:
     schedule_offset: int = 0
     clone_inputs: bool = False
     clone_unverifiable: bool = False
+    shards: Any = None
 
     @property
     def key(self) -> tuple:

@@ -434,6 +434,21 @@ def cache_ranges(num_blocks: int, fn_compute: int, bn_compute: int, granularity:
     return ((ranges[0][0], ranges[-1][1]),)
 
 
+def shard_sums(state: CacheState, *sums: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``sums`` added up over the context-parallel ranks (one all-reduce for all of them), as they are on one
+    process. A gate's statistic must be reduced before the decision so that every rank decides alike — the
+    sums it is made of (norms of the shard's tokens), not the ratio."""
+    shards = state.ctx.shards
+    if shards is None:
+        return sums
+    flat = shards.sum(torch.cat([s.reshape(-1).to(torch.float64) for s in sums]))
+    out, at = [], 0
+    for s in sums:
+        out.append(flat[at:at + s.numel()].reshape(s.shape).to(s.dtype))
+        at += s.numel()
+    return tuple(out)
+
+
 def batch_agrees(below: torch.Tensor, state: CacheState) -> bool:
     """True if every sample's gate says reuse (``below`` is a bool tensor, one per sample or pooled).
 

@@ -37,7 +37,8 @@ import torch
 
 from ..config import PolicyError, option
 from . import _taylor
-from .base import CacheConfig, CacheMethod, CachePlan, CacheState, Residual, batch_agrees, register_cache_method
+from .base import (CacheConfig, CacheMethod, CachePlan, CacheState, Residual, batch_agrees, register_cache_method,
+                   shard_sums)
 
 
 @dataclass(frozen=True)
@@ -59,16 +60,20 @@ class CGTaylorConfig(CacheConfig):
                                  doc="strict: forecast only if every sample agrees; mean: one pooled decision")
 
 
-def relative_error(current: torch.Tensor, reference: torch.Tensor, per_sample: bool, ord: int) -> torch.Tensor:
+def relative_error(current: torch.Tensor, reference: torch.Tensor, per_sample: bool, ord: int,
+                   state: CacheState | None = None) -> torch.Tensor:
     """‖current − reference‖ / ‖reference‖ (L1 or L2) per sample (dim 0) or pooled, at least in float32.
 
-    For L1 this is ``mean|current − reference| / mean|reference|``, the reference's error.
+    For L1 this is ``mean|current − reference| / mean|reference|``, the reference's error. With ``state``, the
+    sums behind both norms are taken over every context-parallel shard.
     """
     dims = tuple(range(1, current.ndim)) if per_sample else tuple(range(current.ndim))
     dtype = torch.promote_types(current.dtype, torch.float32)  # no narrowing of float64 features
-    norm = torch.linalg.vector_norm(reference, ord=ord, dim=dims, dtype=dtype)
-    diff = torch.linalg.vector_norm(current - reference, ord=ord, dim=dims, dtype=dtype)
-    return diff / norm.clamp_min(torch.finfo(dtype).tiny)
+    norm = torch.linalg.vector_norm(reference, ord=ord, dim=dims, dtype=dtype) ** ord
+    diff = torch.linalg.vector_norm(current - reference, ord=ord, dim=dims, dtype=dtype) ** ord
+    if state is not None:
+        diff, norm = shard_sums(state, diff, norm)
+    return (diff / norm.clamp_min(torch.finfo(dtype).tiny)) ** (1.0 / ord)
 
 
 @dataclass(eq=False)
@@ -129,7 +134,7 @@ class CGTaylor(CacheMethod):
             if probe is not None and probe.intact() and probe[0].shape == hidden.shape and not self._forced_full(state):
                 predicted = _taylor.forecast(probe, state.step, c.expansion)
                 # launched now, read at the range start: no host sync here
-                state.error = relative_error(predicted, hidden, self.per_sample, 1 if c.metric == "l1" else 2)
+                state.error = relative_error(predicted, hidden, self.per_sample, 1 if c.metric == "l1" else 2, state)
         if index == self.num_blocks - 1:  # the last block ran: a full step
             step = state.step
             state.last_hidden = _taylor.update(state.last_hidden, self._keep(hidden, state), step, c.order,

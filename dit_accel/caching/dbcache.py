@@ -29,7 +29,7 @@ import torch
 
 from ..config import PolicyError, option
 from .base import (CacheConfig, CacheMethod, CachePlan, CacheState, Kept, batch_agrees, keep, register_alias,
-                   register_cache_method, take)
+                   register_cache_method, shard_sums, take)
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,14 @@ def l1(x: torch.Tensor, per_sample: bool) -> torch.Tensor:
 
 
 def relative_l1(current: torch.Tensor, previous: torch.Tensor, per_sample: bool,
-                previous_l1: torch.Tensor | None = None) -> torch.Tensor:
-    """mean|current − previous| / mean|previous|, per sample (dim 0) or pooled; float32."""
+                previous_l1: torch.Tensor | None = None, state: CacheState | None = None) -> torch.Tensor:
+    """mean|current − previous| / mean|previous|, per sample (dim 0) or pooled; float32. With ``state``, the two
+    sums are taken over every context-parallel shard (:func:`~dit_accel.caching.base.shard_sums`)."""
     base = l1(previous, per_sample) if previous_l1 is None else previous_l1
-    return l1(current - previous, per_sample) / base.clamp_min(torch.finfo(torch.float32).tiny)
+    diff = l1(current - previous, per_sample)
+    if state is not None:
+        diff, base = shard_sums(state, diff, base)
+    return diff / base.clamp_min(torch.finfo(torch.float32).tiny)
 
 
 @dataclass(eq=False)
@@ -105,7 +109,7 @@ class DBCache(CacheMethod):
         state.change = None
         if residual is not None and reference is not None and reference.shape == residual.shape:
             # launched now, read at the range start (gate_lag blocks later): no host sync here
-            state.change = relative_l1(residual, reference, self.per_sample, state.reference_l1)
+            state.change = relative_l1(residual, reference, self.per_sample, state.reference_l1, state)
 
     @property
     def per_sample(self) -> bool:

@@ -135,7 +135,7 @@ class TeaCache(CacheMethod):
         if previous is None or previous.shape != current.shape:
             state.distance = None
             return
-        change = relative_l1(current, previous, per_sample=False)
+        change = relative_l1(current, previous, per_sample=False, state=state)
         state.distance = polyval(self.coefficients, change).abs()
 
     def should_reuse(self, range_id: int, state: TeaCacheState) -> bool:

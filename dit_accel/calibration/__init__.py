@@ -23,6 +23,7 @@ from ..calibrated_for import CalibratedFor
 from ..config import PolicyError
 from ..policy import Policy, PolicyLike, load_policy
 from ..quant import quantized
+from ..runtime.parallel import shard_group
 from .passes import OutputTap, RandomState
 from .recorder import RecordConfig, Recorder, attention_statistics
 
@@ -52,6 +53,9 @@ def record(pipe: Any, prompts: Sequence[str | dict], options: dict | None = None
         runtime = next(iter(runtimes_of(pipe).values()))
         recorder: Recorder = runtime.feature("cache").method
         family = runtime.adapter.family
+        if shard_group(runtime.transformer) is not None:
+            raise PolicyError("calibrate: the transformer runs context-parallel; calibrate on one process (a "
+                              "calibration is a property of the model and its schedule, not of the sharding)")
         calls: set[int] = set()
         try:
             for prompt in prompts:

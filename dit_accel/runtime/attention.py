@@ -39,6 +39,7 @@ from ..attention.sparse import SparseRequest, joint_attention, quant_dense_atten
 from ..config import PolicyError
 from ..context import StepContext
 from .feature import Call, Feature, Host
+from .parallel import splits_text
 
 logger = logging.getLogger("dit_accel")
 _SDPA = torch.nn.functional.scaled_dot_product_attention
@@ -138,6 +139,7 @@ class AttentionFeature(Feature):
         self.recorder = None  # set by calibration: observes q/k of dense calls
         self._call: Call | None = None
         self._layout_key = None
+        self._text_split = False
         self._warned: set[str] = set()
         self._perm_cache: dict = {}
         self._mask_cache: dict = {}
@@ -195,6 +197,7 @@ class AttentionFeature(Feature):
         if key != self._layout_key:
             self.layout = self.host.adapter.token_layout(self.host.transformer, args, kwargs)
             self._layout_key = key
+            self._text_split = call.ctx.shards is not None and splits_text(self.host.transformer)
 
     def after_call(self, call: Call, output: Any) -> Any | None:
         self._call = None
@@ -213,6 +216,11 @@ class AttentionFeature(Feature):
     def _dense_reason(self, layer: int) -> str | None:
         state = self._state()
         if state is None or self.layout is None:
+            return "dense_unhandled"
+        shards = state.ctx.shards
+        if shards is not None and shards.ring_degree > 1:
+            self._warn_once("ring", "dit_accel: ring attention (context parallelism) passes K/V around in chunks; "
+                            "sparse and quantized attention run dense under it (use Ulysses)")
             return "dense_unhandled"
         if self.config.sparse is None and self.config.quant == "none":
             return "dense_layer"
@@ -266,10 +274,25 @@ class AttentionFeature(Feature):
                 out = quant_dense_attention(q, k, v, call.get("scale"), self.config.quant)
             self.counts["quant_dense"] += 1
             return out
+        order = self._shard_order(q.shape[2], q.device)
+        if order is not None:  # the ranks' [text, visual] shards, one after the other: back to one layout
+            out = self._attend_in_order(layer, func, {**call, "query": q[:, :, order], "key": k[:, :, order],
+                                                      "value": v[:, :, order]}, order)
+            if out is None:
+                return None
+            restored = torch.empty_like(out)
+            restored[:, :, order] = out
+            return restored
+        return self._attend_in_order(layer, func, call, None)
+
+    def _attend_in_order(self, layer: int, func, call: dict, order: torch.Tensor | None) -> torch.Tensor | None:
+        q, k, v = call["query"], call["key"], call["value"]
         visual = self._visual_slice(q.shape[2])
         if visual is None:
             return None
         mask = call.get("attn_mask")
+        if mask is not None and order is not None:
+            mask = mask[..., order] if mask.shape[-1] == q.shape[2] else mask
         if mask is not None:
             if mask.dim() != 4 or mask.shape[-2] != 1 or mask.shape[-1] != q.shape[2]:
                 return None
@@ -314,8 +337,39 @@ class AttentionFeature(Feature):
         self._total += result.total
         return out
 
+    def _shard_order(self, seq: int, device: torch.device) -> torch.Tensor | None:
+        """Under Ulysses, when diffusers splits the text tokens too (Flux's plan splits both streams at the
+        transformer), the gathered joint sequence is each rank's [text, visual] shard in rank order; this index
+        puts it back as one [text | visual] (``joint_last``: [visual | text]) sequence. None: nothing to do."""
+        state = self._state()
+        shards = state.ctx.shards if state is not None else None
+        layout = self.layout
+        if shards is None or shards.ulysses_degree <= 1 or not self._text_split or layout is None \
+                or layout.text_position not in ("joint_first", "joint_last"):
+            return None
+        p, t, n = shards.ulysses_degree, layout.text_tokens, layout.visual_tokens
+        if seq != t + n or t % p or n % p:
+            return None
+        key = (seq, p, layout.text_position, str(device))
+        if key not in self._perm_cache:
+            tc, nc = t // p, n // p
+            starts = torch.arange(p)[:, None] * (tc + nc)
+            first, second = (tc, nc) if layout.text_position == "joint_first" else (nc, tc)
+            lead = (starts + torch.arange(first)).flatten()
+            tail = (starts + first + torch.arange(second)).flatten()
+            self._perm_cache[key] = torch.cat([lead, tail]).to(device)
+        return self._perm_cache[key]
+
+    def _local_heads(self, table: list, heads: int) -> list:
+        """This rank's entries of a per-head table: under Ulysses each rank attends with its own heads."""
+        state = self._state()
+        shards = state.ctx.shards if state is not None else None
+        if shards is not None and shards.ulysses_degree > 1 and len(table) == heads * shards.ulysses_degree:
+            return table[shards.head_slice(heads)]
+        return table
+
     def _paro_perm(self, layer: int, grid, heads: int, device) -> torch.Tensor:
-        orders = self.config.paro_orders[layer]
+        orders = self._local_heads(self.config.paro_orders[layer], heads)
         if len(orders) != heads:
             raise PolicyError(f"attention.paro_orders[{layer}] has {len(orders)} heads, the layer has {heads}")
         key = (layer, grid, str(device))
@@ -330,6 +384,7 @@ class AttentionFeature(Feature):
             return self._mask_cache[key]
         mask = None
         hexes = masks["layers"].get(layer, masks["layers"].get(str(layer)))
+        hexes = None if hexes is None else self._local_heads(list(hexes), heads)
         if tuple(masks["grid"]) == tuple(grid) and masks["block_size"] == self.config.block_size and hexes:
             n = math.ceil(math.prod(grid) / self.config.block_size)
             mask = torch.stack([decode_mask(h, (n, n)) for h in hexes]).to(device)

@@ -29,6 +29,7 @@ from diffusers.hooks import ModelHook
 from ..adapters.base import BlockInfo, call_argument
 from .feature import COMPUTE
 from .hooks import BLOCK_HOOK, register, unregister
+from .parallel import keep_inside_split, split_hook_names
 
 if TYPE_CHECKING:  # pragma: no cover
     from .core import Runtime
@@ -72,6 +73,7 @@ class BlockGate(ModelHook):
         self.block = block
         self.feature = feature
         self.entry: CompiledEntry | None = None
+        self.seen: Any = None  # the block's compiled call when it was last routed
 
     @torch.compiler.disable
     def enter(self, args: tuple, kwargs: dict) -> Any:
@@ -135,20 +137,25 @@ class Gates:
     def _route(self, gate: BlockGate) -> None:
         module = gate.block.module
         compiled = _compiled_call(module)
-        if compiled is not None and not isinstance(compiled, CompiledEntry):
-            if BLOCK_HOOK in getattr(getattr(module, "_diffusers_hook", None), "hooks", {}):
+        hooked = BLOCK_HOOK in getattr(getattr(module, "_diffusers_hook", None), "hooks", {})
+        # A block that context parallelism splits at keeps the eager gate inside the split, compiled or not
+        # (its compiled region then holds our gate: one graph break there).
+        if compiled is not None and not isinstance(compiled, CompiledEntry) and not split_hook_names(module):
+            if hooked:
                 unregister(module, BLOCK_HOOK)
             gate.entry = CompiledEntry(gate, compiled)
             module._compiled_call_impl = gate.entry
-        elif compiled is None:
+        elif not isinstance(compiled, CompiledEntry):
             gate.entry = None
-            if BLOCK_HOOK not in getattr(getattr(module, "_diffusers_hook", None), "hooks", {}):
+            if not hooked:
                 register(module, gate, BLOCK_HOOK)
+                keep_inside_split(module, BLOCK_HOOK)
+        gate.seen = _compiled_call(module)
 
     def follow(self) -> None:
         """Route blocks compiled, re-compiled or un-compiled since the last call (cheap: an attribute read each)."""
         for gate in self.gates:
-            if _compiled_call(gate.block.module) is not gate.entry:
+            if _compiled_call(gate.block.module) is not gate.seen:
                 self._route(gate)
 
     @property

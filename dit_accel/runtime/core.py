@@ -24,6 +24,7 @@ from ..stats import Stats
 from .blocks import Gates
 from .feature import Call, Feature, Host
 from .generation import Plan, ScheduleMarker, planned_calls, running_pipeline
+from .parallel import shard_group
 from .hooks import CONTEXT_HOOK, ContextHook, EndOfCall, StepTracker, invalidate_registry_cache, register, unregister
 from .state import tensor_bytes
 
@@ -178,7 +179,7 @@ class Runtime:
         shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else None
         state = self.states.get((branch, shape))
         ctx = StepContext(branch, shape, 0 if state is None else state.step, self.plan.calls, self.plan.offset,
-                          self.clone_inputs, not self.adapter.inplace_safe)
+                          self.clone_inputs, not self.adapter.inplace_safe, shard_group(self.transformer))
         if state is None:
             if self.policy.calibrated_for is not None and self.policy.cache is not None:
                 self.policy.calibrated_for.check_branch(branch)
