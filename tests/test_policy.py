@@ -97,9 +97,8 @@ def test_preset_loads_and_round_trips(name, tmp_path):
     assert p.name == name
     assert p.is_empty == (name == "none")
     d = p.to_dict()
-    expected = {"name", "cache"} | ({"guidance"} if p.guidance is not None else set()) \
-        | ({"calibrated_for"} if p.calibrated_for is not None else set())
-    assert set(d) == expected
+    sections = ("guidance", "attention", "quant", "compile", "calibrated_for")
+    assert set(d) == {"name", "cache"} | {s for s in sections if getattr(p, s) is not None}
     assert (p.calibrated_for is not None) == name.startswith("cifar10_dit-")  # the calibrated presets say for what
 
     # dict
