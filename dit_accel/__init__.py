@@ -9,7 +9,8 @@
 Everything loads on first use, so ``import dit_accel`` (and ``dit-accel --help``) imports no torch: the API
 below from its modules, and the sub-packages ``dit_accel.zoo`` (trained reference models),
 ``dit_accel.eval`` (metrics, sweeps, reports), ``dit_accel.attention``, ``dit_accel.quant``,
-``dit_accel.kernels``, ``dit_accel.testing`` (tiny offline pipelines) etc.
+``dit_accel.kernels``, ``dit_accel.testing`` (tiny offline pipelines) etc. Log messages: ``dit_accel.logging``
+(``set_verbosity_info()`` / ``_warning()`` / ``_error()``, or ``$DIT_ACCEL_VERBOSITY``; default warning).
 """
 
 import importlib as _importlib
@@ -17,6 +18,10 @@ import sys as _sys
 import types as _types
 
 __version__ = "0.1.0"
+
+from . import logging as _logging  # noqa: E402  (stdlib logging only: sets the dit_accel logger's level)
+
+_logging.get_logger()
 
 # public name -> the module that defines it (imported on first access)
 _EXPORTS = {
@@ -32,7 +37,8 @@ __all__ = ["Policy", "PolicyError", "Stats", "accelerate", "accelerated", "calib
            "load_policy",
            "policy_of", "preset_names", "remove", "reset", "stats", "__version__"]
 
-_SUBPACKAGES = ("zoo", "eval", "attention", "quant", "kernels", "testing", "caching", "calibration", "runtime")
+_SUBPACKAGES = ("logging", "zoo", "eval", "attention", "quant", "kernels", "testing", "caching", "calibration",
+                "runtime")
 
 
 def __getattr__(name: str):

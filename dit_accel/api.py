@@ -25,7 +25,7 @@ from .stats import Stats
 
 _HANDLE = "_dit_accel"
 DYNAMIC_ACTIVATION_MODES = ("fp8_dynamic", "int8_dynamic")  # torchao modes that quantize activations per call
-logger = logging.getLogger("dit_accel")
+logger = logging.getLogger(__name__)  # under the "dit_accel" logger (dit_accel.logging)
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -54,6 +54,12 @@ def _check_attachable(name: str, module: torch.nn.Module, policy: Policy) -> Non
         raise PolicyError(f"{name} has diffusers' own cache enabled ({type(module._cache_config).__name__}); two "
                           "caches "
                           f"would both run: call {name}.disable_cache() first")
+    # cache-dit (>= 1.0) marks what its enable_cache patched: transformer._is_cached = True beside its own
+    # _context_manager / _original_forward (the pipeline's class gets _is_cached and _original_call)
+    if module.__dict__.get("_is_cached") is True and any(k in module.__dict__ for k in ("_context_manager",
+                                                                                     "_original_forward")):
+        raise PolicyError(f"{name} has cache-dit's cache attached (cache_dit.enable_cache); two caches would both "
+                          "run: call cache_dit.disable_cache(pipe) first")
     if policy.quant is not None and any(p.is_meta for p in module.parameters()):
         raise PolicyError(f"{name} has parameters on the meta device (weights not loaded); quant.linear needs real "
                           "weights: load them (or move the model to a device) before dit_accel.accelerate")

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from .config import ConfigBase, PolicyError, option
 
-logger = logging.getLogger("dit_accel")
+logger = logging.getLogger(__name__)  # under the "dit_accel" logger (dit_accel.logging)
 
 
 @dataclass(frozen=True)

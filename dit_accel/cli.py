@@ -83,22 +83,31 @@ def _methods_text() -> str:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    if args.model is not None and args.model.startswith("tiny-") and args.model not in _tiny_models():
-        raise PolicyError(f"unknown tiny model {args.model!r}; choose one of {', '.join(_tiny_models())}")
     run_demo(model=args.model, policies=args.policies, steps=args.steps, repeats=args.repeats,
-             out_dir=None if args.no_images else args.out, batch=args.batch)
+             out_dir=None if args.no_images else args.out, batch=args.batch, progress=not args.quiet)
     return 0
 
 
 def _presets(args: argparse.Namespace) -> int:
+    """One line per preset: each section's set fields, calibrated tables summarised by their size."""
+    from .config import ConfigBase, describe_value
     from .policy import load_policy, preset_names
 
     width = max(len(n) for n in preset_names())
     for name in preset_names():
         policy = load_policy(name)
-        parts = [f"{section}: {getattr(policy, section).to_dict()}" for section in ("cache", "guidance")
-                 if getattr(policy, section, None) is not None]
+        parts = []
+        for f in dataclasses.fields(policy):
+            section = getattr(policy, f.name)
+            if f.name == "calibrated_for" and section is not None:
+                parts.append(f"calibrated for {getattr(section, 'model', '?')} ({getattr(section, 'blocks', '?')} "
+                             "blocks)")
+            elif isinstance(section, ConfigBase):
+                fields = section.to_dict()
+                parts.append(f"{f.name}: " + ", ".join(f"{k}={describe_value(v, limit=4)}" for k, v in fields.items()
+                                                       if v is not None))
         print(f"{name:<{width}}  {'; '.join(parts) or 'no acceleration'}")
+    print("dit-accel show NAME prints a preset in full (--explain: with every option's docs).")
     return 0
 
 
@@ -220,10 +229,12 @@ def _configure_demo(p: argparse.ArgumentParser) -> None:
                         "(default: fbcache, fora, and for the reference model its calibrated teacache/magcache "
                         "presets)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's own)")
-    p.add_argument("--repeats", type=int, default=1, help="timed calls per variant (median)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed rounds, all variants interleaved in each; time = median ± half the range")
     p.add_argument("--batch", type=int, default=4, help="images per call for the reference model")
     p.add_argument("--out", default="dit_accel_demo", help="folder for demo_grid.png")
     p.add_argument("--no-images", action="store_true", help="do not write the image grid")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr (the table still prints)")
     p.set_defaults(func=_demo)
 
 

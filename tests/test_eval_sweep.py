@@ -63,6 +63,8 @@ def test_generation_keys_depend_on_content_not_names():
     ({**BASE, "timing": {"repeats": 0}}, "timing.repeats"),
     ({**BASE, "lpips": {"netz": "alex"}}, "lpips: unknown key"),
     ({**BASE, "models": [{"kwargs": {}}]}, "models\\[0\\]"),
+    ({**BASE, "context_parallel": 1}, "context_parallel: expected the number of processes"),
+    ({**BASE, "context_parallel": "two"}, "context_parallel"),
 ])
 def test_errors_name_the_field(data, message):
     with pytest.raises(SweepError, match=message):

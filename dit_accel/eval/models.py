@@ -114,7 +114,7 @@ def _zoo(name: str, device: torch.device, dtype: torch.dtype | None, kwargs: dic
 def _pretrained(name: str, device: torch.device, dtype: torch.dtype | None, kwargs: dict) -> EvalModel:
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(name, torch_dtype=dtype or torch.bfloat16).to(device)
+    pipe = DiffusionPipeline.from_pretrained(name, dtype=dtype or torch.bfloat16).to(device)  # torch_dtype: deprecated
     pipe.set_progress_bar_config(disable=True)
     is_video = "num_frames" in inspect.signature(pipe.__call__).parameters
 

@@ -214,10 +214,66 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def markdown_to_html(text: str) -> str:
+    """The subset of Markdown the report writes, as HTML: ``#``/``##`` headings, pipe tables (``\\|`` inside a
+    cell), ``![alt](src)`` images, ``- `` lists, paragraphs; inline ``code``, ``**bold**`` and ``[text](url)``."""
+    out: list[str] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i].rstrip()
+        if not line:
+            i += 1
+        elif match := re.match(r"(#{1,6}) (.*)", line):
+            level = len(match.group(1))
+            out.append(f"<h{level}>{_inline(match.group(2))}</h{level}>")
+            i += 1
+        elif (match := re.fullmatch(r"!\[(.*?)\]\((.*?)\)", line)):
+            out.append(f'<p><img src="{html.escape(match.group(2))}" alt="{html.escape(match.group(1))}"></p>')
+            i += 1
+        elif line.startswith("|"):
+            block = []
+            while i < len(lines) and lines[i].startswith("|"):
+                block.append(_cells(lines[i]))
+                i += 1
+            header, body = block[0], [r for r in block[1:] if not all(re.fullmatch(r":?-+:?", c) for c in r)]
+            head = "".join(f"<th>{_inline(c)}</th>" for c in header)
+            rows = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in body)
+            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        elif line.startswith("- "):
+            items = []
+            while i < len(lines) and lines[i].startswith("- "):
+                items.append(f"<li>{_inline(lines[i][2:])}</li>")
+                i += 1
+            out.append("<ul>" + "".join(items) + "</ul>")
+        else:
+            para = [line.strip()]
+            i += 1
+            while i < len(lines) and lines[i].strip() and not re.match(r"(#{1,6} |\||- |!\[)", lines[i]):
+                para.append(lines[i].strip())
+                i += 1
+            out.append(f"<p>{_inline(' '.join(para))}</p>")
+    return "\n".join(out)
+
+
+def _cells(line: str) -> list[str]:
+    inner = line.strip()[1:]
+    inner = inner[:-1] if inner.endswith("|") and not inner.endswith("\\|") else inner
+    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", inner)]
+
+
+def _inline(text: str) -> str:
+    parts = re.split(r"(`[^`]*`)", text)
+    out = []
+    for part in parts:
+        if len(part) >= 2 and part.startswith("`") and part.endswith("`"):
+            out.append(f"<code>{html.escape(part[1:-1])}</code>")
+            continue
+        part = html.escape(part, quote=False)
+        part = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", part)
+        part = re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r'<a href="\2">\1</a>', part)
+        out.append(part)
+    return "".join(out)
 
 
 def _notes(df) -> list[str]:
@@ -261,18 +317,15 @@ def write_report(store: ResultStore | str | Path, out_dir: str | Path | None = N
     versions = sorted({f"torch {r['torch']}, diffusers {r['diffusers']}" for _, r in df.iterrows() if "torch" in r})
     md += ["", f"Devices: {', '.join(devices)}; {'; '.join(versions)}.", ""]
     md += [f"- {n}" for n in _notes(df)]
-    html_parts = ["<h1>dit_accel evaluation report</h1>"] + [f"<p>{html.escape(line)}</p>" for line in md[2:] if line]
     written: dict[str, Path] = {}
     for (sweep, model), part in df.groupby(["sweep", "model"], sort=False):
         header, rows, present = model_table(part)
         title = f"{model} — sweep {sweep}"
         md += ["", f"## {title}", "", _md_table(header, rows)]
-        html_parts += [f"<h2>{html.escape(title)}</h2>", _html_table(header, rows)]
         if present:
             png = plot_model(part.reset_index(drop=True), present, out / f"{_slug(sweep)}__{_slug(model)}.png", title)
             written[f"png:{sweep}:{model}"] = png
             md += ["", f"![{title}]({png.name})"]
-            html_parts.append(f'<img src="{html.escape(png.name)}" alt="{html.escape(title)}">')
     out.mkdir(parents=True, exist_ok=True)
     if "md" in formats:
         written["md"] = out / "report.md"
@@ -282,5 +335,6 @@ def write_report(store: ResultStore | str | Path, out_dir: str | Path | None = N
         style = ("body{font-family:sans-serif;max-width:1400px;margin:auto}table{border-collapse:collapse;"
                  "font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}")
         written["html"].write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>dit_accel report"
-                                   f"</title><style>{style}</style></head><body>{''.join(html_parts)}</body></html>\n")
+                                   f"</title><style>{style}</style></head><body>\n{markdown_to_html(chr(10).join(md))}\n"
+                                   "</body></html>\n")
     return written

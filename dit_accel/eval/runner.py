@@ -14,10 +14,15 @@ For each model, in two phases separated by a barrier:
    and one ``config`` row is written per configuration.
 
 A run that is killed loses only the row in progress; running the same sweep again finishes the rest.
+
+With ``context_parallel: N`` (launched on N processes) nothing is split: every process runs every
+generation and timing together, each computing its share of the tokens (diffusers' Ulysses context
+parallelism); rank 0 writes the rows and outputs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import os
@@ -70,6 +75,28 @@ def _device(requested: str, state: Any) -> torch.device:
     return torch.device("cpu") if dev.type == "cpu" else dev
 
 
+def _enable_context_parallel(model: EvalModel, degree: int) -> list[str]:
+    """Spread every generation of ``model`` over the launch's processes (diffusers' Ulysses context
+    parallelism on each transformer of its pipeline). On CPU, diffusers' device choice (``rank %
+    torch.accelerator.device_count()``) is given the world size for the call, as there are no devices.
+    Returns the components that now run context-parallel."""
+    from unittest import mock
+
+    from diffusers import ContextParallelConfig
+
+    cpu = model.device.type == "cpu"
+    count = mock.patch.object(torch.accelerator, "device_count", lambda: degree) if cpu else contextlib.nullcontext()
+    for name in api.TRANSFORMER_COMPONENTS:
+        transformer = getattr(model.pipe, name, None)
+        if isinstance(transformer, torch.nn.Module) and getattr(transformer, "_parallel_config", None) is None:
+            if cpu:
+                transformer.set_attention_backend("native")  # the CPU backend that supports context parallelism
+            with count:
+                transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
+    return [name for name in api.TRANSFORMER_COMPONENTS
+            if getattr(getattr(model.pipe, name, None), "_parallel_config", None) is not None]
+
+
 def _versions() -> dict[str, str]:
     import diffusers
 
@@ -91,7 +118,11 @@ class SweepRunner:
         self.state = _state(spec.device)
         self.device = _device(spec.device, self.state)
         self.rank, self.world = self.state.process_index, self.state.num_processes
-        self.store = ResultStore(root, rank=self.rank)
+        # context parallel: every process runs every generation (its shard of it) and so every row; rank 0
+        # writes them, the others keep theirs in memory, so all ranks take the same path in lockstep
+        self.cp = spec.context_parallel
+        self.store = ResultStore(root, rank=self.rank, persist=self.cp is None or self.rank == 0)
+        self.parallel: dict | None = None
         self.suite = MetricSuite(spec, self.device)
         self.settings_key = digest(spec.metric_settings())
         self.progress = progress
@@ -107,9 +138,18 @@ class SweepRunner:
         self.spec.validate()  # a spec built or changed in code is checked as a parsed one is
         if max_samples is not None and self.world > 1:
             raise ValueError("max_samples works in single-process runs only")
+        if self.cp is not None and self.cp != self.world:
+            raise ValueError(f"context_parallel: {self.cp} spreads each generation over {self.cp} processes; this "
+                             f"launch has {self.world} (torchrun --nproc-per-node {self.cp} ...)")
         for spec_model in self.spec.models:
             model = load_model(spec_model.name, spec_model.kwargs, self.device, spec_model.dtype,
                                base_dir=self.spec.base_dir)
+            self.parallel = None  # recorded in the config rows: what actually runs context-parallel
+            if self.cp is not None:
+                self.parallel = {"degree": self.cp, "components": _enable_context_parallel(model, self.cp)}
+                if not self.parallel["components"]:
+                    raise ValueError(f"context_parallel: {spec_model.display} has no transformer that diffusers "
+                                     "can run context-parallel")
             try:
                 plan = self._plan(model)
                 self.log(f"[{spec_model.display}] {len(plan)} (seed, condition) pairs × "
@@ -173,7 +213,7 @@ class SweepRunner:
             out = model.generate(cond, seed, variant.steps)
             stats = {"blocks_computed_share": 1.0, "attention_density": 1.0}
         record = {"output": out.detach().float().cpu(), "stats": stats, "seconds": time.perf_counter() - t0}
-        self.store.save_output(key, record)
+        self.store.save_output(key, record, media=model.output)
         summary.generated += 1
         return record
 
@@ -181,7 +221,7 @@ class SweepRunner:
                  max_samples: int | None) -> bool:
         from tqdm.auto import tqdm
 
-        mine = plan[self.rank::self.world]
+        mine = plan if self.cp is not None else plan[self.rank::self.world]
         work = [(seed, cond, v) for seed, cond in mine for steps in self.spec.steps for v in self.spec.variants(steps)]
         todo = [w for w in work if not self.store.has("sample", self._sample_key(spec_model, w[2], w[0], w[1]))]
         summary.samples_skipped += len(work) - len(todo)
@@ -207,7 +247,7 @@ class SweepRunner:
 
     # --------------------------------------------------------------- configs
     def _configs(self, spec_model: ModelSpec, model: EvalModel, plan: list, summary: RunSummary) -> None:
-        for steps in self.spec.steps[self.rank::self.world]:
+        for steps in self.spec.steps if self.cp is not None else self.spec.steps[self.rank::self.world]:
             variants = self.spec.variants(steps)
             pending = [v for v in variants if not self.store.has("config", self._config_key(spec_model, v, plan))]
             summary.configs_skipped += len(variants) - len(pending)
@@ -234,7 +274,7 @@ class SweepRunner:
                        / max(t["transformer_ms_per_step"] * v.steps, 1e-12),
                        **_aggregate(rows[v.label]), "fid": self._fid(spec_model, model, v, plan),
                        "settings": self.spec.metric_settings(), "timing_settings": self.spec.timing,
-                       **self.meta, "time": time.time()}
+                       **self.meta, "context_parallel": self.parallel, "time": time.time()}
                 self.store.add("config", self._config_key(spec_model, v, plan), row)
                 summary.configs += 1
 

@@ -27,6 +27,8 @@ class MetricSuite:
         self._lpips: Any = None
         self._clip: Any = None
         self._fid: dict[str, Any] = {}
+        # a missing package fails here, before the first sample is generated
+        metrics.check_requirements(spec.metrics, spec.lpips, spec.fid)
 
     # -------------------------------------------------------------- per sample
     def sample(self, output: torch.Tensor, reference: torch.Tensor | None, kind: str,

@@ -14,11 +14,13 @@ A sweep file (YAML) or dict::
     classes: 4               # class-conditional models
     fewer_steps: [1.5, 2, 3] # the naive competitor: baseline with steps / f
     metrics: [psnr, rel_l2, ssim, lpips, fid, clip]
-    lpips: {net: alex}       # or stlpips-alex, or {backbone: "py:module:factory"}
-    fid: {feature: inception, reference: baseline}   # inception | fid-helper | py:...; baseline | PATH
+    lpips: {net: stlpips-alex}  # default; or alex | vgg | squeeze (standard), or {backbone: "py:module:factory"}
+    fid: {feature: fid-helper, reference: baseline}  # fid-helper (default) | inception | py:...; baseline | PATH
     clip: {model: openai/clip-vit-large-patch14}     # or py:module:factory returning (model, processor)
     timing: {warmup: 1, repeats: 3}
     device: auto             # auto | cpu | cuda | cuda:N
+    context_parallel: null   # N: every generation spread over the N processes of the launch (diffusers'
+                             # Ulysses context parallelism); null: the processes share out the seeds
 
 The whole spec is checked before anything runs (:meth:`SweepSpec.validate`, called by ``from_dict`` /
 ``from_yaml``): every model name resolves (tiny families, installed zoo models, importable ``py:`` factories,
@@ -114,12 +116,14 @@ class SweepSpec:
     classes: Any = 4
     fewer_steps: list[float] = field(default_factory=lambda: [1.5, 2.0, 3.0])
     metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
-    lpips: dict = field(default_factory=lambda: {"net": "alex"})
-    fid: dict = field(default_factory=lambda: {"feature": "inception", "reference": "baseline"})
+    # defaults: the networks the eval extra ships offline (ST-LPIPS also needs torchvision; see metrics.py)
+    lpips: dict = field(default_factory=lambda: {"net": "stlpips-alex"})
+    fid: dict = field(default_factory=lambda: {"feature": "fid-helper", "reference": "baseline"})
     clip: dict = field(default_factory=lambda: {"model": "openai/clip-vit-large-patch14"})
     timing: dict = field(default_factory=lambda: {"warmup": 1, "repeats": 3})
     device: str = "auto"
     store: str | None = None
+    context_parallel: int | None = None  # Ulysses degree: one generation over all processes (None: seeds sharded)
     base_dir: str | None = None  # folder of the sweep file, for relative paths
 
     # ------------------------------------------------------------------ parsing
@@ -147,7 +151,7 @@ class SweepSpec:
         if not isinstance(data, Mapping):
             raise SweepError(f"a sweep spec is a mapping of fields, got {type(data).__name__}")
         allowed = ["name", "models", "policies", "steps", "seeds", "prompts", "classes", "fewer_steps", "metrics",
-                   "lpips", "fid", "clip", "timing", "device", "store"]
+                   "lpips", "fid", "clip", "timing", "device", "store", "context_parallel"]
         unknown = sorted(set(data) - set(allowed))
         if unknown:
             raise SweepError(f"unknown sweep field(s) {unknown}; allowed: {allowed}")
@@ -176,8 +180,13 @@ class SweepSpec:
             timing=_section(data, "timing", defaults.timing, ("warmup", "repeats")),
             device=str(data.get("device", "auto")),
             store=data.get("store"),
+            context_parallel=None if data.get("context_parallel") is None
+            else _positive_int(data["context_parallel"], "context_parallel"),
             base_dir=base_dir,
         )
+        if spec.context_parallel is not None and spec.context_parallel < 2:
+            raise SweepError(f"context_parallel: expected the number of processes (>= 2) to spread each generation "
+                             f"over, got {spec.context_parallel}; leave it out to share out the seeds instead")
         for k in ("warmup", "repeats"):
             if not isinstance(spec.timing[k], int) or spec.timing[k] < (1 if k == "repeats" else 0):
                 raise SweepError(f"timing.{k}: expected an integer >= {1 if k == 'repeats' else 0}, "

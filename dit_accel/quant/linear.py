@@ -37,11 +37,10 @@ __all__ = ["LinearQuantHandle", "quantize_linears", "torchao_available", "candid
 
 
 def torchao_available() -> bool:
-    try:
-        import torchao  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether torchao is installed (looked up, not imported: importing it loads its C extensions)."""
+    import importlib.util
+
+    return importlib.util.find_spec("torchao") is not None
 
 
 def _torchao_config(mode: str, granularity: str):

@@ -27,7 +27,7 @@ from diffusers.utils import BaseOutput
 from .sampling import FlowSamplerMixin, to_output
 from .text import encode_prompts, unknown_words
 
-logger = logging.getLogger("dit_accel")
+logger = logging.getLogger(__name__)  # under the "dit_accel" logger (dit_accel.logging)
 
 
 @dataclass
