@@ -31,14 +31,16 @@ _EXPORTS = {
     "PolicyError": ".config",
     **dict.fromkeys(("Policy", "load_policy", "preset_names"), ".policy"),
     "Stats": ".stats",
+    "tune": ".eval.tune",
+    "bottleneck_sample": ".sampling",
 }
 
 __all__ = ["Policy", "PolicyError", "Stats", "accelerate", "accelerated", "calibrate", "inspect", "is_accelerated",
            "load_policy",
-           "policy_of", "preset_names", "remove", "reset", "stats", "__version__"]
+           "policy_of", "preset_names", "remove", "reset", "stats", "tune", "bottleneck_sample", "__version__"]
 
 _SUBPACKAGES = ("logging", "zoo", "eval", "attention", "quant", "kernels", "testing", "caching", "calibration",
-                "runtime")
+                "runtime", "sampling")
 
 
 def __getattr__(name: str):

@@ -9,6 +9,7 @@ quantized linears — and attaches them, all or nothing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from typing import Any, Iterator, Sequence
 
@@ -17,10 +18,14 @@ import torch
 from .adapters import TRANSFORMER_COMPONENTS, BlockInfo, ModelAdapter, get_adapter
 from .caching.adaptive_guidance import AdaptiveGuidance, cfg_order_for
 from .caching.base import method_for
+from .caching.linear_ag import LinearAG, LinearAGConfig
 from .config import PolicyError
 from .inspection import Inspection
 from .policy import Policy, PolicyLike, load_policy
+from .quant import LinearQuantConfig
 from .runtime import AttentionFeature, CacheFeature, CompileFeature, Feature, GuidanceFeature, QuantFeature, Runtime
+from .runtime.guardrails import Guard
+from .runtime.linear_guidance import LinearGuidanceFeature
 from .stats import Stats
 
 _HANDLE = "_dit_accel"
@@ -118,25 +123,44 @@ def features(policy: Policy, adapter: ModelAdapter, blocks: list[BlockInfo], pip
         if adapter.cfg_layout == "none":
             raise PolicyError(f"guidance: the {adapter.family} adapter runs no classifier-free guidance "
                               "(cfg_layout 'none'); remove the guidance section")
-        if pipeline is None and config.guidance_scale is None:
-            raise PolicyError("guidance.guidance_scale is required for a bare transformer (there is no "
-                              "pipeline to read the guidance scale from)")
-        guidance = AdaptiveGuidance(config, adapter.cfg_layout, cfg_order_for(pipeline, config, adapter.cfg_layout))
-        out.append(GuidanceFeature(guidance, component))
+        if isinstance(config, LinearAGConfig):  # LinearAG: replaces the unconditional evaluation on chosen steps
+            linear = LinearAG(config, adapter.cfg_layout, cfg_order_for(pipeline, config, adapter.cfg_layout))
+            out.append(LinearGuidanceFeature(linear, component))
+        else:
+            if pipeline is None and config.guidance_scale is None:
+                raise PolicyError("guidance.guidance_scale is required for a bare transformer (there is no "
+                                  "pipeline to read the guidance scale from)")
+            guidance = AdaptiveGuidance(config, adapter.cfg_layout, cfg_order_for(pipeline, config, adapter.cfg_layout))
+            out.append(GuidanceFeature(guidance, component))
     if policy.cache is not None:
-        out.append(CacheFeature(method_for(policy.cache)(policy.cache, blocks, adapter)))  # validates the plan
+        guard = Guard(policy.guardrails) if policy.guardrails is not None and policy.guardrails.enabled else None
+        out.append(CacheFeature(method_for(policy.cache)(policy.cache, blocks, adapter), guard))  # validates the plan
     if policy.attention is not None:
         out.append(AttentionFeature(policy.attention, len(blocks)))
     if policy.quant is not None:
-        out.append(QuantFeature(policy.quant))
+        out.append(QuantFeature(quant_config_for(policy, adapter, blocks)))
         compiled = any(b.module.__dict__.get("_compiled_call_impl") is not None for b in blocks)
         if policy.quant.linear in DYNAMIC_ACTIVATION_MODES and policy.compile is None and not compiled:
             logger.warning("dit_accel: quant.linear=%s quantizes activations in separate kernels when the blocks are "
                            "not compiled, which is slower than bf16 (measured 0.4-0.7x); add `compile: {mode: "
                            "regional}` to the policy (or compile the blocks yourself)", policy.quant.linear)
     if policy.compile is not None:
-        out.append(CompileFeature(policy.compile))
+        out.append(CompileFeature(policy.compile, routed_attention=policy.attention is not None))
     return out
+
+
+def quant_config_for(policy: Policy, adapter: ModelAdapter, blocks: Sequence[BlockInfo]) -> LinearQuantConfig:
+    """The ``quant`` section as applied: with ``attention_projections: auto`` and an ``attention`` section, the
+    linears of the attention modules its processor routes stay in full precision under the dynamic-activation
+    modes. That processor decides per call outside compiled code, so those projections run eager, where
+    activation quantization is separate kernels: on the Wan2.1-1.3B shape, FP8 on them made the compiled
+    sparse + FORA composition 13 % slower (``benchmarks/results/compose_wan_h200.md``)."""
+    cfg = policy.quant
+    if (policy.attention is None or cfg.attention_projections != "auto"
+            or cfg.linear not in DYNAMIC_ACTIVATION_MODES):
+        return cfg
+    routed = tuple(f"{b.name}.{adapter.attention_module}.*" for b in blocks)
+    return dataclasses.replace(cfg, skip=(*cfg.skip, *routed))
 
 
 def runtimes_of(target: Any) -> dict[str, Runtime]:

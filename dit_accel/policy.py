@@ -18,6 +18,7 @@ from .attention.config import AttentionConfig
 from .calibrated_for import CalibratedFor
 from .compile_config import CompileConfig
 from .config import ConfigBase, PolicyError, unknown_key_error
+from .guardrail_config import GuardrailConfig
 from .caching.base import CacheConfig, cache_config_from_dict, guidance_config_from_dict, guidance_config_types
 from .presets import preset_names  # noqa: F401  (re-exported: dit_accel.preset_names)
 from .quant.config import LinearQuantConfig
@@ -37,6 +38,7 @@ class Policy:
     quant: LinearQuantConfig | None = None  # linear layers through torchao (dit_accel.quant)
     calibrated_for: CalibratedFor | None = None  # what dit_accel.calibrate ran on (checked when applied)
     compile: CompileConfig | None = None  # regional torch.compile of the blocks, applied by accelerate
+    guardrails: GuardrailConfig | None = None  # fall back to computing on unfamiliar calls (dit_accel.guardrail_config)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -61,6 +63,10 @@ class Policy:
             if isinstance(self.compile, ConfigBase):
                 raise PolicyError(f"compile: expected a compile section, got {type(self.compile).__name__}")
             object.__setattr__(self, "compile", CompileConfig.from_dict(self.compile))
+        if self.guardrails is not None and not isinstance(self.guardrails, GuardrailConfig):
+            if isinstance(self.guardrails, ConfigBase):
+                raise PolicyError(f"guardrails: expected a guardrails section, got {type(self.guardrails).__name__}")
+            object.__setattr__(self, "guardrails", GuardrailConfig.from_dict(self.guardrails))
         if self.calibrated_for is not None and not isinstance(self.calibrated_for, CalibratedFor):
             if isinstance(self.calibrated_for, ConfigBase):
                 raise PolicyError("calibrated_for: expected a calibration record, got "
@@ -87,7 +93,9 @@ class Policy:
                    quant=None if data.get("quant") is None else LinearQuantConfig.from_dict(data["quant"]),
                    calibrated_for=None if data.get("calibrated_for") is None
                    else CalibratedFor.from_dict(data["calibrated_for"]),
-                   compile=None if data.get("compile") is None else CompileConfig.from_dict(data["compile"]))
+                   compile=None if data.get("compile") is None else CompileConfig.from_dict(data["compile"]),
+                   guardrails=None if data.get("guardrails") is None
+                   else GuardrailConfig.from_dict(data["guardrails"]))
 
     def to_dict(self) -> dict[str, Any]:
         """``{"name", "cache"}``, plus ``"guidance"`` when the policy has a guidance section."""
@@ -102,6 +110,8 @@ class Policy:
             d["compile"] = self.compile.to_dict()
         if self.calibrated_for is not None:
             d["calibrated_for"] = self.calibrated_for.to_dict()
+        if self.guardrails is not None:
+            d["guardrails"] = self.guardrails.to_dict()
         return d
 
     def to_yaml(self) -> str:
@@ -116,6 +126,21 @@ class Policy:
         from . import sidecar
 
         return sidecar.save(self.to_dict(), path, inline=inline)
+
+    def save_pretrained(self, folder: str | Path, card: Mapping[str, Any] | None = None) -> Path:
+        """Save as a shareable folder: ``policy.yaml`` + sidecar + a model card ``README.md`` (``card``: extra
+        headings -> tables, e.g. what it was measured at; :mod:`dit_accel.policy_folder`). Returns the folder."""
+        from . import policy_folder
+
+        return policy_folder.save_folder(self.to_dict(), folder, card)
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | Path, revision: str | None = None) -> "Policy":
+        """Load a folder written by :meth:`save_pretrained`, a policy YAML, or a Hugging Face Hub repository holding
+        one (downloaded with ``huggingface_hub.snapshot_download``)."""
+        from . import policy_folder
+
+        return cls.from_dict(policy_folder.load_folder(path_or_hub_id, revision))
 
     def replace(self, **cache_changes: Any) -> "Policy":
         """A copy with some cache fields changed, validated again: ``policy.replace(threshold=0.2)``."""

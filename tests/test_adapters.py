@@ -19,7 +19,8 @@ from torch import nn
 import dit_accel
 from dit_accel import PolicyError
 from dit_accel.adapters import ADAPTERS, get_adapter, supported_classes
-from dit_accel.testing import CFG_LAYOUT, FAMILIES, tiny_call_kwargs, tiny_pipeline, tiny_transformer
+from dit_accel.testing import (CFG_LAYOUT, FAMILIES, family_names, get_family, tiny_call_kwargs, tiny_pipeline,
+                               tiny_transformer)
 
 from helpers import TRANSFORMER_CLASSES
 
@@ -402,3 +403,113 @@ def test_duplicate_block_lists_are_refused():
     finally:
         assert not dit_accel.is_accelerated(model)
         assert hook_snapshot(model) == before
+
+
+# ---------------------------------------------------------------------------------------------------
+# Coverage families (tier 2): the same checks, against what their tiny pipelines really run
+# ---------------------------------------------------------------------------------------------------
+
+COVERAGE = family_names(tier=2)
+
+
+@functools.lru_cache(maxsize=None)
+def observed_call(family: str) -> dict:
+    """One tiny call of ``family`` watched: the order blocks run in (first transformer call), the first
+    transformer call's and first block call's arguments, what the first block's attention receives, the
+    modulated input the adapter computes, and the query length of that attention's SDPA call."""
+    pipe = cached_pipeline(family)
+    tr = pipe.transformer
+    adapter = get_adapter(tr)
+    blocks = adapter.blocks(tr)
+    first = blocks[0]
+    attention = getattr(first.module, adapter.attention_module)
+    record: dict = {"order": [], "calls": 0}
+
+    def on_call(module, args, kwargs):
+        record["calls"] += 1
+        record.setdefault("transformer", (args, dict(kwargs)))
+
+    def on_block(index):
+        def hook(module, args, kwargs):
+            if record["calls"] == 1:
+                record["order"].append(index)
+            if index == 0 and "modulated" not in record:
+                record["block"] = (args, dict(kwargs))
+                record["modulated"] = adapter.modulated_input(first, args, kwargs)
+        return hook
+
+    def on_attention(module, args, kwargs):
+        if "attention_input" not in record:
+            record["attention_input"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    class SDPALength(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.scaled_dot_product_attention and "sdpa" not in record:
+                record["sdpa"] = (args[0] if args else kwargs["query"]).shape[-2]
+            return func(*args, **(kwargs or {}))
+
+    def attention_call(module, args, kwargs):
+        if "sdpa_mode" not in record:
+            record["sdpa_mode"] = SDPALength()
+            record["sdpa_mode"].__enter__()
+
+    def attention_done(module, args, output):
+        mode = record.get("sdpa_mode")
+        if mode is not None and not record.get("sdpa_done"):
+            record["sdpa_done"] = True
+            mode.__exit__(None, None, None)
+
+    handles = [attention.register_forward_hook(attention_done)]
+    try:
+        with torch_pre_hooks((tr, on_call), *[(b.module, on_block(b.index)) for b in blocks], (attention, on_attention),
+                             (attention, attention_call)):
+            run_pipeline(family)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return record
+
+
+@pytest.mark.parametrize("family", COVERAGE)
+def test_coverage_adapter_matches_the_model(family):
+    record = get_family(family)
+    pipe = cached_pipeline(family)
+    tr = pipe.transformer
+    adapter = get_adapter(tr)
+    assert type(tr).__name__ == record.transformer_class and adapter is ADAPTERS[record.transformer_class]
+    assert adapter.text_position in ("joint_first", "joint_last", "cross")
+    blocks = adapter.blocks(tr)
+    seen = observed_call(family)
+    assert len(blocks) >= 4 and seen["order"] == list(range(len(blocks)))  # every block, in execution order
+
+    # the modulated input is what the first block's attention receives, and not the raw block input
+    modulated, attention_input = seen["modulated"], seen["attention_input"]
+    assert modulated.shape == attention_input.shape and modulated.dtype == attention_input.dtype
+    assert torch.allclose(modulated, attention_input, rtol=0, atol=1e-6)
+    raw = call_arguments(blocks[0].module, *seen["block"])[blocks[0].meta.hidden_states_argument_name]
+    assert raw.shape != attention_input.shape or not torch.allclose(raw, attention_input, atol=1e-3)
+
+    # token layout: the visual grid covers the tokens the blocks process, the text tokens the rest of a joint
+    # sequence; the first attention's SDPA runs over exactly these tokens
+    layout = adapter.token_layout(tr, *seen["transformer"])
+    hidden = call_arguments(blocks[0].module, *seen["block"])[blocks[0].meta.hidden_states_argument_name]
+    joint = adapter.text_position != "cross"
+    stream = hidden.shape[1] if hidden.dim() == 3 else None
+    if adapter.sparse_unsupported is None:
+        assert seen["sdpa"] == layout.visual_tokens + (layout.text_tokens if joint else 0), (seen["sdpa"], layout)
+    if stream is not None:
+        assert stream in (layout.visual_tokens, layout.visual_tokens + layout.text_tokens)
+    assert layout.visual_tokens >= 4 and layout.text_tokens > 0
+
+
+@pytest.mark.parametrize("family", COVERAGE)
+def test_coverage_cfg_layout_matches_the_pipeline(family):
+    """The record's CFG layout is what the tiny call runs: calls per step and batch per call."""
+    record = get_family(family)
+    seen = observed_call(family)
+    batch = call_arguments(cached_pipeline(family).transformer, *seen["transformer"])["hidden_states"]
+    batch = batch[0].shape[0] if isinstance(batch, list) else batch.shape[0]
+    per_step = seen["calls"] // tiny_call_kwargs(family)["num_inference_steps"]
+    assert (per_step, batch) == {"separate": (2, 1), "batched": (1, 2), "none": (1, 1)}[record.cfg_layout]
+    adapter = get_adapter(cached_pipeline(family).transformer)
+    assert adapter.cfg_layout == record.cfg_layout or record.cfg_layout == "none"  # none: a call without CFG

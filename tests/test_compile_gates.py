@@ -135,6 +135,35 @@ def test_compile_section_compiles_the_blocks_and_remove_uncompiles_them(caplog):
         dit_accel.load_policy({"compile": {"mode": "whole"}})
 
 
+SPARSE = {"sparse": {"method": "topp", "density": 0.5}, "block_size": 16}
+
+
+def test_compile_section_beside_sparse_attention_compiles_with_graph_breaks():
+    # the sparse processor decides each attention call outside compiled code: fullgraph unset means false there
+    tr = tiny_transformer("flux")
+    policy = {"attention": SPARSE, "compile": {"backend": "eager"}}
+    dit_accel.accelerate(tr, dit_accel.load_policy({"attention": SPARSE}))
+    expected = flux_call(tr)()
+    dit_accel.remove(tr)
+    dit_accel.accelerate(tr, policy)
+    try:
+        got = flux_call(tr)()
+        assert dit_accel.stats(tr).extra["compile"] == "regional (eager, fullgraph=False)"
+        assert all(b.__dict__.get("_compiled_call_impl") is not None for b in blocks_of(tr))
+    finally:
+        dit_accel.remove(tr)
+        torch._dynamo.reset()
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_fullgraph_true_beside_sparse_attention_is_refused_before_anything_is_applied():
+    tr = tiny_transformer("flux")
+    with pytest.raises(dit_accel.PolicyError, match="compile.fullgraph"):
+        dit_accel.accelerate(tr, {"attention": SPARSE, "compile": {"backend": "eager", "fullgraph": True}})
+    assert not dit_accel.is_accelerated(tr)
+    assert all(b.__dict__.get("_compiled_call_impl") is None for b in blocks_of(tr))
+
+
 def test_dynamic_activation_quantization_without_compile_warns(caplog):
     pytest.importorskip("torchao")
     tr = tiny_transformer("flux")

@@ -193,3 +193,21 @@ def test_ertacache_beats_fora_and_timestep_adjustment_helps_on_the_trained_model
     assert results["adjusted"][0] >= results["fora"][0] + 1.0, results
     assert results["adjusted"][0] >= results["unadjusted"][0] + 0.3, results
     assert results["adjusted"][0] >= 27.53 - 1.0, results
+
+
+def test_timestep_adjustment_is_refused_for_multistep_schedulers():
+    """Output scaling is a timestep change only for first-order Euler steps: UniPC (Wan's default) is refused with
+    the way out in the message; without the adjustment the calibration runs and the schedule reuses."""
+    from diffusers import UniPCMultistepScheduler
+
+    pipe = tiny_pipeline("wan")
+    pipe.scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    with pytest.raises(dit_accel.PolicyError, match="UniPCMultistepScheduler.*timestep_adjust: false"):
+        dit_accel.calibrate(pipe, PROMPTS[:1], {"cache": {"method": "ertacache", "budget": 0.5}},
+                            **call_kwargs("wan", 6))
+    policy = dit_accel.calibrate(pipe, PROMPTS[:1], {"cache": {"method": "ertacache", "budget": 0.5,
+                                                               "timestep_adjust": False}}, **call_kwargs("wan", 6))
+    assert policy.cache.step_scale is None and policy.calibrated_for.scheduler == "UniPCMultistepScheduler"
+    with dit_accel.accelerated(pipe, policy):
+        pipe(prompt="a cat", **call_kwargs("wan", 6))
+        assert dit_accel.stats(pipe).blocks_reused > 0

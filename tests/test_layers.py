@@ -18,13 +18,13 @@ ROOT = Path(dit_accel.__file__).parent
 # Lowest first; a unit may import units of its own layer or below (never a cycle, see below).
 LAYERS: list[set[str]] = [
     {"config", "context", "outputs", "batching", "stats", "inspection", "calibrated_for", "sidecar", "presets",
-     "logging", "compile_config"},
+     "logging", "compile_config", "guardrail_config", "policy_folder"},
     {"adapters", "kernels"},
     {"attention", "quant", "caching"},
     {"policy"},
     {"runtime"},
     {"api"},
-    {"calibration", "testing", "zoo"},
+    {"calibration", "testing", "zoo", "sampling"},
     {"eval", "demo", "cli", "__init__"},
 ]
 

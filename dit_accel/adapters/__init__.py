@@ -3,6 +3,7 @@
 from .base import (ADAPTERS, TRANSFORMER_COMPONENTS, BlockInfo, ModelAdapter, TokenLayout, get_adapter,
                    register_adapter, supported_classes)
 from .families import TIER1
+from . import image, video  # noqa: F401,E402  (register the coverage families' adapters)
 
 __all__ = ["ADAPTERS", "TRANSFORMER_COMPONENTS", "BlockInfo", "ModelAdapter", "TIER1", "TokenLayout", "get_adapter",
            "register_adapter",

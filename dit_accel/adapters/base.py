@@ -89,6 +89,11 @@ class ModelAdapter:
 
     ``inplace_safe``: the family's blocks never modify their inputs in place (checked for the
     tier-1 diffusers blocks), so inputs made under ``torch.inference_mode`` need no defensive copy.
+    ``sparse_unsupported``: why block-sparse attention does not apply to the family (None: it does — the
+    blocks' ``attention_module`` is softmax self-attention over the visual tokens through SDPA, with a
+    processor that can be replaced), e.g. linear attention (Sana).
+    ``text_fn``: the number of text tokens in the blocks' joint attention sequence, when it is not the
+    length of the call's ``encoder_hidden_states`` (e.g. a model that reads its text from another argument).
     """
 
     family: str
@@ -101,6 +106,8 @@ class ModelAdapter:
     modulated_input_fn: Callable[[torch.nn.Module, TransformerBlockMetadata, tuple, dict], torch.Tensor] | None = None
     grid_fn: Callable[[torch.nn.Module, tuple, dict], tuple[int, int, int]] | None = None
     inplace_safe: bool = True
+    sparse_unsupported: str | None = None
+    text_fn: Callable[[torch.nn.Module, tuple, dict], int] | None = None
     notes: str = field(default="", compare=False)
 
     def blocks(self, transformer: torch.nn.Module) -> list[BlockInfo]:
@@ -136,8 +143,13 @@ class ModelAdapter:
 
     def token_layout(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> TokenLayout:
         """Text tokens, their place in attention, and the (frames, height, width) token grid of a call."""
-        enc = kwargs.get("encoder_hidden_states")
-        text = 0 if enc is None or self.text_position == "none" else int(enc.shape[1])
+        if self.text_position == "none":
+            text = 0
+        elif self.text_fn is not None:
+            text = int(self.text_fn(transformer, args, kwargs))
+        else:
+            enc = kwargs.get("encoder_hidden_states")
+            text = 0 if enc is None else int(enc.shape[1])
         if self.grid_fn is None:
             raise PolicyError(f"the {self.family} adapter does not know the token grid")
         return TokenLayout(text, self.text_position, self.grid_fn(transformer, args, kwargs))
@@ -170,7 +182,9 @@ def get_adapter(transformer: torch.nn.Module, blocks: Sequence[str] | None = Non
                             cfg_layout=known.cfg_layout if known else "none",
                             block_returns=tuple(block_returns) if block_returns else None,
                             modulated_input_fn=known.modulated_input_fn if known else None,
-                            grid_fn=known.grid_fn if known else None, inplace_safe=known is not None)
+                            grid_fn=known.grid_fn if known else None, inplace_safe=known is not None,
+                            sparse_unsupported=known.sparse_unsupported if known else None,
+                            text_fn=known.text_fn if known else None)
     for cls in type(transformer).__mro__:
         if cls.__name__ in ADAPTERS:
             return ADAPTERS[cls.__name__]

@@ -17,9 +17,11 @@ It calibrates per-block feature similarities offline and derives a static per-bl
 * **Bubbling Union**: a refreshed block must not consume stale upstream features, so whenever a
   block is recomputed at step t every block above it (closer to the input) is recomputed at t
   too: U_i ← U_i ∪ ⋃_{j>i} U_j. The union bubbles all the way up the stack, so on every step
-  the computed blocks form a prefix 0..k_t−1 of the stack. (The paper triggers the union from
-  FFN-heavy blocks; DiT blocks are homogeneous attention + FFN blocks, so every block triggers
-  here. ``bubbling: false`` turns the rule off.)
+  the computed blocks form a prefix 0..k_t−1 of the stack. **Departure that matters**: the paper
+  caches attention and FFN *sub-blocks* separately and its Bubbling Union updates only the few
+  upstream blocks whose caching error is significant, triggered from downstream FFN blocks; here
+  every whole block triggers it, so every schedule degenerates into "compute the first k_t blocks"
+  (sub-block BAC is not implemented). ``bubbling: false`` turns the rule off.
 * **Budget**: ``budget`` is the share of block evaluations computed; the schedule computes
   exactly N = round(budget · blocks · steps) block evaluations per branch. The union makes the
   per-block counts interdependent, so :func:`schedule` takes the largest uniform per-block

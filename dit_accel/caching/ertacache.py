@@ -33,12 +33,14 @@ compensate the remaining drift. What is implemented here:
   φ_t = Σ⟨v̂_t, v_t⟩ / Σ‖v̂_t‖² over the calibration generations (least squares: the rescaled cached
   update Δt̃·v̂_t best matches the reference update Δt·v_t), 1 on computed steps. The sampler's
   update on a reused step is x + Δt·v̂; a hook cannot change the scheduler's Δt, so we multiply the
-  model output by φ_t instead — for the Euler update of flow-matching samplers (FLUX, SD3, Wan,
-  HunyuanVideo, the reference model), x + Δt·(φ·v̂) = x + (φ·Δt)·v̂, exactly the adjusted interval;
-  for other samplers (DDPM/DPM-Solver ε-prediction) it is the same least-squares correction of the
-  reused prediction, not literally a timestep change. The least-squares fit on the cached trajectory
-  is ours (the paper's abstract: "dynamically adjusts integration intervals via a trajectory-aware
-  correction coefficient").
+  model output by φ_t instead — for a first-order Euler update (``FlowMatchEulerDiscreteScheduler``:
+  FLUX, SD3, HunyuanVideo, the reference models), x + Δt·(φ·v̂) = x + (φ·Δt)·v̂, exactly the adjusted
+  interval. Multistep solvers (UniPC: Wan's and Wan 2.2's default; DPM-Solver: PixArt, CogVideoX) mix the
+  scaled output into later steps' extrapolations, so output scaling is not a timestep change there:
+  calibration with ``timestep_adjust: true`` is refused for any scheduler outside :data:`EULER_SCHEDULERS`
+  (set ``timestep_adjust: false``, or swap in ``FlowMatchEulerDiscreteScheduler``). The least-squares fit
+  on the cached trajectory is ours (the paper's abstract: "dynamically adjusts integration intervals via a
+  trajectory-aware correction coefficient").
   Inner products are estimated on a fixed random sketch of ``sketch_size`` output elements. Cost at
   run time: one multiply of the output on reused steps; calibration runs the prompts twice. On the
   reference model (cifar10_dit, 20 Euler steps) it adds +0.7 dB PSNR at budget 0.35 and +1.4 dB at
@@ -47,7 +49,7 @@ compensate the remaining drift. What is implemented here:
 The decision reads only the calibrated tables (no host sync). A call with another step count
 than the calibration maps each step to the calibrated one at the same relative position and
 reuses without rectification or timestep adjustment (the fitted values belong to the calibrated step
-gaps).
+gaps); a warning says so once per transformer, naming both step counts.
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ from .base import CacheConfig, CacheMethod, CachePlan, CacheState, branch_table,
 from .records import Records
 
 logger = logging.getLogger("dit_accel")
+
+#: first-order Euler schedulers: scaling the model output of a step is exactly scaling its interval
+EULER_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "EulerDiscreteScheduler")
 
 
 def _numbers(value, where: str, positive: bool = False) -> None:
@@ -133,7 +138,7 @@ class ERTACacheConfig(CacheConfig):
 class ERTACache(CacheMethod):
     record_options = {"per_block": True}
     exact = {"budget": 1.0}
-    reusing = {"budget": 0.5}
+    reusing = {"budget": 0.5, "timestep_adjust": False}  # the timestep adjustment needs an Euler scheduler
 
     def __init__(self, config: ERTACacheConfig, blocks, adapter) -> None:
         super().__init__(config, blocks, adapter)
@@ -197,6 +202,14 @@ class ERTACache(CacheMethod):
         """Profile the whole-stack residual: the optimal schedule under the budget, then α_t, β_t.
         (φ_t needs a second pass over the pipeline: :meth:`output_pass` / :meth:`refined`.)"""
         records.require("stack_fit", "ertacache", "record with RecordConfig(per_block=True)")
+        scheduler = getattr(records.calibrated_for, "scheduler", None)
+        if config.timestep_adjust and config.budget < 1.0 and scheduler is not None \
+                and scheduler not in EULER_SCHEDULERS:
+            raise PolicyError(f"cache.timestep_adjust: ERTACache adjusts a step's interval by scaling the model "
+                              f"output, which is exact only for first-order Euler schedulers "
+                              f"({', '.join(EULER_SCHEDULERS)}); the pipeline runs {scheduler} (multistep). Set "
+                              "timestep_adjust: false (residual rectification still applies), or calibrate and "
+                              "serve with FlowMatchEulerDiscreteScheduler")
         if config.rectify:
             errors = records.pairwise(lambda row: [f[2] for f in row["stack_fit"]])
         else:

@@ -25,10 +25,11 @@ from ..policy import Policy, PolicyLike, load_policy
 from ..quant import quantized
 from ..runtime.parallel import shard_group
 from .passes import OutputTap, RandomState
+from .guardrails import record_guardrails
 from .recorder import RecordConfig, Recorder, attention_statistics
 
 __all__ = ["RecordConfig", "Recorder", "Records", "attention_statistics", "calibrate", "call_arguments",
-           "fit_polynomial", "record"]
+           "fit_polynomial", "record", "record_guardrails"]
 
 
 def call_arguments(prompt: str | dict, call_kwargs: dict) -> dict:
@@ -139,6 +140,13 @@ def calibrate(pipe: Any, prompts: Sequence[str | dict] | str | dict, policy: Pol
 
         with quantized(pipe, policy.quant):
             policy = calibrate_attention(pipe, prompts, policy, **call_kwargs)
+        if policy.cache is None or not hasattr(method_for(policy.cache), "calibrated"):
+            return policy
+    if getattr(policy.guidance, "needs_calibration", False):  # LinearAG coefficients (calibration/guidance.py)
+        from .guidance import calibrate_linear_ag
+
+        with quantized(pipe, policy.quant):
+            policy = calibrate_linear_ag(pipe, prompts, policy, call_arguments, **call_kwargs)
         if policy.cache is None or not hasattr(method_for(policy.cache), "calibrated"):
             return policy
     if policy.cache is None:

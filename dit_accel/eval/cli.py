@@ -1,4 +1,4 @@
-"""``dit-accel eval``, ``dit-accel sweep`` and ``dit-accel report`` (added to the ``dit-accel`` command line)."""
+"""``dit-accel eval``, ``sweep``, ``tune`` and ``report`` (added to the ``dit-accel`` command line)."""
 
 from __future__ import annotations
 
@@ -120,6 +120,57 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune_inputs(args: argparse.Namespace) -> tuple[Any, list, list | None, dict]:
+    """(pipeline, search prompts, held-out prompts or None, call arguments) for ``dit-accel tune``."""
+    from .prompts import load_prompts
+
+    name = args.model
+    if name.startswith("zoo:"):
+        from .. import zoo
+
+        pipe = zoo.load(name[len("zoo:"):])
+        call = {k: v for k, v in pipe.defaults.items() if k != "num_inference_steps"}
+        call["num_inference_steps"] = args.steps or pipe.defaults["num_inference_steps"]
+        held = [zoo.class_conditions(pipe, [c]) for c in args.holdout_classes] if args.holdout_classes else None
+        return pipe, [zoo.class_conditions(pipe, [c]) for c in args.classes], held, call
+    if name.startswith("tiny-"):
+        from ..testing import tiny_call_kwargs, tiny_pipeline
+
+        family = name[len("tiny-"):]
+        pipe = tiny_pipeline(family)
+        call = {k: v for k, v in tiny_call_kwargs(family).items()
+                if k not in ("prompt", "class_labels", "generator", "num_inference_steps")}
+        call["num_inference_steps"] = args.steps or 8
+        if family == "dit":
+            held = [{"class_labels": [c]} for c in args.holdout_classes] if args.holdout_classes else None
+            return pipe, [{"class_labels": [c]} for c in args.classes], held, call
+        return pipe, load_prompts(args.prompts), None, call
+    from .models import load_model
+
+    model = load_model(name, device=args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu"))
+    call = {"num_inference_steps": args.steps} if args.steps else {}
+    return model.pipe, load_prompts(args.prompts), None, call
+
+
+@_clean_errors
+def _tune(args: argparse.Namespace) -> int:
+    from .tune import tune
+
+    pipe, prompts, held, call = _tune_inputs(args)
+    result = tune(pipe, prompts, target_speedup=args.target, metric=args.metric, budget_minutes=args.budget,
+                  seeds=args.seeds, holdout_seeds=args.holdout_seeds, holdout_prompts=held, methods=args.methods,
+                  speed=args.speed, timing_repeats=args.repeats, store=args.store, progress=not args.no_progress,
+                  **call)
+    print(result.table())
+    if result.policy is None:
+        return 1
+    if args.out:
+        print(f"policy folder: {result.save_pretrained(args.out)} (dit_accel.Policy.from_pretrained)")
+    else:
+        print(result.policy.to_yaml())
+    return 0
+
+
 def _common_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None,
                    help="auto (one GPU per process when CUDA is available, else CPU), cpu or cuda")
@@ -129,7 +180,7 @@ def _common_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def register_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``eval``, ``sweep`` and ``report`` to the ``dit-accel`` sub-commands (imports no torch)."""
+    """Add ``eval``, ``sweep``, ``tune`` and ``report`` to the ``dit-accel`` sub-commands (imports no torch)."""
     from ..presets import preset_names
     from ..testing import FAMILIES
 
@@ -184,6 +235,34 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--name", default="eval", help="sweep name recorded in the rows")
     _common_run_options(ev)
     ev.set_defaults(func=_eval)
+
+    tn = sub.add_parser(
+        "tune", formatter_class=fmt, help="find the best validated policy for a target speed-up on a model",
+        description="Calibrate and search method x parameters (successive halving over prompts and seeds), "
+                    "validate the best on held-out seeds beside the fewer-steps competitor at the same compute "
+                    "share, time them, and print the result; exit status 1 when no policy met the target and beat "
+                    "fewer steps. See docs/tuning.md.")
+    tn.add_argument("--model", default="zoo:cifar10_dit",
+                    help="zoo:NAME (trained reference model), tiny-FAMILY, or a diffusers pipeline id/folder")
+    tn.add_argument("--target", type=float, default=2.5, help="target speed-up")
+    tn.add_argument("--metric", default="psnr", choices=["psnr", "ssim", "lpips", "rel_l2"])
+    tn.add_argument("--budget", type=float, default=10.0, help="search budget in minutes (validation comes on top)")
+    tn.add_argument("--steps", type=int, default=None, help="denoising steps you serve (default: the model's)")
+    tn.add_argument("--classes", nargs="+", type=int, default=[1, 7], help="search classes (class-conditional / zoo)")
+    tn.add_argument("--holdout-classes", nargs="*", type=int, default=[0, 3],
+                    help="held-out classes (default: none given = the search classes)")
+    tn.add_argument("--prompts", default="builtin:4", help="search prompts of text models (see dit-accel eval)")
+    tn.add_argument("--seeds", type=int, default=1, help="search seeds per prompt")
+    tn.add_argument("--holdout-seeds", type=int, default=2, help="held-out seeds per prompt (1000, 1001, ...)")
+    tn.add_argument("--methods", nargs="+", default=None, help="methods to search (default: all; see docs/tuning.md)")
+    tn.add_argument("--speed", default="wall", choices=["wall", "transformer", "compute"],
+                    help="what must reach the target: end-to-end wall-clock, transformer time, or the compute bound")
+    tn.add_argument("--repeats", type=int, default=3, help="timed rounds (median and spread)")
+    tn.add_argument("--store", default=None, help="results store folder (resumable; default: in memory)")
+    tn.add_argument("--out", default=None, help="save the tuned policy folder here (policy.yaml + card)")
+    tn.add_argument("--device", default=None, help="device of diffusers pipelines (zoo and tiny models: cpu)")
+    tn.add_argument("--no-progress", action="store_true", help="no progress bars")
+    tn.set_defaults(func=_tune)
 
     rep = sub.add_parser(
         "report", formatter_class=fmt, help="write a Markdown/HTML report with Pareto plots from a results store",

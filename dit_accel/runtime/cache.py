@@ -23,6 +23,7 @@ from ..caching.base import BlockCall, CacheMethod, CacheState, Kept, Residual, k
 from .blocks import block_inputs, block_outputs, pack_outputs
 from ..context import StepContext
 from .feature import COMPUTE, Call, Feature, Host
+from .guardrails import Guard
 from .state import tensor_bytes
 
 logger = logging.getLogger("dit_accel")
@@ -91,8 +92,9 @@ class CacheFeature(Feature):
 
     name = "cache"
 
-    def __init__(self, method: CacheMethod) -> None:
+    def __init__(self, method: CacheMethod, guard: Guard | None = None) -> None:
         self.method = method
+        self.guard = guard  # the policy's guardrails (runtime/guardrails.py), or None
         self.host: Host | None = None
         plan = method.plan
         roles: dict[int, _Role] = {}
@@ -101,13 +103,18 @@ class CacheFeature(Feature):
                 roles[i] = _Role(rid, i == start, i == end - 1, i in plan.watch_inputs, i in plan.watch_outputs)
         for i in plan.watch_inputs | plan.watch_outputs:
             roles.setdefault(i, _Role(None, False, False, i in plan.watch_inputs, i in plan.watch_outputs))
+        if guard is not None:  # the guard reads the first block's input on every call
+            roles.setdefault(0, _Role(None, False, False, False, False))
         self.roles = roles
+        self._forced = False  # a guarded recompute in progress: every range computes
         self._warned: set[str] = set()
         self.new_generation()
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def attach(self, host: Host) -> None:
         self.host = host
+        if self.guard is not None:
+            self.guard.attach(host)
 
     def gated_blocks(self) -> set[int]:
         return set(self.roles)
@@ -120,6 +127,10 @@ class CacheFeature(Feature):
         self.states: list[CacheState] = []
         self._inputs: dict[int, tuple[Kept | None, Kept | None]] = {}
         self._links: dict[int, RangeLinks] = {}
+        self._reused_now: list[int] = []
+        self._guarded = False
+        if self.guard is not None:
+            self.guard.new_generation()
 
     def release(self) -> None:
         if self.states:
@@ -127,6 +138,8 @@ class CacheFeature(Feature):
             self.mixed_batch += sum(s.mixed_batch for s in self.states)
         self.states = []
         self._inputs, self._links = {}, {}
+        if self.guard is not None:
+            self.guard.release()
 
     def new_state(self, ctx: StepContext) -> CacheState:
         state = self.method.State(ctx=ctx)
@@ -138,6 +151,9 @@ class CacheFeature(Feature):
         state: CacheState = call.slots[self.name]
         state.ctx = call.ctx
         self._inputs, self._links = {}, {}
+        self._reused_now, self._guarded = [], False
+        if self.guard is not None:
+            self.guard.before_call(call)
 
     def after_call(self, call: Call, output: Any) -> Any | None:
         state: CacheState | None = call.slots.get(self.name)
@@ -147,7 +163,25 @@ class CacheFeature(Feature):
         if state.modified_inplace:
             state.modified_inplace = False
             call.inputs_modified_in_place()
+        if self.guard is not None:
+            if self._guarded:
+                self.guard.count_fallback(call)
+            if self._reused_now and self.guard.needs_recompute(adjusted if adjusted is not None else output):
+                return self._recompute(call)
         return adjusted
+
+    def _recompute(self, call: Call) -> Any:
+        """Guardrails: run the call again with every range computed (its reused work gave NaN / inf)."""
+        self._forced = True
+        try:
+            fresh = self.host.transformer.forward(*call.args, **call.kwargs)
+        finally:
+            self._forced = False
+        for rid in self._reused_now:
+            self.range_reused[rid] -= 1
+        self._reused_now = []
+        self.guard.count_recompute()
+        return fresh
 
     def enter_block(self, index: int, args: tuple, kwargs: dict, call: Call) -> Any:
         state: CacheState | None = call.slots.get(self.name)
@@ -157,15 +191,22 @@ class CacheFeature(Feature):
         block = self.host.blocks[index]
         method = self.method
         rid = role.range_id
+        if index == 0 and self.guard is not None and not self._forced:
+            self.guard.observe_input(block_inputs(block, args, kwargs)[0], call)
         if role.watch_in:
             method.on_input(BlockCall(block, args, kwargs), state)
         if rid is None:
             return COMPUTE
         if role.is_start:
-            reuse = method.should_reuse(rid, state)
+            reuse = False if self._forced else method.should_reuse(rid, state)
+            # ---- guardrails: the one place they act (dit_accel.runtime.guardrails) ----
+            if reuse and self.guard is not None and not self.guard.allow_reuse():
+                reuse, self._guarded = False, True
+            # ----------------------------------------------------------------------------
             state.reuse[rid] = reuse
             if reuse:
                 self.range_reused[rid] += 1
+                self._reused_now.append(rid)
             else:
                 hidden, encoder = block_inputs(block, args, kwargs)
                 self._inputs[rid] = (keep(state, hidden), keep(state, encoder))
@@ -231,6 +272,9 @@ class CacheFeature(Feature):
             for i in range(start, end):
                 reused[i] += n
         live = sum(tensor_bytes(s) for s in self.states)
-        return {"method": self.method.describe(), "reused": reused,
-                "mixed_batch_decisions": self.mixed_batch + sum(s.mixed_batch for s in self.states),
-                "cache_bytes": live if self.states else self.released_bytes, "held_bytes": live}
+        out = {"method": self.method.describe(), "reused": reused,
+               "mixed_batch_decisions": self.mixed_batch + sum(s.mixed_batch for s in self.states),
+               "cache_bytes": live if self.states else self.released_bytes, "held_bytes": live}
+        if self.guard is not None:
+            out["guardrails"] = self.guard.stats()  # Stats.extra["guardrails"]
+        return out

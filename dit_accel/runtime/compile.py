@@ -19,14 +19,16 @@ class CompileFeature(Feature):
 
     name = "compile"
 
-    def __init__(self, config: CompileConfig) -> None:
+    def __init__(self, config: CompileConfig, routed_attention: bool = False) -> None:
         self.config = config
+        self.routed_attention = routed_attention  # an attention feature's processors sit in the blocks
+        self.fullgraph = config.resolved_fullgraph(routed_attention)  # raises before anything is applied
         self.compiled: list = []
 
     def attach(self, host: Host) -> None:
         if self.config.mode == "none":
             return
-        options = self.config.options()
+        options = self.config.options(self.routed_attention)
         for block in host.blocks:
             module = block.module
             if module.__dict__.get("_compiled_call_impl") is None:
@@ -39,4 +41,4 @@ class CompileFeature(Feature):
         self.compiled = []
 
     def stats(self) -> dict[str, Any]:
-        return {"compile": f"{self.config.mode} ({self.config.backend}, fullgraph={self.config.fullgraph})"}
+        return {"compile": f"{self.config.mode} ({self.config.backend}, fullgraph={self.fullgraph})"}

@@ -18,6 +18,11 @@ encoders and VAEs are in :mod:`dit_accel.testing.components`. ``FAMILIES`` lists
   not a second pass).
 
 Note DiT stacks [cond, uncond] (class labels, then the null class); the others stack [uncond, cond].
+
+``FAMILIES`` and ``CFG_LAYOUT`` are the tier-1 families. The coverage families (tier 2: Qwen-Image, FLUX.2,
+Sana, LTX-Video, Mochi, ... in :mod:`~dit_accel.testing.image_families` / :mod:`~dit_accel.testing.video_families`)
+are called with seeded text embeddings instead of prompts; ``family_names(tier=None)`` lists every family and
+:mod:`dit_accel.testing.coverage` writes the report of every diffusers transformer class (docs/models.md).
 Importing this package imports neither torch nor diffusers (the builders do, when called).
 """
 
@@ -26,6 +31,8 @@ from __future__ import annotations
 from typing import Any
 
 from . import families as _families  # noqa: F401  (registers the built-in families)
+from . import image_families as _image_families  # noqa: F401  (the image coverage families, tier 2)
+from . import video_families as _video_families  # noqa: F401  (the video coverage families, tier 2)
 from .build import tiny_call_kwargs, tiny_generate, tiny_pipeline, tiny_transformer
 from .components import CLIP_LEN, NEGATIVE_PROMPT, PROMPT, TEXT_LEN
 from .components import _seeded, _tokenizer  # noqa: F401  (the names of testing.py, kept)

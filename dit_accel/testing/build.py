@@ -83,7 +83,8 @@ def tiny_pipeline(family: str, seed: int = 0) -> "DiffusionPipeline":
 def tiny_call_kwargs(family: str, seed: int = 0, **overrides: Any) -> dict[str, Any]:
     """Keyword arguments for one small ``pipe(**kwargs)`` call of :func:`tiny_pipeline` (family).
 
-    A short prompt (class labels for DiT), ``num_inference_steps=4``, the smallest sizes that keep a
+    A short prompt (class labels for DiT, seeded text embeddings for ``prompt_embeds`` families),
+    ``num_inference_steps=4``, the smallest sizes that keep a
     2x2 token grid (and >= 2 latent frames for video), a ``torch.Generator("cpu").manual_seed(seed)``,
     ``output_type="latent"`` (``"pt"`` for DiT, which always decodes), ``max_sequence_length=16`` and
     classifier-free guidance in the family's natural layout (see :data:`CFG_LAYOUT`). ``overrides`` are
@@ -93,7 +94,12 @@ def tiny_call_kwargs(family: str, seed: int = 0, **overrides: Any) -> dict[str, 
     import torch
 
     record = get_family(family)
-    kwargs: dict[str, Any] = {} if record.class_labels else {"prompt": PROMPT, "output_type": "latent"}
+    if record.class_labels:
+        kwargs: dict[str, Any] = {}
+    elif record.prompt_embeds:  # the record's call_kwargs give seeded text embeddings instead of a prompt
+        kwargs = {"output_type": "latent"}
+    else:
+        kwargs = {"prompt": PROMPT, "output_type": "latent"}
     kwargs.update(num_inference_steps=STEPS, generator=torch.Generator("cpu").manual_seed(seed))
     kwargs.update(record.call_kwargs())
     prompt = overrides.get("prompt")

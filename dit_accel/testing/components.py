@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedTokenizerFast
 
 __all__ = ["CLIP_LEN", "NEGATIVE_PROMPT", "PROMPT", "TEXT_LEN", "clip_text_encoder", "kl_vae", "llama_text_encoder",
-           "seeded", "t5_text_encoder", "tokenizer", "vocab"]
+           "seeded", "t5_text_encoder", "text_embeds", "tokenizer", "vocab"]
 
 # Prompt length (tokens) of the T5 / UMT5 / Llama encoders in tiny calls. CogVideoX's transformer bakes
 # its text length into its positional embedding, so it is built with this ``max_text_seq_length``.
@@ -176,6 +176,18 @@ def llama_text_encoder(hidden: int = 16) -> "torch.nn.Module":
         **_TOKEN_IDS,
     )
     return LlamaModel(config)
+
+
+def text_embeds(dim: int, tokens: int = TEXT_LEN, batch: int = 1, seed: int = 0) -> "torch.Tensor":
+    """Seeded random text-encoder states [batch, tokens, dim] for the ``prompt_embeds`` families.
+
+    Row ``i`` comes from seed ``seed + i`` (its own generator: the global RNG is untouched), so a batch of two
+    starts with the single-row embedding of the same seed.
+    """
+    import torch
+
+    rows = [torch.randn(1, tokens, dim, generator=torch.Generator("cpu").manual_seed(seed + i)) for i in range(batch)]
+    return torch.cat(rows)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -6,8 +6,10 @@ Flux/SD3/PixArt: 16 px / VAE 2 / patch 2 -> 4x4 tokens; DiT: sample_size 8 laten
 Wan/HunyuanVideo/CogVideoX: 32 px / VAE 8 / patch 2 -> 2x2 tokens; Wan/HunyuanVideo: 5 frames -> 2
 latent frames; CogVideoX: 9 frames -> 3 latent frames (its VAE decodes an odd latent count to 4k + 1).
 
-Adding a family: its adapter in ``dit_accel/adapters/families.py``, a record here (the builders import
-diffusers inside, so importing this module stays cheap), a row in the README's family table.
+Adding a family: its adapter in ``dit_accel/adapters/`` (``families.py`` tier 1, ``image.py`` / ``video.py``
+the coverage families), a record here or in ``image_families.py`` / ``video_families.py`` (the builders import
+diffusers inside, so importing this module stays cheap), then regenerate the coverage report:
+``python -m dit_accel.testing.coverage --write docs/models.md``.
 """
 
 from __future__ import annotations

@@ -46,7 +46,15 @@ class TinyFamily:
     (``resolution``: overrides giving another resolution, None for a fixed one; ``batch``: overrides giving
     two conditions; ``per_prompt_argument``: the pipeline's outputs-per-prompt argument, None when it has
     none), ``attention_size`` (overrides giving several 16-token blocks of visual tokens, for sparse
-    attention) and ``conformance`` (whether the suite runs the family at all; each family adds ~160 cases).
+    attention) and ``conformance`` (True: the suite's full matrix, ~160 cases; False: its light set only —
+    off/remove bit-exact, state reset, every caching method once, sparse attention where it applies).
+
+    Coverage families (``tier=2``): every diffusers transformer class beyond tier 1 that builds offline. They
+    are left out of ``FAMILIES`` / ``CFG_LAYOUT`` (the tier-1 tests and tools) and listed by
+    ``family_names(tier=None)``; ``get_family`` and the builders take any registered family. ``prompt_embeds``
+    families are called with seeded random text embeddings instead of a prompt (no text encoder or tokenizer is
+    built): their ``call_kwargs`` return the embeddings, and ``batch`` / ``calibration_prompts`` may be
+    callables (so that importing the registry imports no torch) returning the mapping / tuple.
     """
 
     name: str
@@ -58,12 +66,15 @@ class TinyFamily:
     cfg_layout: str
     output_shape: tuple[int, ...]
     class_labels: bool = False
-    calibration_prompts: tuple = CALIBRATION_PROMPTS
+    calibration_prompts: tuple | Callable[[], tuple] = CALIBRATION_PROMPTS
     resolution: Mapping[str, Any] | None = None
-    batch: Mapping[str, Any] = field(default_factory=lambda: {"prompt": list(TWO_PROMPTS)})
+    batch: Mapping[str, Any] | Callable[[], Mapping[str, Any]] = field(
+        default_factory=lambda: {"prompt": list(TWO_PROMPTS)})
     per_prompt_argument: str | None = None
     attention_size: Mapping[str, Any] = field(default_factory=dict)
     conformance: bool = True
+    tier: int = 1
+    prompt_embeds: bool = False
     notes: str = ""
 
     def __post_init__(self) -> None:
@@ -74,6 +85,16 @@ class TinyFamily:
         for name in ("transformer", "pipeline", "call_kwargs"):
             if not callable(getattr(self, name)):
                 raise ValueError(f"{self.name}: {name} must be callable")
+        if self.tier not in (1, 2):
+            raise ValueError(f"{self.name}: tier {self.tier!r} is not 1 or 2")
+        if self.tier == 2 and self.conformance:
+            raise ValueError(f"{self.name}: coverage families (tier 2) run the conformance suite's light set "
+                             "(conformance=False)")
+
+    def calibration_inputs(self) -> tuple:
+        """``calibration_prompts`` as a tuple (a callable is called)."""
+        prompts = self.calibration_prompts
+        return tuple(prompts() if callable(prompts) else prompts)
 
     def changes(self, steps: int = 6) -> dict[str, dict[str, Any]]:
         """Call changes the family supports, name -> call overrides, in this order: other ``steps``,
@@ -81,7 +102,8 @@ class TinyFamily:
         out: dict[str, dict[str, Any]] = {"steps": {"num_inference_steps": steps}}
         if self.resolution is not None:
             out["resolution"] = dict(self.resolution)
-        out["batch"] = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in self.batch.items()}
+        batch = self.batch() if callable(self.batch) else self.batch
+        out["batch"] = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in batch.items()}
         if self.per_prompt_argument is not None:
             out["per_prompt"] = {self.per_prompt_argument: 2}
         return out
@@ -90,7 +112,7 @@ class TinyFamily:
 _REGISTRY: dict[str, TinyFamily] = {}
 
 # How classifier-free guidance runs in one call made with ``tiny_call_kwargs(family)`` (see
-# ``TinyFamily.cfg_layout``), kept up to date by ``register_family``.
+# ``TinyFamily.cfg_layout``) for each family of ``FAMILIES`` (tier 1), kept up to date by ``register_family``.
 # Note DiT stacks [cond, uncond] (class labels, then the null class); the others stack [uncond, cond].
 CFG_LAYOUT: dict[str, str] = {}
 
@@ -102,13 +124,14 @@ def register_family(family: TinyFamily, *, replace: bool = False) -> TinyFamily:
     if family.name in _REGISTRY and not replace:
         raise ValueError(f"tiny family {family.name!r} is already registered (pass replace=True)")
     _REGISTRY[family.name] = family
-    CFG_LAYOUT[family.name] = family.cfg_layout
+    if family.tier == 1:
+        CFG_LAYOUT[family.name] = family.cfg_layout
     return family
 
 
-def family_names() -> tuple[str, ...]:
-    """The registered families, in registration order."""
-    return tuple(_REGISTRY)
+def family_names(tier: int | None = 1) -> tuple[str, ...]:
+    """The registered families of ``tier`` (None: every tier), in registration order."""
+    return tuple(name for name, record in _REGISTRY.items() if tier is None or record.tier == tier)
 
 
 def get_family(name: str) -> TinyFamily:

@@ -91,6 +91,8 @@ class ClassConditionalPipeline(FlowSamplerMixin, DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
+        height: int | None = None,
+        width: int | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""Generate one image per entry of ``class_labels``.
 
@@ -104,13 +106,16 @@ class ClassConditionalPipeline(FlowSamplerMixin, DiffusionPipeline):
             output_type: ``"pil"`` (list of PIL images), ``"np"`` (``B x H x W x C`` float in [0, 1]),
                 ``"pt"`` (``B x C x H x W`` float tensor in [0, 1]) or ``"raw"`` (model space, about [-1, 1]).
             callback_on_step_end: optional ``fn(pipe, step_index, timestep, {"latents": x}) -> dict``.
+            height, width: image size (default: the training size ``sample_size``; multiples of the patch size,
+                other sizes are out of distribution).
         """
         num_inference_steps, guidance_scale = self._settings(num_inference_steps, guidance_scale)
         device = self._execution_device
         tr = self.transformer
         labels = self._label_tensor(class_labels, device)
         size, channels = int(tr.config.sample_size), int(tr.config.in_channels)
-        latents = self._initial((labels.shape[0], channels, size, size), generator, latents, device, tr.dtype)
+        latents = self._initial((labels.shape[0], channels, height or size, width or size), generator, latents,
+                                device, tr.dtype)
         null = torch.full_like(labels, self.null_class_id)
         labels_cfg = torch.cat([null, labels], 0)
 

@@ -96,6 +96,8 @@ class TextToImagePipeline(_TextPipelineMixin, DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
+        height: int | None = None,
+        width: int | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""One image per prompt.
 
@@ -106,6 +108,8 @@ class TextToImagePipeline(_TextPipelineMixin, DiffusionPipeline):
                 (``w <= 1``: conditional branch alone); defaults from ``pipe.defaults``.
             output_type: ``"pil"``, ``"np"`` (``B x H x W x 3`` in [0, 1]), ``"pt"`` (``B x 3 x H x W`` in [0, 1])
                 or ``"raw"`` (model space).
+            height, width: image size (default: the training size ``sample_size``; other sizes are out of
+                distribution).
         """
         steps, scale = self._settings(num_inference_steps, guidance_scale)
         prompts, negatives = self._prompts(prompt, negative_prompt)
@@ -113,7 +117,8 @@ class TextToImagePipeline(_TextPipelineMixin, DiffusionPipeline):
         do_cfg = scale > 1.0
         hidden, pooled = self.encode_prompt(negatives + prompts if do_cfg else prompts, device, tr.dtype)
         size, channels = int(tr.config.sample_size), int(tr.config.in_channels)
-        x = self._initial((len(prompts), channels, size, size), generator, latents, device, tr.dtype)
+        x = self._initial((len(prompts), channels, height or size, width or size), generator, latents, device,
+                          tr.dtype)
 
         def velocity(x: torch.Tensor, t: torch.Tensor, cfg: bool) -> torch.Tensor:
             x_in = torch.cat([x, x]) if cfg else x
