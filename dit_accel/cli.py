@@ -105,7 +105,7 @@ def _presets(args: argparse.Namespace) -> int:
             elif isinstance(section, ConfigBase):
                 fields = section.to_dict()
                 parts.append(f"{f.name}: " + ", ".join(f"{k}={describe_value(v, limit=4)}" for k, v in fields.items()
-                                                       if v is not None))
+                                                       if v is not None and v != [] and v != ()))
         print(f"{name:<{width}}  {'; '.join(parts) or 'no acceleration'}")
     print("dit-accel show NAME prints a preset in full (--explain: with every option's docs).")
     return 0
