@@ -103,9 +103,11 @@ def _presets(args: argparse.Namespace) -> int:
                 parts.append(f"calibrated for {getattr(section, 'model', '?')} ({getattr(section, 'blocks', '?')} "
                              "blocks)")
             elif isinstance(section, ConfigBase):
-                fields = section.to_dict()
+                defaults = {d.name: d.default for d in dataclasses.fields(section)}
+                fields = {k: v for k, v in section.to_dict().items() if k not in defaults or v != defaults[k]
+                          or k in ("method", "linear")}  # the fields the preset sets
                 parts.append(f"{f.name}: " + ", ".join(f"{k}={describe_value(v, limit=4)}" for k, v in fields.items()
-                                                       if v is not None and v != [] and v != ()))
+                                                       if v is not None))
         print(f"{name:<{width}}  {'; '.join(parts) or 'no acceleration'}")
     print("dit-accel show NAME prints a preset in full (--explain: with every option's docs).")
     return 0
