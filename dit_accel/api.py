@@ -9,7 +9,6 @@ quantized linears — and attaches them, all or nothing.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 from typing import Any, Iterator, Sequence
 
@@ -22,7 +21,6 @@ from .caching.linear_ag import LinearAG, LinearAGConfig
 from .config import PolicyError
 from .inspection import Inspection
 from .policy import Policy, PolicyLike, load_policy
-from .quant import LinearQuantConfig
 from .runtime import AttentionFeature, CacheFeature, CompileFeature, Feature, GuidanceFeature, QuantFeature, Runtime
 from .runtime.guardrails import Guard
 from .runtime.linear_guidance import LinearGuidanceFeature
@@ -47,8 +45,30 @@ def _transformers(target: Any) -> dict[str, torch.nn.Module]:
              if isinstance(getattr(target, name, None), torch.nn.Module)}
     if not found:
         raise PolicyError(f"{type(target).__name__} has no transformer component "
-                          f"({' or '.join(TRANSFORMER_COMPONENTS)}); pass a diffusers pipeline or a transformer module")
+                          f"({' or '.join(TRANSFORMER_COMPONENTS)}); pass a diffusers pipeline or a transformer module "
+                          "(a stage without a denoising transformer, e.g. a latent upsampler, has nothing to "
+                          "accelerate: accelerate the pipelines of the denoising stages)")
+    if len({id(m) for m in found.values()}) < len(found):
+        raise PolicyError(f"{type(target).__name__}: {' and '.join(found)} are the same module; one runtime per module "
+                          "(accelerate the transformer itself, or give the pipeline two experts)")
+    others = _other_denoisers(target, found)
+    if others:
+        raise PolicyError(
+            f"{type(target).__name__} also runs a diffusers transformer in {', '.join(others)}, which dit_accel "
+            f"accelerates only as {' or '.join(TRANSFORMER_COMPONENTS)}: accelerating the pipeline would leave it "
+            f"running untouched beside the accelerated one. Accelerate the transformers themselves "
+            f"(dit_accel.accelerate(pipe.transformer, ...)) if that is what you want")
     return found
+
+
+def _other_denoisers(target: Any, found: dict[str, torch.nn.Module]) -> list[str]:
+    """Modules a pipeline holds, besides ``found``, that are models of ``diffusers.models.transformers``
+    (diffusers 0.42.1: Ideogram4Pipeline's ``unconditional_transformer``). Read from the instance's attributes,
+    where ``register_modules`` puts every component."""
+    kept = {id(m) for m in found.values()}
+    return [name for name, module in vars(target).items()
+            if name not in found and isinstance(module, torch.nn.Module) and id(unwrap(module)) not in kept
+            and type(unwrap(module)).__module__.startswith("diffusers.models.transformers.")]
 
 
 def _check_attachable(name: str, module: torch.nn.Module, policy: Policy) -> None:
@@ -138,29 +158,15 @@ def features(policy: Policy, adapter: ModelAdapter, blocks: list[BlockInfo], pip
     if policy.attention is not None:
         out.append(AttentionFeature(policy.attention, len(blocks)))
     if policy.quant is not None:
-        out.append(QuantFeature(quant_config_for(policy, adapter, blocks)))
+        out.append(QuantFeature(policy.quant))
         compiled = any(b.module.__dict__.get("_compiled_call_impl") is not None for b in blocks)
         if policy.quant.linear in DYNAMIC_ACTIVATION_MODES and policy.compile is None and not compiled:
             logger.warning("dit_accel: quant.linear=%s quantizes activations in separate kernels when the blocks are "
                            "not compiled, which is slower than bf16 (measured 0.4-0.7x); add `compile: {mode: "
                            "regional}` to the policy (or compile the blocks yourself)", policy.quant.linear)
     if policy.compile is not None:
-        out.append(CompileFeature(policy.compile, routed_attention=policy.attention is not None))
+        out.append(CompileFeature(policy.compile))
     return out
-
-
-def quant_config_for(policy: Policy, adapter: ModelAdapter, blocks: Sequence[BlockInfo]) -> LinearQuantConfig:
-    """The ``quant`` section as applied: with ``attention_projections: auto`` and an ``attention`` section, the
-    linears of the attention modules its processor routes stay in full precision under the dynamic-activation
-    modes. That processor decides per call outside compiled code, so those projections run eager, where
-    activation quantization is separate kernels: on the Wan2.1-1.3B shape, FP8 on them made the compiled
-    sparse + FORA composition 13 % slower (``benchmarks/results/compose_wan_h200.md``)."""
-    cfg = policy.quant
-    if (policy.attention is None or cfg.attention_projections != "auto"
-            or cfg.linear not in DYNAMIC_ACTIVATION_MODES):
-        return cfg
-    routed = tuple(f"{b.name}.{adapter.attention_module}.*" for b in blocks)
-    return dataclasses.replace(cfg, skip=(*cfg.skip, *routed))
 
 
 def runtimes_of(target: Any) -> dict[str, Runtime]:

@@ -94,6 +94,15 @@ class ModelAdapter:
     processor that can be replaced), e.g. linear attention (Sana).
     ``text_fn``: the number of text tokens in the blocks' joint attention sequence, when it is not the
     length of the call's ``encoder_hidden_states`` (e.g. a model that reads its text from another argument).
+    ``group_returns``: ``block_returns`` of individual block groups, as (group, returns) pairs, for transformers
+    whose groups return differently and are not in diffusers' registry (Chroma: ``(encoder, hidden)``
+    double-stream blocks, then ``hidden``-only single-stream blocks).
+    ``join_group``: the block group from which the blocks take one joined stream that the transformer builds
+    from the text and image streams of the groups before it (``torch.cat`` in ``text_position`` order:
+    FLUX.2, Chroma, AuraFlow). A cached range across the join keeps its residual in the joined layout.
+    ``cfg_context``: False when the family's separate-CFG pipelines call the transformer outside diffusers'
+    ``cache_context`` (ChromaPipeline, Lumina2Pipeline in diffusers 0.42.1): the runtime then tells the
+    branches apart by their order within a denoising step (:class:`dit_accel.runtime.hooks.BranchOrder`).
     """
 
     family: str
@@ -108,7 +117,27 @@ class ModelAdapter:
     inplace_safe: bool = True
     sparse_unsupported: str | None = None
     text_fn: Callable[[torch.nn.Module, tuple, dict], int] | None = None
+    group_returns: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    join_group: str | None = None
+    cfg_context: bool = True
     notes: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        groups = [g for g, _ in self.group_returns]
+        if any(g not in self.block_groups for g in groups) or len(set(groups)) != len(groups):
+            raise PolicyError(f"{self.family}: group_returns names {groups}, expected distinct groups of "
+                              f"{list(self.block_groups)}")
+        if self.join_group is not None and (self.join_group not in self.block_groups[1:]
+                                            or self.text_position not in ("joint_first", "joint_last")):
+            raise PolicyError(f"{self.family}: join_group {self.join_group!r} must be a block group after the first "
+                              "of a joint-attention family (text_position joint_first / joint_last)")
+
+    def join_index(self, blocks: Sequence[BlockInfo]) -> int | None:
+        """Index of the first block that takes the joined stream (see ``join_group``), or None."""
+        if self.join_group is None:
+            return None
+        prefix = self.join_group + "."
+        return next((b.index for b in blocks if b.name.startswith(prefix)), None)
 
     def blocks(self, transformer: torch.nn.Module) -> list[BlockInfo]:
         """The transformer's blocks in execution order, flattened across groups."""
@@ -120,9 +149,10 @@ class ModelAdapter:
             if not isinstance(modules, torch.nn.ModuleList):
                 raise PolicyError(f"{type(transformer).__name__} has no block list {group!r} "
                                   f"(expected a torch.nn.ModuleList for the {self.family} adapter)")
+            returns = dict(self.group_returns).get(group, self.block_returns)
             for i, block in enumerate(modules):
-                if self.block_returns is not None:
-                    meta = metadata_from_returns(type(block), self.block_returns)
+                if returns is not None:
+                    meta = metadata_from_returns(type(block), returns)
                 else:
                     meta = block_metadata(block)
                     if meta is None:
@@ -157,6 +187,16 @@ class ModelAdapter:
 
 ADAPTERS: dict[str, ModelAdapter] = {}
 
+# Transformers refused even with hand-named block lists: what their blocks update is more than a hidden and an
+# encoder stream, so a cached residual (or a passed-through block) would leave part of the state stale or break
+# the transformer's unpacking of the block outputs.
+REFUSED: dict[str, str] = {
+    "LTX2VideoTransformer3DModel": "LTX-2 runs joint audio-video blocks: each block updates a video and an audio "
+                                   "stream (audio-video cross-attention between them) and its pipelines are two-stage "
+                                   "(a latent upsampler, then a second denoising pass)",
+    "SanaWMLTX2RefinerTransformer3DModel": "the Sana-WM refiner stage has LTX-2-style audio-video blocks",
+}
+
 
 def register_adapter(adapter: ModelAdapter) -> ModelAdapter:
     for name in adapter.model_classes:
@@ -171,6 +211,10 @@ def supported_classes() -> list[str]:
 def get_adapter(transformer: torch.nn.Module, blocks: Sequence[str] | None = None,
                 block_returns: Sequence[str] | None = None) -> ModelAdapter:
     """The adapter for ``transformer``; ``blocks`` names the block lists by hand (generic adapter)."""
+    refused = next((REFUSED[c.__name__] for c in type(transformer).__mro__ if c.__name__ in REFUSED), None)
+    if refused is not None:
+        raise PolicyError(f"{type(transformer).__name__} is not supported, also not through blocks=[...]: {refused}. "
+                          f"Supported classes: {', '.join(supported_classes())}")
     if blocks is not None:
         if isinstance(blocks, str) or not blocks or not all(isinstance(b, str) for b in blocks):
             raise PolicyError(f"blocks: expected a list of attribute names of block lists, got {blocks!r}")
@@ -184,7 +228,11 @@ def get_adapter(transformer: torch.nn.Module, blocks: Sequence[str] | None = Non
                             modulated_input_fn=known.modulated_input_fn if known else None,
                             grid_fn=known.grid_fn if known else None, inplace_safe=known is not None,
                             sparse_unsupported=known.sparse_unsupported if known else None,
-                            text_fn=known.text_fn if known else None)
+                            text_fn=known.text_fn if known else None,
+                            group_returns=tuple((g, r) for g, r in known.group_returns if g in blocks)
+                            if known and not block_returns else (),
+                            join_group=known.join_group if known and known.join_group in blocks[1:] else None,
+                            cfg_context=known.cfg_context if known else True)
     for cls in type(transformer).__mro__:
         if cls.__name__ in ADAPTERS:
             return ADAPTERS[cls.__name__]

@@ -4,7 +4,10 @@ Same contract as :mod:`dit_accel.adapters.families`: each ``*_modulated`` functi
 first block's self-attention receives, with the block's own modules, and ``tests/test_adapters.py`` checks
 it equals the tensor the attention module gets on a tiny pipeline of the family
 (``dit_accel.testing.image_families``). Block metadata comes from diffusers' ``TransformerBlockRegistry``
-where it knows the block class; ``block_returns`` names the outputs otherwise.
+where it knows the block class; ``block_returns`` (``group_returns`` per block group) names the outputs
+otherwise. FLUX.2, Chroma and AuraFlow join their text and image streams after their double-stream blocks
+(``join_group``); the cache feature keeps a residual across the join in the joined layout, so both block
+groups are cacheable.
 """
 
 from __future__ import annotations
@@ -63,19 +66,28 @@ COGVIEW4 = register_adapter(ModelAdapter(
 
 
 def norm1_emb_modulated(block, meta, args, kwargs):
-    """Blocks whose ``norm1(hidden, emb=temb)`` (AdaLayerNormZero) returns the modulated input first."""
+    """Blocks whose ``norm1(hidden, emb=temb)`` (AdaLayerNormZero) returns the modulated input first (AuraFlow's
+    joint and single blocks, Bria, Ovis-Image)."""
     return block.norm1(_hidden(meta, args, kwargs), emb=call_argument(meta, "temb", args, kwargs))[0]
 
 
-def single_norm_modulated(block, meta, args, kwargs):
-    """Flux-style single-stream blocks: ``norm(hidden, emb=temb)`` over the joined [text, image] stream."""
-    return block.norm(_hidden(meta, args, kwargs), emb=call_argument(meta, "temb", args, kwargs))[0]
+def chroma_modulated(block, meta, args, kwargs):
+    """Chroma blocks: the double-stream block's ``norm1(hidden, emb=temb[:, :6])`` (its image half of the pruned
+    modulation), the single-stream block's ``norm(hidden, emb=temb)`` over the joined [text, image] stream."""
+    temb = call_argument(meta, "temb", args, kwargs)
+    if hasattr(block, "norm1_context"):
+        return block.norm1(_hidden(meta, args, kwargs), emb=temb[:, :6])[0]
+    return block.norm(_hidden(meta, args, kwargs), emb=temb)[0]
 
 
-def flux2_single_modulated(block, meta, args, kwargs):
-    """Flux2SingleTransformerBlock: ``(1 + scale) * norm(hidden) + shift`` from the shared ``temb_mod``."""
+def flux2_modulated(block, meta, args, kwargs):
+    """FLUX.2 blocks: ``(1 + scale) * norm(hidden) + shift`` from the shared modulation the transformer passes in
+    (``temb_mod_img`` of a double-stream block, ``temb_mod`` of a single-stream block over the joined stream)."""
     from diffusers.models.transformers.transformer_flux2 import Flux2Modulation
 
+    if hasattr(block, "norm1_context"):
+        shift, scale, _ = Flux2Modulation.split(call_argument(meta, "temb_mod_img", args, kwargs), 2)[0]
+        return (1 + scale) * block.norm1(_hidden(meta, args, kwargs)) + shift
     shift, scale, _ = Flux2Modulation.split(call_argument(meta, "temb_mod", args, kwargs), 1)[0]
     return (1 + scale) * block.norm(_hidden(meta, args, kwargs)) + shift
 
@@ -96,28 +108,32 @@ def auraflow_text(transformer, args, kwargs):
     return kwargs["encoder_hidden_states"].shape[1] + transformer.register_tokens.shape[1]
 
 
-_JOIN = ("the transformer joins the text and image streams after its double-stream blocks, which run uncached "
-         "(a cached residual across the join needs runtime support)")
+_DOUBLE_SINGLE = (("transformer_blocks", ("encoder", "hidden")), ("single_transformer_blocks", ("hidden",)))
 
 CHROMA = register_adapter(ModelAdapter(
-    family="chroma", model_classes=("ChromaTransformer2DModel",), block_groups=("single_transformer_blocks",),
-    text_position="joint_first", cfg_layout="separate", attention_module="attn", block_returns=("hidden",),
-    modulated_input_fn=single_norm_modulated, grid_fn=packed_grid,
+    family="chroma", model_classes=("ChromaTransformer2DModel",),
+    block_groups=("transformer_blocks", "single_transformer_blocks"), text_position="joint_first",
+    cfg_layout="separate", attention_module="attn", group_returns=_DOUBLE_SINGLE,
+    join_group="single_transformer_blocks", cfg_context=False, modulated_input_fn=chroma_modulated,
+    grid_fn=packed_grid,
     sparse_unsupported="attends with a pairwise [S, S] padding mask, which the sparse path does not take",
-    notes=_JOIN + "; ChromaPipeline (diffusers 0.42.1) runs its cond/uncond passes without cache_context, so "
-          "with guidance_scale > 1 both passes share one branch state: run it with guidance_scale 1 (or a "
-          "pipeline that sets cache_context)"))
+    notes="ChromaPipeline (diffusers 0.42.1) runs its cond/uncond calls without cache_context: the runtime tells "
+          "them apart by their order within a step (the first call at a timestep is cond)"))
 
 FLUX2 = register_adapter(ModelAdapter(
-    family="flux2", model_classes=("Flux2Transformer2DModel",), block_groups=("single_transformer_blocks",),
-    text_position="joint_first", cfg_layout="none", attention_module="attn",
-    modulated_input_fn=flux2_single_modulated, grid_fn=packed_grid,
-    notes=_JOIN + "; FLUX.2-dev is guidance-distilled (Flux2KleinPipeline's base models run batched CFG)"))
+    family="flux2", model_classes=("Flux2Transformer2DModel",),
+    block_groups=("transformer_blocks", "single_transformer_blocks"), text_position="joint_first",
+    cfg_layout="none", attention_module="attn", join_group="single_transformer_blocks",
+    modulated_input_fn=flux2_modulated, grid_fn=packed_grid,
+    notes="FLUX.2-dev is guidance-distilled (Flux2KleinPipeline's base models run batched CFG)"))
 
 AURAFLOW = register_adapter(ModelAdapter(
-    family="auraflow", model_classes=("AuraFlowTransformer2DModel",), block_groups=("single_transformer_blocks",),
-    text_position="joint_first", cfg_layout="batched", attention_module="attn", block_returns=("hidden",),
-    modulated_input_fn=norm1_emb_modulated, grid_fn=image_grid, text_fn=auraflow_text, notes=_JOIN))
+    family="auraflow", model_classes=("AuraFlowTransformer2DModel",),
+    block_groups=("joint_transformer_blocks", "single_transformer_blocks"), text_position="joint_first",
+    cfg_layout="batched", attention_module="attn",
+    group_returns=(("joint_transformer_blocks", ("encoder", "hidden")), ("single_transformer_blocks", ("hidden",))),
+    join_group="single_transformer_blocks", modulated_input_fn=norm1_emb_modulated, grid_fn=image_grid,
+    text_fn=auraflow_text))
 
 BRIA = register_adapter(ModelAdapter(
     family="bria", model_classes=("BriaTransformer2DModel",),
@@ -141,3 +157,26 @@ OVIS_IMAGE = register_adapter(ModelAdapter(
     block_groups=("transformer_blocks", "single_transformer_blocks"), text_position="joint_first",
     cfg_layout="separate", attention_module="attn", block_returns=("encoder", "hidden"),
     modulated_input_fn=norm1_emb_modulated, grid_fn=packed_grid))
+
+
+def lumina2_modulated(block, meta, args, kwargs):
+    """Lumina2TransformerBlock (``modulation=True``): ``norm1(hidden, temb)`` (LuminaRMSNormZero) returns the
+    scaled RMS-normed input first."""
+    return block.norm1(_hidden(meta, args, kwargs), call_argument(meta, "temb", args, kwargs))[0]
+
+
+def lumina2_text(transformer, args, kwargs):
+    """Lumina 2 builds its joint [text, image] sequence per sample from the *valid* text tokens (the mask's sum,
+    the longest prompt's count for the batch); one host sync per call."""
+    mask = kwargs.get("encoder_attention_mask")
+    return kwargs["encoder_hidden_states"].shape[1] if mask is None else int(mask.sum(dim=1).max())
+
+
+LUMINA2 = register_adapter(ModelAdapter(
+    family="lumina2", model_classes=("Lumina2Transformer2DModel",), block_groups=("layers",),
+    text_position="joint_first", cfg_layout="separate", attention_module="attn", block_returns=("hidden",),
+    cfg_context=False, modulated_input_fn=lumina2_modulated, grid_fn=image_grid, text_fn=lumina2_text,
+    notes="Lumina-Image 2.0 (diffusers' transformer_lumina2.py): the context and noise refiner blocks (each stream "
+          "alone, before the join) run uncached; Lumina2Pipeline runs its cond/uncond calls without cache_context "
+          "(told apart by their order within a step) and only cond calls after cfg_trunc_ratio; prompts of "
+          "different valid lengths in one batch attend under a padding mask (sparse attention then runs dense)"))

@@ -9,17 +9,26 @@ A range's residual excludes what the transformer's own loop adds between the ran
 (``hidden_states = hidden_states + controlnet_block_samples[i]``). On a reused step the skipped
 blocks pass their input through, the loop adds *this* step's additions again, and the range's last
 block adds the cached residual — so the cached residual must be the sum of the blocks' own work.
+
+A range may span the place where the transformer joins its text and image streams into one
+(``ModelAdapter.join_group``: FLUX.2, Chroma, AuraFlow concatenate ``[text, image]`` after their
+double-stream blocks). Its residual is then kept in the joined layout: the range's last block returns
+``joined output − join(input image, input text)``. On a reused step every skipped block passes its input
+through, the transformer joins the passed-through streams, and the last block receives exactly that
+joined input, to which the residual is added. What the transformer adds across the join (the
+concatenation itself excepted) is a link like any other.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ..caching.base import BlockCall, CacheMethod, CacheState, Kept, Residual, keep, take
+from ..config import PolicyError
 from .blocks import block_inputs, block_outputs, pack_outputs
 from ..context import StepContext
 from .feature import COMPUTE, Call, Feature, Host
@@ -38,14 +47,15 @@ class RangeLinks:
     its residual is not cached that step.
     """
 
-    __slots__ = ("last", "versions", "hidden", "encoder", "broken")
+    __slots__ = ("last", "versions", "hidden", "encoder", "broken", "join")
 
-    def __init__(self) -> None:
+    def __init__(self, join: "Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None" = None) -> None:
         self.last: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
         self.versions: tuple[int | None, int | None] = (None, None)
         self.hidden: torch.Tensor | None = None
         self.encoder: torch.Tensor | None = None
         self.broken = False
+        self.join = join  # how the transformer joins (hidden, encoder) into one stream, if it does
 
     @staticmethod
     def _version(t: torch.Tensor | None) -> int | None:
@@ -59,10 +69,30 @@ class RangeLinks:
         if self.last is None or self.broken:
             return
         (last_h, last_e), (ver_h, ver_e) = self.last, self.versions
+        if encoder is None and last_e is not None and self.join is not None and hidden.shape != last_h.shape:
+            self._joined(hidden, last_h, last_e, ver_h, ver_e)
+            self.last = None
+            return
         self.hidden = self._add(self.hidden, hidden, last_h, ver_h)
         if encoder is not None and last_e is not None:
             self.encoder = self._add(self.encoder, encoder, last_e, ver_e)
         self.last = None
+
+    def _joined(self, now: torch.Tensor, last_h: torch.Tensor, last_e: torch.Tensor, ver_h: int | None,
+                ver_e: int | None) -> None:
+        """The transformer joined the two streams between these blocks: the links so far and the gap in the
+        joined layout (the gap is zero unless something besides the concatenation changed the streams)."""
+        joined = self.join(last_h, last_e)
+        touched = any(v is not None and t._version != v for t, v in ((last_h, ver_h), (last_e, ver_e)))
+        if joined.shape != now.shape or touched:
+            self.broken = True
+            return
+        if self.hidden is not None or self.encoder is not None:
+            self.hidden = self.join(torch.zeros_like(last_h) if self.hidden is None else self.hidden,
+                                    torch.zeros_like(last_e) if self.encoder is None else self.encoder)
+        self.encoder = None
+        gap = now - joined
+        self.hidden = gap if self.hidden is None else self.hidden + gap
 
     def _add(self, total: torch.Tensor | None, now: torch.Tensor, before: torch.Tensor, version: int | None):
         if now is before and (version is None or before._version == version):
@@ -72,6 +102,28 @@ class RangeLinks:
             return total
         gap = now - before
         return gap if total is None else total + gap
+
+
+def _join_of(method: CacheMethod) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """How the method's transformer joins its (hidden, encoder) streams (``ModelAdapter.join_group``), or None.
+
+    Refuses a probe across the join: a plan that watches inputs only before the join and outputs only after
+    it (DBCache's first-blocks residual with ``fn_compute`` past the double-stream blocks), whose tensors
+    would have different token layouts."""
+    adapter = method.adapter
+    at = adapter.join_index(method.blocks)
+    if at is None:
+        return None
+    plan = method.plan
+    if plan.watch_inputs and plan.watch_outputs and max(plan.watch_inputs) < at <= min(plan.watch_outputs):
+        raise PolicyError(
+            f"cache: {method.name} compares the input of block(s) {sorted(plan.watch_inputs)} with the output of "
+            f"block(s) {sorted(plan.watch_outputs)}, but the {adapter.family} transformer joins its text and image "
+            f"streams before block {at} ({adapter.join_group}.0); keep the probe blocks among the first {at} "
+            "(e.g. a smaller fn_compute)")
+    if adapter.text_position == "joint_last":
+        return lambda hidden, encoder: torch.cat([hidden, encoder], dim=1)
+    return lambda hidden, encoder: torch.cat([encoder, hidden], dim=1)
 
 
 @dataclass(frozen=True)
@@ -108,6 +160,7 @@ class CacheFeature(Feature):
         self.roles = roles
         self._forced = False  # a guarded recompute in progress: every range computes
         self._warned: set[str] = set()
+        self.join = _join_of(method)
         self.new_generation()
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -217,7 +270,7 @@ class CacheFeature(Feature):
             return pack_outputs(block, hidden, encoder)
         if role.multi:
             if role.is_start:
-                self._links[rid] = RangeLinks()
+                self._links[rid] = RangeLinks(self.join)
             elif rid in self._links:
                 self._links[rid].block_called(*block_inputs(block, args, kwargs))
         return COMPUTE
@@ -251,6 +304,8 @@ class CacheFeature(Feature):
                 self._warn_once("links", "dit_accel: the transformer changes the hidden states between cached blocks "
                                 "other than by an addition; that range is computed on every step")
             return
+        if self.join is not None and out_e is None and in_e is not None and out_h.shape != in_h.shape:
+            in_h, in_e = self.join(in_h, in_e), None  # the range spans the join: a residual in the joined layout
         res_h = out_h - in_h
         res_e = out_e - in_e if (out_e is not None and in_e is not None) else None
         if links is not None and links.hidden is not None:

@@ -6,6 +6,8 @@
 * :class:`StepTracker` — torch's own forward pre/post hooks on the transformer (not a ``ModelHook``:
   ``enable_model_cpu_offload`` re-wraps the transformer's ``forward`` at the end of every pipeline call,
   which silently cuts any forward wrapper installed in between; torch's hook dicts survive that).
+* :class:`BranchOrder` — the CFG branch of separate-CFG pipelines that call the transformer outside
+  ``cache_context`` (``ModelAdapter.cfg_context`` False), told by the calls' order within a step.
 * :class:`EndOfCall` — ``_reset_stateful_cache`` for transformers without diffusers' ``CacheMixin``.
 * ``register`` / ``unregister`` — ``HookRegistry`` bookkeeping that leaves no registry or forward
   override behind, also when accelerate's offload hooks wrapped the forward after us.
@@ -52,19 +54,51 @@ class ContextHook(ModelHook):
         return module
 
 
+class BranchOrder:
+    """The CFG branch of a call that came outside diffusers' ``cache_context``, from the calls' order.
+
+    ChromaPipeline and Lumina2Pipeline (diffusers 0.42.1) run each denoising step as a conditional call and
+    then, with guidance, an unconditional call at the same timestep, with no ``cache_context`` around
+    either: both would land in the one ``"default"`` branch, the second call of a step reading the first
+    one's cache and every step counted twice. Here the first call at a timestep is ``"cond"`` and a further
+    call at the same timestep ``"uncond"``. Comparing timesteps reads one value per call (a host sync on
+    an accelerator: one per transformer call, next to a whole forward). A call without a ``timestep`` stays
+    ``"default"``.
+    """
+
+    def __init__(self) -> None:
+        self.last: float | None = None
+
+    def branch(self, runtime: "Runtime", kwargs: dict) -> str:
+        timestep = kwargs.get("timestep")
+        if timestep is None:
+            return "default"
+        if runtime.ended:  # the previous pipeline call ended: this call starts the next one
+            self.last = None
+        t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        if self.last is not None and t == self.last:
+            return "uncond"
+        self.last = t
+        return "cond"
+
+
 class StepTracker:
     """Transformer-level ``before_call`` / ``after_call`` through torch's forward pre/post hooks."""
 
     def __init__(self, runtime: "Runtime", context: ContextHook) -> None:
         self.runtime = runtime
         self.context = context
+        self.order = None if getattr(runtime.adapter, "cfg_context", True) else BranchOrder()
         module = runtime.transformer
         self.handles = [module.register_forward_pre_hook(self.pre, with_kwargs=True),
                         module.register_forward_hook(self.post, always_call=True)]
 
     @torch.compiler.disable
     def pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        return self.runtime.before_call(self.context.branch(), args, kwargs)
+        branch = self.context.branch()
+        if branch == "default" and self.order is not None and self.runtime.adapter.cfg_layout == "separate":
+            branch = self.order.branch(self.runtime, kwargs)
+        return self.runtime.before_call(branch, args, kwargs)
 
     @torch.compiler.disable
     def post(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:

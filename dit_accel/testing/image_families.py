@@ -198,8 +198,8 @@ def _chroma_pipeline(transformer: "torch.nn.Module"):
 coverage_family(
     "chroma", "ChromaTransformer2DModel", "ChromaPipeline", _chroma_transformer, _chroma_pipeline,
     Embeds(32, masks=("prompt_attention_mask", "negative_prompt_attention_mask"), mask_dtype="bool"),
-    # guidance_scale 1: ChromaPipeline runs its CFG passes outside diffusers' cache_context (see the adapter's notes)
-    dict(height=64, width=64, guidance_scale=1.0), "none", (1, 16, 16), **PACKED)
+    # CFG outside diffusers' cache_context: the runtime tells cond from uncond by their order (adapter cfg_context)
+    dict(height=64, width=64, guidance_scale=4.0), "separate", (1, 16, 16), **PACKED)
 
 
 def _flux2_transformer() -> "torch.nn.Module":
@@ -341,3 +341,29 @@ coverage_family(
     "ovis_image", "OvisImageTransformer2DModel", "OvisImagePipeline", _ovis_transformer, _ovis_pipeline,
     Embeds(32), dict(height=64, width=64, guidance_scale=5.0, negative_prompt=None), "separate", (1, 16, 16),
     **PACKED)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Lumina 2 (refiner blocks per stream, then joint [text, image] blocks; separate CFG outside cache_context)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _lumina2_transformer() -> "torch.nn.Module":
+    from diffusers import Lumina2Transformer2DModel
+
+    return Lumina2Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, hidden_size=24, num_layers=4,
+                                     num_refiner_layers=1, num_attention_heads=2, num_kv_heads=2, multiple_of=16,
+                                     axes_dim_rope=(4, 4, 4), cap_feat_dim=32)
+
+
+def _lumina2_pipeline(transformer: "torch.nn.Module"):
+    from diffusers import Lumina2Pipeline
+
+    return Lumina2Pipeline(transformer=transformer, scheduler=_flow_scheduler(), vae=None, text_encoder=None,
+                           tokenizer=None)
+
+
+coverage_family(
+    "lumina2", "Lumina2Transformer2DModel", "Lumina2Pipeline", _lumina2_transformer, _lumina2_pipeline,
+    Embeds(32, masks=("prompt_attention_mask", "negative_prompt_attention_mask")),
+    dict(height=64, width=64, guidance_scale=4.0), "separate", (1, 4, 8, 8), **LATENT2D)
