@@ -1,15 +1,19 @@
-"""Seed methods on the trained reference models (offline, CPU): Bottleneck Sampling and LinearAG, each beside
-the fewer-steps competitor at the same compute share.
+"""Seed methods on the trained reference models (offline, CPU): Bottleneck Sampling, LinearAG, ProfilingDiT and
+Δ-DiT, each beside the fewer-steps competitor at the same compute share.
 
     python benchmarks/seed_methods_zoo.py --out benchmarks/results/seed_methods_zoo_cpu.md
+    python benchmarks/seed_methods_zoo.py --methods profiling_dit delta_dit   # only these rows, the others kept
 
 Per model (``cifar10_dit``, ``cifar10_mmdit``, ``digits_wan``): the full run at ``--steps`` is the reference;
 every variant runs on the same initial noise. *token share*: tokens the first block's self-attention really
 processed (a forward pre-hook sums batch x tokens of every run), relative to the reference run;
 *attention share*: the same with tokens² per sample (self-attention score work); *calls*: how often it ran,
-relative to the reference (a half-batch call counts once; a skipped unconditional call not at all).
-PSNR in dB on the [0, 1] images (video: every frame) against the reference. ``--models`` runs some models
-and keeps the other models' rows of an existing result file.
+relative to the reference (a half-batch call counts once; a skipped unconditional call not at all);
+*block share* (caching methods and fewer steps): transformer-block evaluations (``dit_accel.stats``) relative to
+the reference. PSNR in dB on the [0, 1] images (video: every frame) against the reference. ``--models`` and
+``--methods`` run some models / methods and keep the other rows of an existing result file; fewer-steps rows
+already there are not run again (they are deterministic); each run's command, date, versions and CPU are
+kept in the file.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import platform
 import sys
 import time
 from pathlib import Path
@@ -29,6 +34,8 @@ from common import environment  # noqa: E402
 import dit_accel  # noqa: E402
 from dit_accel import zoo  # noqa: E402
 from dit_accel.adapters import get_adapter  # noqa: E402
+from dit_accel.caching.profiling_dit import ProfilingDiT, ProfilingDiTConfig  # noqa: E402
+from dit_accel.calibration import record  # noqa: E402
 from dit_accel.eval.metrics import psnr  # noqa: E402
 from dit_accel.sampling import BottleneckSampler, Stage  # noqa: E402
 
@@ -77,35 +84,97 @@ def bottleneck_variants(steps: int) -> dict[str, dict]:
     }
 
 
-def run(pipe, fn, label: str, rows: list, reference: dict | None, **meta) -> dict:
+def run(pipe, fn, label: str, rows: list, reference: dict | None, policy=None, **meta) -> dict:
+    """Run ``fn`` (with ``policy`` attached, if given) and add its row: shares and PSNR against ``reference``."""
     work = Work(pipe.transformer)
     t0 = time.perf_counter()
+    blocks = None
     try:
-        raw = fn()
+        if policy is None:
+            raw = fn()
+        else:
+            with dit_accel.accelerated(pipe, policy):
+                raw = fn()
+                stats = dit_accel.stats(pipe)
+            blocks = stats.blocks_computed
     finally:
         work.close()
     row = {"variant": label, "seconds": time.perf_counter() - t0, "tokens": work.tokens, "square": work.square,
            "calls": work.calls, "images": images(pipe, raw), **meta}
+    if blocks is not None:
+        row["blocks"] = blocks
     if reference is not None:
         row["token_share"] = work.tokens / reference["tokens"]
         row["attention_share"] = work.square / reference["square"]
         row["call_share"] = work.calls / reference["calls"]
+        if blocks is not None:
+            row["block_share"] = blocks / reference["blocks"]
+        elif meta.get("method") == "fewer steps":
+            row["block_share"] = row["call_share"]
         row["psnr"] = psnr(row["images"], reference["images"], data_range=1.0)
     rows.append(row)
-    print(f"  {label}: " + ", ".join(f"{k}={row[k]:.3f}" for k in ("token_share", "psnr") if k in row), flush=True)
+    print(f"  {label}: " + ", ".join(f"{k}={row[k]:.3f}" for k in ("token_share", "block_share", "psnr") if k in row),
+          flush=True)
     return row
 
 
-def bench_model(name: str, steps: int, methods: list[str]) -> list[dict]:
+def profiling_variants(pipe, steps: int, calib: list[dict], name: str) -> dict[str, ProfilingDiTConfig]:
+    """ProfilingDiT configurations, all classed from one recording (other labels, seed 1): the paper's
+    foreground profiling with the measured step dependence (the preset), intervals 4, the entropy proxy, the
+    earlier preset (entropy, warm-up 1) and the foreground classes inverted (a control)."""
+    records, family = record(pipe, calib, ProfilingDiT.record_options, num_inference_steps=steps,
+                             generator=torch.Generator().manual_seed(1), output_type="raw")
+    fit = lambda **fields: ProfilingDiT.calibrated(ProfilingDiTConfig(**fields), records, family)  # noqa: E731
+    paper = fit()
+    print(f"  profiling: foreground lift {paper.block_foreground}, entropy {paper.block_entropy}, "
+          f"similarity {paper.step_similarity}", flush=True)
+    inverted = ["fg" if c == "bg" else "bg" for c in paper.block_classes]
+    variants = {
+        "ProfilingDiT (preset: foreground profile, measured full steps, bg interval 3)": paper,
+        "ProfilingDiT foreground profile, bg interval 4": fit(background_interval=4),
+        "ProfilingDiT entropy profile, measured full steps, bg interval 3": fit(profile="entropy"),
+        "ProfilingDiT earlier preset (entropy profile, warm-up 1, bg interval 3)": fit(profile="entropy",
+                                                                                      warmup_steps=1),
+        "ProfilingDiT foreground classes inverted (control)": ProfilingDiTConfig(
+            **{**paper.to_dict(), "block_classes": inverted}),
+    }
+    if name == "digits_wan":  # 3 minutes per run on 2 CPU cores: the preset, the proxy and the control
+        keep = ("preset", "entropy profile, measured", "inverted")
+        variants = {k: v for k, v in variants.items() if any(w in k for w in keep)}
+    return variants
+
+
+def delta_variants() -> dict[str, dict]:
+    """Δ-DiT at the preset's settings under both readings of the boundary b = 0.6 · steps."""
+    return {
+        "Δ-DiT (preset: b read as steps, outline = first 60% of the steps)": {"method": "delta_dit"},
+        "Δ-DiT b read as timesteps (outline = first 40% of the steps)": {"method": "delta_dit",
+                                                                        "boundary_reading": "timesteps"},
+    }
+
+
+def bench_model(name: str, steps: int, methods: list[str], skip_steps: set[int] = frozenset()) -> list[dict]:
     pipe = zoo.load(name)
     cond = zoo.class_conditions(pipe, LABELS[name])
     seed = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     common = dict(**cond, generator=None, output_type="raw", num_inference_steps=steps)
     rows: list[dict] = []
     call = lambda **kw: pipe(**{**common, "generator": seed(), **kw})[0]  # noqa: E731
-    reference = run(pipe, call, f"full run, {steps} steps", rows, None)
-    reference.update(token_share=1.0, attention_share=1.0, call_share=1.0, psnr=float("inf"))
+    reference = run(pipe, call, f"full run, {steps} steps", rows, None, policy="none")
+    reference.update(token_share=1.0, attention_share=1.0, call_share=1.0, block_share=1.0, psnr=float("inf"))
     shares = set()
+    calib = [zoo.class_conditions(pipe, [c]) for c in CALIBRATION_LABELS[name]]
+    calib = [{k: (v[0] if isinstance(v, list) else v) for k, v in c.items()} for c in calib]
+    if "profiling_dit" in methods:
+        for label, config in profiling_variants(pipe, steps, calib, name).items():
+            row = run(pipe, call, label, rows, reference, policy=dit_accel.Policy(name="profiling_dit", cache=config),
+                      method="profiling_dit")
+            shares.add(row["block_share"])
+    if "delta_dit" in methods:
+        for label, cache in delta_variants().items():
+            row = run(pipe, call, label, rows, reference, policy={"name": "delta_dit", "cache": cache},
+                      method="delta_dit")
+            shares.add(row["block_share"])
     if "bottleneck" in methods:
         for label, fields in bottleneck_variants(steps).items():
             sampler = BottleneckSampler(pipe, **fields)
@@ -113,8 +182,6 @@ def bench_model(name: str, steps: int, methods: list[str]) -> list[dict]:
                       method="bottleneck")
             shares.add(row["token_share"])
     if "linear_ag" in methods:
-        calib = [zoo.class_conditions(pipe, [c]) for c in CALIBRATION_LABELS[name]]
-        calib = [{k: (v[0] if isinstance(v, list) else v) for k, v in c.items()} for c in calib]
         linear = dit_accel.calibrate(pipe, calib, {"name": "linear_ag", "guidance": {"method": "linear_ag"}},
                                      num_inference_steps=steps, generator=torch.Generator().manual_seed(1),
                                      output_type="raw")
@@ -131,7 +198,7 @@ def bench_model(name: str, steps: int, methods: list[str]) -> list[dict]:
     for share in shares:
         ks |= {max(1, math.floor(share * steps + 1e-9)), max(1, math.ceil(share * steps - 1e-9))}
     for k in sorted(ks):
-        if k != steps:
+        if k != steps and k not in skip_steps:
             run(pipe, lambda k=k: call(num_inference_steps=k), f"fewer steps: {k}", rows, reference,
                 method="fewer steps")
     for row in rows:
@@ -140,26 +207,61 @@ def bench_model(name: str, steps: int, methods: list[str]) -> list[dict]:
     return rows
 
 
-def write(rows: list[dict], args, out: Path) -> None:
-    env = environment()
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def previous_rows(out: Path) -> tuple[list[dict], list[dict]]:
+    """(rows, runs) of an existing result file (runs: the provenance of each run that wrote rows)."""
     previous = out.with_suffix(".json")
-    if previous.exists():  # keep the rows of models this run did not measure
-        done = {r["model"] for r in rows}
-        kept = [r for r in json.loads(previous.read_text())["rows"] if r["model"] not in done]
-        rows = kept + [r for r in rows if r not in kept]
-    out.with_suffix(".json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1, default=str))
-    lines = [f"# Seed methods on the reference models ({env['date']}, CPU)", "",
-             f"torch {env['torch']}, diffusers {env['diffusers']}, Python {env['python']}. Command: "
-             f"`{env['command']}`. {args.steps} Euler steps for every model (reference: the full run), labels "
-             "0, 3, 5, 8 (images) / digits 3, 7 (clips), seed 0, default guidance scales. Shares: measured by a "
-             "forward pre-hook (see the script's docstring); PSNR on [0, 1] images / frames vs. the full run.", ""]
+    if not previous.exists():
+        return [], []
+    data = json.loads(previous.read_text())
+    runs = data.get("runs") or [{**data["environment"], "models": sorted({r["model"] for r in data["rows"]}),
+                                 "methods": sorted({r.get("method", "") for r in data["rows"]} - {""})}]
+    return data["rows"], runs
+
+
+def merge(old: list[dict], new: list[dict], models: set[str], methods: set[str]) -> list[dict]:
+    """The old rows this run did not re-measure, then the new ones (a re-run fewer-steps row replaces the old)."""
+    fresh = {(r["model"], r["variant"]) for r in new}
+    for r in old:  # fewer steps evaluates every block of every step it runs
+        if r.get("method") == "fewer steps":
+            r.setdefault("block_share", r["call_share"])
+    kept = [r for r in old if (r["model"], r["variant"]) not in fresh and not (
+        r["model"] in models and r.get("method") in methods)]
+    return kept + new
+
+
+def write(rows: list[dict], runs: list[dict], out: Path) -> None:
+    out.with_suffix(".json").write_text(json.dumps({"runs": runs, "rows": rows}, indent=1, default=str))
+    last = runs[-1]
+    lines = [f"# Seed methods on the reference models ({last['date']}, CPU)", "",
+             "Every model: 20 Euler steps (reference: the full run), labels 0, 3, 5, 8 (images) / digits 3, 7 "
+             "(clips), seed 0, default guidance scales; calibrated methods on other labels (1, 2, 4, 6 / 2, 5) and "
+             "seed 1. Shares: measured by a forward pre-hook and `dit_accel.stats` (see the script's docstring; "
+             "block share: transformer-block evaluations); PSNR on [0, 1] images / frames vs. the full run.", "",
+             "Runs that wrote these rows:", ""]
+    for run_ in runs:
+        lines.append(f"- {run_['date']}: `{run_['command']}` — models {', '.join(run_['models'])}; methods "
+                     f"{', '.join(run_['methods'])}; torch {run_['torch']}, diffusers {run_['diffusers']}, Python "
+                     f"{run_['python']}, CPU {run_.get('cpu', 'not recorded')}, {run_.get('threads', 1)} thread(s)")
+    lines.append("")
     for model in dict.fromkeys(r["model"] for r in rows):
-        lines += [f"## {model}", "", "| variant | token share | attention share | calls | PSNR (dB) |",
-                  "|---|---|---|---|---|"]
-        for r in sorted((r for r in rows if r["model"] == model), key=lambda r: -r["token_share"]):
+        lines += [f"## {model}", "", "| variant | token share | attention share | calls | block share | PSNR (dB) |",
+                  "|---|---|---|---|---|---|"]
+        for r in sorted((r for r in rows if r["model"] == model),
+                        key=lambda r: (-r.get("block_share", r["token_share"]), -r["token_share"])):
             p = "—" if math.isinf(r["psnr"]) else f"{r['psnr']:.2f}"
+            b = f"{r['block_share']:.3f}" if "block_share" in r else "—"
             lines.append(f"| {r['variant']} | {r['token_share']:.3f} | {r['attention_share']:.3f} | "
-                         f"{r['call_share']:.3f} | {p} |")
+                         f"{r['call_share']:.3f} | {b} | {p} |")
         lines.append("")
     out.write_text("\n".join(lines))
 
@@ -167,17 +269,23 @@ def write(rows: list[dict], args, out: Path) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["cifar10_dit", "cifar10_mmdit", "digits_wan"])
-    parser.add_argument("--methods", nargs="+", default=["bottleneck", "linear_ag"])
+    parser.add_argument("--methods", nargs="+", default=["bottleneck", "linear_ag", "profiling_dit", "delta_dit"])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/seed_methods_zoo_cpu.md"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = []
+    old, runs = previous_rows(args.out)
+    runs.append({**environment(), "cpu": cpu_name(), "threads": args.threads, "models": args.models,
+                 "methods": args.methods})
+    groups = set(args.methods) | ({"guidance"} if "linear_ag" in args.methods else set())
+    rows: list[dict] = []
     for name in args.models:
         print(name, flush=True)
-        rows += bench_model(name, args.steps, args.methods)
-        write(rows, args, args.out)
+        done = {int(r["variant"].split(":")[1]) for r in old
+                if r["model"] == name and r.get("method") == "fewer steps"} if args.steps == 20 else set()
+        rows += bench_model(name, args.steps, args.methods, skip_steps=done)
+        write(merge(old, rows, set(args.models), groups), runs, args.out)
 
 
 if __name__ == "__main__":

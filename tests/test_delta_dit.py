@@ -166,6 +166,31 @@ def test_boundary_fraction_needs_the_number_of_steps():
     assert ran_abs == ran
 
 
+@pytest.mark.parametrize("cache, outline", [
+    ({"boundary_fraction": 0.6}, 6),                                   # b = 6 of 10: the first 6 steps
+    ({"boundary_fraction": 0.6, "boundary_reading": "timesteps"}, 4),  # t = 10 ... 1 > 6: the first 4 steps
+    ({"boundary": 3, "boundary_reading": "timesteps"}, 7),
+    ({"boundary": 12, "boundary_reading": "timesteps"}, 0),            # b beyond the schedule: detail stage only
+])
+def test_both_readings_of_the_boundary(cache, outline):
+    model = Toy(8)
+    xs = inputs(10)
+    attach(model, {"interval": 2, "cached_blocks": 6, **cache})
+    dit_accel.reset(model, num_inference_steps=10)
+    _, ran = run(model, xs)
+    dit_accel.remove(model)
+    assert ran == [paper_rule(s, outline, 2, 6, 8) for s in range(10)]
+    assert delta_dit(model, {"interval": 2, "cached_blocks": 6, **cache}).boundary_step(10) == outline
+
+
+def test_timestep_reading_of_an_absolute_boundary_needs_the_number_of_steps():
+    model = Toy(8)
+    attach(model, {"boundary": 3, "boundary_reading": "timesteps"})
+    with pytest.raises(PolicyError, match=r"boundary_reading 'timesteps'.*num_inference_steps"):
+        run(model, inputs(4))
+    dit_accel.remove(model)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Tiny pipelines
 # ---------------------------------------------------------------------------------------------------
@@ -198,8 +223,8 @@ def test_preset_round_trips(tmp_path):
     p = load_policy("delta_dit")
     assert p.name == "delta_dit" and p.cache == DeltaDiTConfig()
     c = p.cache
-    assert (c.boundary, c.boundary_fraction, c.interval, c.cached_blocks, c.cached_fraction) == \
-        (None, 0.6, 2, None, 0.75)
+    assert (c.boundary, c.boundary_fraction, c.boundary_reading, c.interval, c.cached_blocks, c.cached_fraction) == \
+        (None, 0.6, "steps", 2, None, 0.75)
     assert Policy.from_dict(p.to_dict()) == p
     p.save(tmp_path / "p.yaml")
     assert load_policy(tmp_path / "p.yaml") == p
@@ -215,6 +240,7 @@ def test_preset_round_trips(tmp_path):
     ({"cached_blocks": 0}, "cache.cached_blocks"),
     ({"cached_fraction": 0.0}, "cache.cached_fraction"),
     ({"boundry": 3}, "did you mean 'boundary'"),
+    ({"boundary_reading": "descending"}, "cache.boundary_reading"),
 ])
 def test_bad_parameters_name_the_field(cache, fragment):
     with pytest.raises(PolicyError, match=fragment.replace(".", r"\.")):

@@ -1,10 +1,12 @@
-"""ProfilingDiT: attention profiling (per-block entropy), fg/bg classification, the per-class
-schedule, YAML round trip and quality on the trained reference model."""
+"""ProfilingDiT: attention profiling (foreground lift on latent masks, per-block entropy), fg/bg
+classification, the measured full steps and the per-class schedule, YAML round trip and quality on the
+trained reference model."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -13,7 +15,9 @@ import dit_accel
 from dit_accel import zoo
 from dit_accel.caching.records import Records
 from dit_accel.calibration import attention_statistics, record
-from dit_accel.caching.profiling_dit import classify
+from dit_accel.caching.profiling_dit import ProfilingDiT, ProfilingDiTConfig, classify, computed, full_steps
+from dit_accel.calibration.recorder import foreground_lift
+from dit_accel.calibration import foreground_tokens
 from dit_accel.testing import tiny_call_kwargs, tiny_pipeline
 
 PROMPTS = ["a photo of a cat", "a red car on a road"]
@@ -33,7 +37,7 @@ def test_classify_by_rank_and_by_threshold():
     assert classify(entropy, 0.01) == ["fg", "fg", "fg", "bg", "fg"], "any positive share classes one block bg"
     assert classify(entropy, 0.99) == ["bg", "bg", "bg", "bg", "fg"], "any share < 1 keeps one block fg"
     assert classify(entropy, 0.4, threshold=0.45) == ["bg", "fg", "bg", "bg", "fg"]
-    with pytest.raises(dit_accel.PolicyError, match="entropy"):
+    with pytest.raises(dit_accel.PolicyError, match="attention profile"):
         classify([0.5, math.nan], 0.5)
 
 
@@ -74,7 +78,8 @@ def test_toy_model_classes_sharp_blocks_foreground(sharp):
     blocks = len(pipe.transformer.transformer_blocks)
     sharpen_and_flatten(pipe, sharp)
     share = 1 - len(sharp) / blocks
-    policy = dit_accel.calibrate(pipe, PROMPTS[:1], {"cache": {"method": "profiling_dit", "background_share": share}},
+    policy = dit_accel.calibrate(pipe, PROMPTS[:1], {"cache": {"method": "profiling_dit", "profile": "entropy",
+                                                               "background_share": share}},
                                  **call_kwargs("pixart", 3))
     expected = ["fg" if i in sharp else "bg" for i in range(blocks)]
     assert policy.cache.block_classes == expected, policy.cache.block_entropy
@@ -82,7 +87,8 @@ def test_toy_model_classes_sharp_blocks_foreground(sharp):
     assert all(entropy[i] == pytest.approx(1.0, abs=1e-4) for i in range(blocks) if i not in sharp)
     assert all(entropy[i] < 0.6 for i in sharp), entropy
     # by threshold, with a share that would rank differently
-    by_threshold = dit_accel.calibrate(pipe, PROMPTS[:1], {"cache": {"method": "profiling_dit", "background_share": 0.0,
+    by_threshold = dit_accel.calibrate(pipe, PROMPTS[:1], {"cache": {"method": "profiling_dit", "profile": "entropy",
+                                                                     "background_share": 0.0,
                                                                      "entropy_threshold": 0.9}},
                                        **call_kwargs("pixart", 3))
     assert by_threshold.cache.block_classes == expected
@@ -125,21 +131,77 @@ def test_schedule_follows_the_classes(fg, bg, warmup):
 
 
 def test_calibrated_policy_round_trips_and_runs(tmp_path):
-    pipe = tiny_pipeline("flux")  # joint attention with q/k RMSNorm, double and single blocks
+    pipe = tiny_pipeline("flux")  # joint attention with q/k RMSNorm, double and single blocks, packed latents
     policy = dit_accel.calibrate(pipe, PROMPTS, {"name": "flux-prof", "cache": {"method": "profiling_dit"}},
                                  **call_kwargs("flux", 5))
     classes = policy.cache.block_classes
     blocks = len(classes)
     assert classes.count("bg") == round(0.5 * blocks) and set(classes) == {"fg", "bg"}
-    assert len(policy.cache.block_entropy) == blocks and all(0 < e <= 1 for e in policy.cache.block_entropy)
+    lift = policy.cache.block_foreground
+    assert len(lift) == blocks and all(math.isfinite(v) and v > 0 for v in lift)
+    assert sorted(lift)[blocks - round(0.5 * blocks) - 1] <= min(v for v, c in zip(lift, classes) if c == "fg")
+    assert max(v for v, c in zip(lift, classes) if c == "bg") <= min(v for v, c in zip(lift, classes) if c == "fg")
+    similarity = policy.cache.step_similarity
+    assert len(similarity) == 4 and all(-1 <= v <= 1 for v in similarity)
     policy.save(tmp_path / "p.yaml")
     loaded = dit_accel.load_policy(tmp_path / "p.yaml")
     assert loaded == policy
     assert yaml.safe_load((tmp_path / "p.yaml").read_text())["cache"]["block_classes"] == classes
-    with dit_accel.accelerated(pipe, loaded):
-        pipe(prompt="a dog", **call_kwargs("flux", 7))
-        stats = dit_accel.stats(pipe)
-    assert stats.computed == [7 if c == "fg" else 3 for c in classes]  # warmup 1, then every 3rd for bg
+    for warmup in (None, 1):  # measured full steps (read at relative positions: 5 calibrated, 7 served), fixed
+        served = loaded.replace(warmup_steps=warmup, similarity_threshold=float(np.median(similarity)))
+        with dit_accel.accelerated(pipe, served):
+            pipe(prompt="a dog", **call_kwargs("flux", 7))
+            stats = dit_accel.stats(pipe)
+        full = full_steps(tuple(similarity), served.cache.similarity_threshold, 7) if warmup is None else {0}
+        expected = [sum(computed(s, 3 if c == "bg" else 1, frozenset(full)) for s in range(7)) for c in classes]
+        assert stats.computed == expected, (full, similarity)
+        assert max(stats.reused) > 0, full
+
+
+def test_full_steps_follow_the_similarity_and_stable_runs_restart_the_interval():
+    curve = (0.9, 0.999, 0.999, 0.999, 0.999, 0.999, 0.5)  # steps 1..7 of 8: unstable at 1 and 7
+    assert full_steps(curve, 0.995, None) == {0, 1, 7}
+    assert full_steps(curve, 0.995, 8) == {0, 1, 7}
+    assert full_steps(curve, 0.95, 8) == {0, 1, 7} and full_steps(curve, 0.8, 8) == {0, 7}
+    assert full_steps(curve, 0.995, 15) == {0, 1, 2, 14}  # relative positions: step 2 of 15 reads step 1 of 8
+    full = frozenset({0, 1, 7})
+    assert [computed(s, 3, full) for s in range(8)] == [True, True, True, False, False, True, False, True]
+    assert [computed(s, 1, full) for s in range(8)] == [True] * 8
+    assert [computed(s, 2, frozenset()) for s in range(4)] == [True, False, True, False]  # warm-up 0
+
+
+def test_foreground_mask_and_lift_on_a_synthetic_latent():
+    latent = torch.full((2, 3, 16, 16), -1.0)
+    latent[0, :, 4:8, 8:12] = 1.0  # a bright square on a flat background (sample 0)
+    latent[1, :, 0:4, 0:8] = 0.5
+    mask = foreground_tokens(latent, 64)  # 2×2 patches -> 8×8 tokens
+    expected = torch.zeros(2, 8, 8, dtype=torch.bool)
+    expected[0, 2:4, 4:6] = True
+    expected[1, 0:2, 0:4] = True
+    assert torch.equal(mask, expected.flatten(1))
+    video = latent[:, :, None].expand(2, 3, 4, 16, 16)  # (B, C, F, H, W), 1×2×2 patches
+    assert torch.equal(foreground_tokens(video, 4 * 64), expected.flatten(1).repeat(1, 4))
+    packed = latent.flatten(2).transpose(1, 2)  # (B, S, C): one token per position
+    assert torch.equal(foreground_tokens(packed, 256), (packed[..., 0] > 0))
+    assert foreground_tokens(latent, 10) is None  # no patching maps 16×16 onto 10 tokens or fewer
+    assert torch.equal(foreground_tokens(latent, 64 + 7), mask)  # 7 text tokens joined: the 2×2 patching
+    area = mask.float().mean(-1)
+    uniform = torch.full((2, 64), 1 / 64)
+    assert foreground_lift(uniform, mask) == pytest.approx(1.0)
+    on_fg = mask.float() / mask.float().sum(-1, keepdim=True)
+    assert foreground_lift(on_fg, mask) == pytest.approx(float((1 / area).mean()))
+    with_text = torch.cat([torch.full((2, 5), 1.0), on_fg], dim=1)  # text keys first: ignored
+    assert foreground_lift(with_text, mask) == pytest.approx(float((1 / area).mean()))
+    assert math.isnan(foreground_lift(uniform, torch.zeros(2, 64, dtype=torch.bool)))
+
+
+def test_foreground_profile_without_a_mask_names_the_fix():
+    rows = Records([{"step": s, "branch": "default", "attn_entropy": [0.5, 0.6], "fg_attention": [math.nan, 1.2],
+                     "output_similarity": 0.99} for s in range(3)])
+    with pytest.raises(dit_accel.PolicyError, match=r"blocks \[0\].*profile: entropy"):
+        ProfilingDiT.calibrated(ProfilingDiTConfig(), rows, "pixart")
+    entropy = ProfilingDiT.calibrated(ProfilingDiTConfig(profile="entropy"), rows, "pixart")
+    assert entropy.block_classes == ["fg", "bg"] and entropy.step_similarity == [0.99, 0.99]
 
 
 def test_attention_recording_changes_neither_outputs_nor_other_statistics():
@@ -181,8 +243,8 @@ def test_profiling_dit_on_the_trained_model():
     """
     from helpers import zoo_versus_fora
 
-    config = {"method": "profiling_dit", "foreground_interval": 2, "background_interval": 5, "warmup_steps": 0,
-              "background_share": 0.5}
+    config = {"method": "profiling_dit", "profile": "entropy", "foreground_interval": 2, "background_interval": 5,
+              "warmup_steps": 0, "background_share": 0.5}
 
     seen = {}
 

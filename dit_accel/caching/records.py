@@ -5,7 +5,8 @@
 branch (``branch``, ``step`` = the call's index in its branch), with what the recorder measured
 (see :mod:`dit_accel.calibration.recorder`): ``modulated_change``, ``temb_change``,
 ``residual_change``, ``mag_ratio`` / ``mag_std``; with per-block recording ``block_dist``,
-``stack_dist``, ``stack_fit``; with attention statistics ``attn_entropy``, ``attn_topk``.
+``stack_dist``, ``stack_fit``; with attention statistics ``attn_entropy``, ``attn_topk``, ``fg_attention``
+(per-block foreground lift) and ``output_similarity``.
 """
 
 from __future__ import annotations

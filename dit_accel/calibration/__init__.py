@@ -26,10 +26,10 @@ from ..quant import quantized
 from ..runtime.parallel import shard_group
 from .passes import OutputTap, RandomState
 from .guardrails import record_guardrails
-from .recorder import RecordConfig, Recorder, attention_statistics
+from .recorder import RecordConfig, Recorder, attention_statistics, foreground_tokens
 
 __all__ = ["RecordConfig", "Recorder", "Records", "attention_statistics", "calibrate", "call_arguments",
-           "fit_polynomial", "record", "record_guardrails"]
+           "fit_polynomial", "foreground_tokens", "record", "record_guardrails"]
 
 
 def call_arguments(prompt: str | dict, call_kwargs: dict) -> dict:
@@ -58,9 +58,11 @@ def record(pipe: Any, prompts: Sequence[str | dict], options: dict | None = None
             raise PolicyError("calibrate: the transformer runs context-parallel; calibrate on one process (a "
                               "calibration is a property of the model and its schedule, not of the sharding)")
         calls: set[int] = set()
+        recorder.watch(runtime.transformer)  # latent inputs, for the foreground masks of attention statistics
         try:
             for prompt in prompts:
                 pipe(**call_arguments(prompt, call_kwargs))
+                recorder.end_generation()
                 if runtime.plan.offset:
                     raise PolicyError(
                         f"calibrate: the generation started at call {runtime.plan.offset} of its schedule (img2img "

@@ -30,6 +30,20 @@ included), and each step's row gains ``attn_entropy[i]``: block ``i``'s attentio
 by log(number of keys), averaged over the sampled queries, heads and batch (1 = uniform, 0 = one
 key), and ``attn_topk[i]``: the attention mass on the top ``attention_topk`` share of keys. The
 hooks exist only while ``calibrate`` runs (``Recorder.close``); the blocks' outputs are unchanged.
+
+With attention statistics the recorder also profiles where the attention goes (ProfilingDiT's
+foreground/background profiling) and how the prediction changes from step to step:
+
+* ``fg_attention[i]``: block ``i``'s *foreground lift* — the share of its attention mass (the same
+  sampled query rows, averaged over heads) that lands on foreground keys, divided by the foreground's
+  share of the keys (1 = attends to the foreground as much as uniform attention would; > 1:
+  foreground-focused). The foreground is a per-sample token mask made at the end of each generation
+  from the transformer's input latent of the branch's last call (the nearly clean sample):
+  :func:`foreground_tokens` (deviation from the sample's median value, Otsu's threshold, pooled to
+  the attention's tokens). ``record`` runs this through :meth:`Recorder.watch` and
+  :meth:`Recorder.end_generation`; NaN where no mask could be made (an unknown latent layout).
+* ``output_similarity``: cosine similarity of the transformer's output (the predicted noise /
+  velocity) with the branch's previous call (NaN on the first call).
 """
 
 from __future__ import annotations
@@ -56,6 +70,8 @@ class RecordConfig(CacheConfig):
                                               "(ProfilingDiT)")
     attention_queries: int = option(64, ge=1, doc="query tokens sampled per attention call")
     attention_topk: float = option(0.1, gt=0.0, le=1.0, doc="share of keys whose attention mass is recorded")
+    foreground_bins: int = option(64, ge=8, le=4096, doc="histogram bins of the Otsu threshold that splits each "
+                                                         "sample's tokens into foreground and background")
 
 
 @dataclass(eq=False)
@@ -77,6 +93,7 @@ class RecorderState(CacheState):
     block_in: dict[int, torch.Tensor] = field(default_factory=dict)
     stack_history: list[torch.Tensor] = field(default_factory=list)
     block_history: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    output: torch.Tensor | None = None
 
 
 def _rel(current: torch.Tensor | None, previous: torch.Tensor | None) -> float:
@@ -95,6 +112,10 @@ class Recorder(CacheMethod):
         super().__init__(config, blocks, adapter)
         self.records: list[dict[str, Any]] = []
         self._attention: dict[int, tuple[float, float]] = {}
+        self._keys: dict[int, torch.Tensor] = {}  # block -> (B, S) attention mass per key, this call
+        self._profiles: list[tuple[str, dict, dict[int, torch.Tensor]]] = []  # (branch, row, keys), this generation
+        self._latent_in: torch.Tensor | None = None  # the transformer call's latent input (set by its pre-hook)
+        self._latents: dict[str, torch.Tensor] = {}  # branch -> latent input of its latest call
         self._handles: list = []
         if self.config.attention_stats:
             for block in blocks:
@@ -107,18 +128,43 @@ class Recorder(CacheMethod):
                     with_kwargs=True))
 
     def close(self) -> None:
-        """Remove the temporary attention hooks (calibration done)."""
+        """Remove the temporary attention and latent hooks (calibration done)."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+    def watch(self, transformer: torch.nn.Module) -> None:
+        """Keep the latent input of every call of ``transformer`` (the foreground masks are made from it)."""
+        if not self.config.attention_stats:
+            return
+
+        def keep_latent(module, args, kwargs) -> None:
+            latent = kwargs.get("hidden_states", args[0] if args else None)
+            self._latent_in = latent if isinstance(latent, torch.Tensor) else None
+
+        self._handles.append(transformer.register_forward_pre_hook(keep_latent, with_kwargs=True))
+
+    @torch.no_grad()
+    def end_generation(self) -> None:
+        """A generation finished: fill ``fg_attention`` into its rows, from each branch's last latent input."""
+        masks: dict[str, torch.Tensor | None] = {}
+        for branch, row, keys in self._profiles:
+            if branch not in masks:
+                latent = self._latents.get(branch)
+                tokens = next(iter(keys.values())).shape[-1] if keys else 0
+                masks[branch] = None if latent is None or not tokens else \
+                    foreground_tokens(latent, tokens, self.config.foreground_bins)
+            row["fg_attention"] = [foreground_lift(keys.get(i), masks[branch]) for i in range(self.num_blocks)]
+        self._profiles, self._latents = [], {}
 
     @torch.no_grad()
     def _attention_hook(self, index: int, attn: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
             return None
-        self._attention[index] = attention_statistics(attn, hidden, self.config.attention_queries,
-                                                      self.config.attention_topk)
+        probs = attention_rows(attn, hidden, self.config.attention_queries)
+        self._attention[index] = row_statistics(probs, self.config.attention_topk)
+        self._keys[index] = probs.mean(dim=(1, 2))  # (B, S): mass per key, over heads and sampled queries
         return None
 
     def make_plan(self, num_blocks: int) -> CachePlan:
@@ -147,6 +193,8 @@ class Recorder(CacheMethod):
         modulated = self.adapter.modulated_input(call.block, call.args, call.kwargs) \
             if self.adapter.modulated_input_fn is not None else None
         temb = call_argument(call.block.meta, "temb", call.args, call.kwargs)
+        if self.config.attention_stats and self._latent_in is not None:
+            self._latents[state.branch] = self._latent_in
         state.row = {"branch": state.branch, "step": state.step,
                      "modulated_change": _rel(modulated, state.modulated), "temb_change": _rel(temb, state.temb)}
         state.modulated, state.temb = modulated, temb
@@ -172,8 +220,25 @@ class Recorder(CacheMethod):
             stats = [self._attention.get(i, (math.nan, math.nan)) for i in range(self.num_blocks)]
             row["attn_entropy"] = [e for e, _ in stats]
             row["attn_topk"] = [k for _, k in stats]
-            self._attention = {}
+            row["fg_attention"] = [math.nan] * self.num_blocks  # filled in by end_generation
+            self._profiles.append((state.branch, row, self._keys))
+            self._attention, self._keys = {}, {}
         self.records.append(row)  # a per-block run completes the row in on_output of the last block
+
+    @torch.no_grad()
+    def adjust_output(self, output: Any, state: RecorderState) -> None:
+        """Record ``output_similarity`` (attention statistics); the output itself is left unchanged."""
+        if not self.config.attention_stats or state.row is None:
+            return None
+        sample = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
+        if not isinstance(sample, torch.Tensor):
+            return None
+        current = sample.detach().reshape(-1).float()
+        previous = state.output
+        state.row["output_similarity"] = float(torch.nn.functional.cosine_similarity(current, previous, dim=0)) \
+            if previous is not None and previous.shape == current.shape else math.nan
+        state.output = current
+        return None
 
     def _record_stack(self, row: dict, residual: torch.Tensor, state: RecorderState) -> None:
         current = self._sketch(state, residual)
@@ -212,18 +277,120 @@ def _heads(norm: torch.nn.Module | None, x: torch.Tensor, heads: int) -> torch.T
 
 
 @torch.no_grad()
-def attention_statistics(attn: torch.nn.Module, hidden: torch.Tensor, queries: int = 64,
-                         topk: float = 0.1, seed: int = 0) -> tuple[float, float]:
-    """(normalised entropy, top-``topk`` key mass) of ``attn``'s self-attention on ``hidden`` (B, S, C),
-    from ``queries`` random query tokens (a fixed sample): see the module docstring."""
+def attention_rows(attn: torch.nn.Module, hidden: torch.Tensor, queries: int = 64, seed: int = 0) -> torch.Tensor:
+    """softmax(q·Kᵀ/√d) of ``attn``'s self-attention on ``hidden`` (B, S, C) for ``queries`` random query
+    tokens (a fixed sample) against all S keys: (B, heads, queries, S), float32."""
     heads = int(attn.heads)
     tokens = hidden.shape[1]
     g = torch.Generator().manual_seed(seed)
     rows = torch.randperm(tokens, generator=g)[:min(queries, tokens)].to(hidden.device)
     q = _heads(getattr(attn, "norm_q", None), attn.to_q(hidden.index_select(1, rows)), heads).float()
     k = _heads(getattr(attn, "norm_k", None), attn.to_k(hidden), heads).float()
-    probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)  # (B, H, queries, S)
+    return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+
+
+def row_statistics(probs: torch.Tensor, topk: float = 0.1) -> tuple[float, float]:
+    """(normalised entropy, top-``topk`` key mass) of attention rows (..., S), averaged over the rest."""
+    tokens = probs.shape[-1]
     entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1) / math.log(max(tokens, 2))
     top = max(1, int(math.ceil(topk * tokens)))
     mass = probs.topk(top, dim=-1).values.sum(-1)
     return float(entropy.mean()), float(mass.mean())
+
+
+@torch.no_grad()
+def attention_statistics(attn: torch.nn.Module, hidden: torch.Tensor, queries: int = 64,
+                         topk: float = 0.1, seed: int = 0) -> tuple[float, float]:
+    """(normalised entropy, top-``topk`` key mass) of ``attn``'s self-attention on ``hidden`` (B, S, C),
+    from ``queries`` random query tokens (a fixed sample): see the module docstring."""
+    return row_statistics(attention_rows(attn, hidden, queries, seed), topk)
+
+
+def _otsu(values: torch.Tensor, bins: int) -> torch.Tensor:
+    """Otsu's threshold of each row of ``values`` (B, N): the cut that maximises the between-class variance."""
+    lo, hi = values.min(-1, keepdim=True).values, values.max(-1, keepdim=True).values
+    scaled = ((values - lo) / (hi - lo).clamp_min(1e-12) * (bins - 1)).round().long()
+    hist = torch.zeros(values.shape[0], bins, dtype=torch.float64, device=values.device)
+    hist.scatter_add_(1, scaled, torch.ones_like(scaled, dtype=torch.float64))
+    centres = torch.arange(bins, dtype=torch.float64, device=values.device)
+    w0 = hist.cumsum(-1)
+    m0 = (hist * centres).cumsum(-1)
+    total, mean_total = w0[:, -1:], m0[:, -1:]
+    w1 = total - w0
+    between = (mean_total * w0 / total - m0) ** 2 * total / (w0 * w1).clamp_min(1e-12)
+    between = torch.where((w0 > 0) & (w1 > 0), between, torch.zeros_like(between))
+    cut = between.argmax(-1, keepdim=True).to(values.dtype)  # tokens in bins above the cut are foreground
+    return lo + (cut + 0.5) / (bins - 1) * (hi - lo)
+
+
+def _pooled_saliency(x: torch.Tensor, tokens: int) -> torch.Tensor | None:
+    """(B, n) saliency of a (B, C, H, W) or (B, C, F, H, W) latent: n = ``tokens`` if a 1×p×p patching gives
+    that many; else (text tokens joined to the image tokens in the attention, Lumina 2) the first of the
+    patchings p = 2, 1, 4 whose token count is below ``tokens``; None if none fits."""
+    frames = x.shape[2] if x.dim() == 5 else 1
+    h, w = x.shape[-2:]
+    exact = _saliency_at(x, tokens)
+    if exact is not None:
+        return exact
+    for p in (2, 1, 4):
+        n = frames * (h // p) * (w // p)
+        if h % p == 0 and w % p == 0 and n < tokens:
+            return _saliency_at(x, n)
+    return None
+
+
+def _saliency_at(x: torch.Tensor, tokens: int) -> torch.Tensor | None:
+    spatial = x.flatten(2)
+    centred = x - spatial.median(dim=-1).values.reshape(*x.shape[:2], *([1] * (x.dim() - 2)))
+    distance = centred.norm(dim=1)  # (B, H, W) or (B, F, H, W)
+    frames = distance.shape[1] if x.dim() == 5 else 1
+    h, w = distance.shape[-2:]
+    per_frame, rem = divmod(tokens, frames)
+    p = math.isqrt(max(h * w // max(per_frame, 1), 1))
+    if rem or p < 1 or h % p or w % p or (h // p) * (w // p) != per_frame:
+        return None
+    pooled = torch.nn.functional.avg_pool2d(distance.reshape(-1, 1, h, w), p)
+    return pooled.reshape(x.shape[0], -1)
+
+
+@torch.no_grad()
+def foreground_tokens(latent: torch.Tensor, tokens: int, bins: int = 64) -> torch.Tensor | None:
+    """A (B, n ≤ tokens) foreground mask of a nearly clean latent, or None for a layout it cannot map.
+
+    Saliency of each latent position: the distance (over channels) of its value from the sample's
+    median value per channel — the dominant, flat background is close to it, the subject is not.
+    Positions are pooled into the attention's tokens, whose order is the latent's row-major order: a
+    packed latent (B, S, C) maps one to one; (B, C, H, W) by p×p patches; (B, C, F, H, W) by 1×p×p
+    patches (CogVideoX's (B, F, C, H, W) is tried when that does not fit). Each sample's tokens are
+    split by Otsu's threshold on the saliency."""
+    x = latent.detach().float()
+    if x.dim() == 3:  # packed (B, S, C): one token per position
+        saliency = (x - x.median(dim=1, keepdim=True).values).norm(dim=-1)
+    elif x.dim() == 4:
+        saliency = _pooled_saliency(x, tokens)
+    elif x.dim() == 5:
+        saliency = _pooled_saliency(x, tokens)
+        if saliency is None:
+            saliency = _pooled_saliency(x.transpose(1, 2), tokens)
+    else:
+        return None
+    if saliency is None or saliency.shape[-1] > tokens:
+        return None
+    return saliency > _otsu(saliency, bins)
+
+
+def foreground_lift(keys: torch.Tensor | None, mask: torch.Tensor | None) -> float:
+    """Share of the attention mass ``keys`` (B, S) on the foreground tokens of ``mask`` (B, n), divided by the
+    foreground's share of the tokens, averaged over the samples with both classes (NaN if none).
+
+    When the attention sees more tokens than the latent has (text tokens joined to the image tokens, FLUX's
+    single-stream blocks), the image tokens are taken to be the last n."""
+    if keys is None or mask is None or keys.shape[0] != mask.shape[0] or keys.shape[-1] < mask.shape[-1]:
+        return math.nan
+    image = keys[:, keys.shape[-1] - mask.shape[-1]:].float()
+    area = mask.float().mean(-1)
+    both = (area > 0) & (area < 1)
+    if not bool(both.any()):
+        return math.nan
+    share = (image * mask).sum(-1) / image.sum(-1).clamp_min(1e-30)
+    return float((share[both] / area[both]).mean())
