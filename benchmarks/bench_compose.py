@@ -9,7 +9,8 @@ pipeline in one process:
   static mask on the same schedule, compiled (bf16 and with torchao FP8 on the same block linears).
 * ``--model wan``: a Wan2.1-T2V-1.3B-shaped ``WanPipeline``, 480×832×81 (32,760 tokens), UniPC, CFG 5 as
   two transformer calls. Baseline eager and compiled; dit_accel top-p sparse attention at density 0.25
-  + FORA interval 2 (2 warm-up steps), eager and compiled, + FP8 linears, + INT8 attention, FP8 alone;
+  + FORA interval 2 (2 warm-up steps), eager and compiled, + FP8 linears (attention projections
+  quantized, or kept in bf16), + INT8 attention, FP8 alone, the ``wan-fast`` preset (its own compile section);
   cache-dit F1B0 on the same static schedule, compiled, + torchao FP8.
 
 Per variant: wall-clock of whole calls after a warm-up call (median and spread), PSNR of the latents
@@ -53,10 +54,6 @@ WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim
                 qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 WAN_TINY = dict(WAN_1_3B, num_attention_heads=2, attention_head_dim=32, text_dim=32, freq_dim=32, ffn_dim=64,
                 num_layers=2, rope_max_seq_len=64)
-
-
-# whether a block with dit_accel's sparse attention processor compiles as one graph
-FULLGRAPH_SPARSE = False
 
 
 @dataclass
@@ -183,13 +180,11 @@ def variants(bench: Bench, quick: bool) -> list[tuple[str, Callable | None, Call
     tr, pipe = bench.transformer, bench.pipe
     fp8 = fp8_available(quick)
 
-    def ours(policy: dict, compiled: bool = True, mode: str | None = None):
-        fullgraph = FULLGRAPH_SPARSE or "attention" not in policy
-
+    def ours(policy: dict | str, compiled: bool = True, mode: str | None = None):
         def setup():
             dit_accel.accelerate(pipe, policy)
             if compiled:
-                compile_blocks(tr, quick, mode, fullgraph)
+                compile_blocks(tr, quick, mode)
 
         def teardown():
             dit_accel.remove(pipe)
@@ -211,15 +206,19 @@ def variants(bench: Bench, quick: bool) -> list[tuple[str, Callable | None, Call
                   "block_size": 16 if quick else 128}
         fora = {"method": "fora", "interval": 2, "warmup_steps": 2}
         composed = {"name": "sparse25-fora2", "attention": sparse, "cache": fora}
-        with_fp8 = {**composed, "name": "sparse25-fora2-fp8", "quant": {"linear": "fp8_dynamic"}}
+        fp8_all = {"linear": "fp8_dynamic"}
+        with_fp8 = {**composed, "name": "sparse25-fora2-fp8", "quant": fp8_all}
+        bf16_proj = {**composed, "name": "sparse25-fora2-fp8-bf16proj", "quant": {"linear": "fp8_dynamic",
+                                                                                  "skip": ["blocks.*.attn1.*"]}}
         with_int8 = {**with_fp8, "name": "sparse25int8-fora2-fp8", "attention": {**sparse, "quant": "int8"}}
         out += [("dit_accel sparse25 + fora2 eager", *ours(composed, compiled=False)),
                 ("dit_accel sparse25 + fora2 compiled", *ours(composed))]
         if fp8:
             out += [("dit_accel sparse25 + fora2 + fp8 compiled", *ours(with_fp8)),
+                    ("dit_accel sparse25 + fora2 + fp8 (attention projections bf16) compiled", *ours(bf16_proj)),
                     ("dit_accel sparse25 int8 + fora2 + fp8 compiled", *ours(with_int8)),
-                    ("dit_accel fp8 compiled (dense)", *ours({"name": "fp8", "quant":
-                                                                        {"linear": "fp8_dynamic"}}))]
+                    ("dit_accel fp8 compiled (dense)", *ours({"name": "fp8", "quant": fp8_all})),
+                    ("dit_accel wan-fast preset (compile section)", *ours("wan-fast", compiled=False))]
         out.append(("baseline compiled", *compiled))
         interval = 2
     try:
@@ -258,6 +257,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="CPU, tiny config (a smoke run)")
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: FLUX 28, Wan 50; quick 6)")
     ap.add_argument("--rounds", type=int, default=3, help="timed calls per variant after the warm-up call")
+    ap.add_argument("--baseline-rounds", type=int, default=None,
+                    help="timed calls of the eager baseline (default: --rounds; its calls are the longest)")
     ap.add_argument("--only", default="", help="comma-separated variant names to run (default: all)")
     ap.add_argument("--top-kernels", type=int, default=0, help="record the N most expensive kernels per variant")
     ap.add_argument("--name", default=None, help="result file name (default compose_<model>_{h200,quick})")
@@ -275,7 +276,8 @@ def main(argv=None) -> int:
         base = next((r["s"] for r in rows if r["variant"] == "baseline eager" and "s" in r), None)
         lines = [f"# Compositions on a {bench.shape} pipeline ({environment().get('gpu', 'cpu')})", "",
                  f"Random weights, {'float32' if quick else 'bf16'}, latent out; whole-call wall-clock after one "
-                 f"warm-up call, median of {args.rounds} (± half the range); host = summed CPU time of the profiled "
+                 f"warm-up call, median of {args.rounds} (eager baseline: {args.baseline_rounds or args.rounds}; "
+                 "± half the range); host = summed CPU time of the profiled "
                  "ops, GPU = summed kernel time, regions = `Torch-Compiled Region` entries, all of one profiled "
                  "call; graph breaks counted by dynamo while compiling (warm-up call).", "",
                  "| variant | s / call | vs eager | PSNR dB | host s | GPU s | regions | graph breaks | recompiles "
@@ -312,7 +314,8 @@ def main(argv=None) -> int:
             row["graph_breaks"] = int(sum(counters["graph_break"].values())) if "graph_break" in counters else 0
             counters.clear()
             times = []
-            for _ in range(args.rounds):
+            rounds = args.baseline_rounds if variant == "baseline eager" and args.baseline_rounds else args.rounds
+            for _ in range(rounds):
                 sync(device)
                 t = time.perf_counter()
                 out = generate()

@@ -88,6 +88,28 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_dict(section: Any) -> dict:
+    """The section's defaults as ``to_dict`` writes them ({} when the section has required fields)."""
+    try:
+        return type(section)().to_dict()
+    except (TypeError, ValueError, PolicyError):
+        return {d.name: d.default for d in dataclasses.fields(section)}
+
+
+def _set_fields(values: dict, defaults: dict, keep: tuple = ()) -> dict:
+    """The entries of ``values`` that differ from ``defaults`` (nested sections compared field by field)."""
+    out = {}
+    for k, v in values.items():
+        d = defaults.get(k, object())
+        if isinstance(v, dict) and isinstance(d, dict):
+            v = _set_fields(v, d, keep)
+            if v:
+                out[k] = v
+        elif k in keep or v != d:
+            out[k] = v
+    return out
+
+
 def _presets(args: argparse.Namespace) -> int:
     """One line per preset: each section's set fields, calibrated tables summarised by their size."""
     from .config import ConfigBase, describe_value
@@ -103,9 +125,7 @@ def _presets(args: argparse.Namespace) -> int:
                 parts.append(f"calibrated for {getattr(section, 'model', '?')} ({getattr(section, 'blocks', '?')} "
                              "blocks)")
             elif isinstance(section, ConfigBase):
-                defaults = {d.name: d.default for d in dataclasses.fields(section)}
-                fields = {k: v for k, v in section.to_dict().items() if k not in defaults or v != defaults[k]
-                          or k in ("method", "linear")}  # the fields the preset sets
+                fields = _set_fields(section.to_dict(), _default_dict(section), keep=("method", "linear"))
                 parts.append(f"{f.name}: " + ", ".join(f"{k}={describe_value(v, limit=4)}" for k, v in fields.items()
                                                        if v is not None))
         print(f"{name:<{width}}  {'; '.join(parts) or 'no acceleration'}")

@@ -24,9 +24,7 @@ class CompileConfig(ConfigBase):
     section: ClassVar[str] = "compile"
     mode: str = option("regional", choices=COMPILE_MODES, doc="regional: compile each block; none: leave it")
     fullgraph: bool | None = option(
-        None, doc="one graph per block (an error instead of a silent graph break); null: true, except beside an "
-                  "attention: section, whose processor decides each call outside compiled code (one graph break "
-                  "per routed attention call)")
+        None, doc="one graph per block (an error instead of a silent graph break); null: true")
     backend: str = option("inductor", doc="torch.compile backend")
     torch_mode: str = option("default", choices=TORCH_MODES, doc="torch.compile mode")
     dynamic: bool | None = option(None, doc="torch.compile dynamic shapes (null: torch's default)")
@@ -36,20 +34,13 @@ class CompileConfig(ConfigBase):
             raise PolicyError(f"compile.backend: expected a backend name, got {self.backend!r}")
         super().validate()
 
-    def resolved_fullgraph(self, routed_attention: bool) -> bool:
-        """``fullgraph`` as compiled: null means true unless sparse/quantized attention routes the blocks'
-        attention (its processor is a graph break by design); true beside such a section is an error."""
-        if self.fullgraph is None:
-            return not routed_attention
-        if self.fullgraph and routed_attention:
-            raise PolicyError("compile.fullgraph: true cannot hold beside an attention: section: its processor "
-                              "decides each attention call outside compiled code (one graph break per call); "
-                              "set compile.fullgraph to false or leave it unset")
-        return self.fullgraph
+    def resolved_fullgraph(self) -> bool:
+        """``fullgraph`` as compiled (null: true; sparse and quantized attention trace as one custom op)."""
+        return True if self.fullgraph is None else self.fullgraph
 
-    def options(self, routed_attention: bool = False) -> dict:
+    def options(self) -> dict:
         """Keyword arguments of ``torch.compile``."""
-        kwargs = {"fullgraph": self.resolved_fullgraph(routed_attention), "backend": self.backend,
+        kwargs = {"fullgraph": self.resolved_fullgraph(), "backend": self.backend,
                   "dynamic": self.dynamic}
         if self.torch_mode != "default":
             kwargs["mode"] = self.torch_mode

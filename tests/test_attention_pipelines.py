@@ -7,7 +7,7 @@ import torch
 import dit_accel
 from dit_accel.adapters import get_adapter
 from dit_accel.runtime import attention as processor_module
-from dit_accel.runtime.attention import SparseAttentionProcessor
+from dit_accel.runtime.attention_route import RoutedProcessor as SparseAttentionProcessor
 from dit_accel.testing import FAMILIES, tiny_generate, tiny_pipeline
 
 # Sizes with several 16-token blocks of visual tokens (DiT's transformer has a fixed 4x4 grid).

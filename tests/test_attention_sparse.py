@@ -172,3 +172,27 @@ def test_quantized_kernel_runs_the_same_blocks(quant, tolerance):
         exact[mode] = sparse_self_attention(q, k, v, SparseRequest(cfg))
     assert torch.equal(exact["none"].block_mask, exact[quant].block_mask)
     assert _rel(exact[quant].out, exact["none"].out) < tolerance
+
+
+@pytest.mark.parametrize("reorder", ["none", "svg2"])
+def test_fixed_density_selection_bounds_its_table_and_keeps_it_for_reuse(reorder, monkeypatch):
+    # the bound (budget + self block) replaces the read-back of the largest row count, and the table is made
+    # once per selection: a reusing call builds none
+    from dit_accel.attention import sparse as sparse_module
+    from dit_accel.kernels import mask_to_block_table
+
+    q, k, v = structured_qkv((2, 8, 8), 2, 16, seed=3)  # 128 tokens: 8 blocks of 16
+    cfg = AttentionConfig.from_dict({"sparse": {"method": "topp", "density": 0.3}, "reorder": reorder,
+                                     "block_size": 16})
+    first = SparseRequest(config=cfg)
+    out = sparse_self_attention(q, k, v, first).out
+    sel = first.selection
+    exact_cnt = mask_to_block_table(sel.block_mask)[1]
+    idx, cnt = sel.tables
+    assert sel.max_kv == math.ceil(0.3 * 8) + 1 >= int(exact_cnt.max())
+    assert idx.shape[-1] == sel.max_kv and torch.equal(cnt, exact_cnt)
+    assert torch.equal(block_table_to_mask(idx, cnt, 8), sel.block_mask)
+    built = []
+    monkeypatch.setattr(sparse_module, "mask_to_block_table", lambda *a: built.append(a) or mask_to_block_table(*a))
+    again = sparse_self_attention(q, k, v, SparseRequest(config=cfg, selection=sel)).out
+    assert not built and torch.equal(again, out)

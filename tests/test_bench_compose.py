@@ -35,8 +35,8 @@ def test_quick_run_counts_compiled_region_entries(tmp_path, monkeypatch):
 
 
 def test_quick_wan_run_composes_sparse_attention_with_compiled_blocks(tmp_path, monkeypatch):
-    """The Wan variants: sparse attention + FORA compile (with one graph break per routed attention call, which
-    the row counts) and give the same latents as eager."""
+    """The Wan variants: sparse attention + FORA compile with no graph break (the routed attention is one custom
+    op in the block's graph) and give the same latents as eager."""
     module = load_bench(monkeypatch)
     monkeypatch.setenv("OUT", str(tmp_path))
     assert module.main(["--quick", "--model", "wan", "--rounds", "1", "--only",
@@ -45,5 +45,5 @@ def test_quick_wan_run_composes_sparse_attention_with_compiled_blocks(tmp_path, 
     assert set(rows) == {"baseline eager", "dit_accel sparse25 + fora2 eager", "dit_accel sparse25 + fora2 compiled"}
     assert all("error" not in r for r in rows.values()), rows
     eager, compiled = rows["dit_accel sparse25 + fora2 eager"], rows["dit_accel sparse25 + fora2 compiled"]
-    assert compiled["graph_breaks"] > 0 and compiled["recompiles"] == 0
+    assert compiled["graph_breaks"] == 0 and compiled["recompiles"] == 0
     assert abs(compiled["psnr_db"] - eager["psnr_db"]) < 1.0 and eager["saved_share"] == compiled["saved_share"] > 0

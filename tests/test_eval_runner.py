@@ -146,14 +146,19 @@ def test_sweep_killed_halfway_resumes_with_nothing_lost_or_duplicated(kill_spec,
     assert after.keys("config") == ResultStore(reference).keys("config")
 
 
-def test_two_processes_shard_the_work_into_one_store(kill_spec, tmp_path):
-    path, reference = kill_spec
-    store = tmp_path / "store"
+def _torchrun_sweep(path, store) -> list:
+    """``dit-accel sweep`` under torchrun, two CPU processes; the store's row files."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "dit_accel.cli", "sweep", str(path), "--store", str(store), "--no-progress", "--device", "cpu"]
     done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    shards = sorted((store / "rows").glob("*.jsonl"))
+    return sorted((store / "rows").glob("*.jsonl"))
+
+
+def test_two_processes_shard_the_work_into_one_store(kill_spec, tmp_path):
+    path, reference = kill_spec
+    store = tmp_path / "store"
+    shards = _torchrun_sweep(path, store)
     assert [p.name.rsplit("-", 1)[1] for p in shards] == ["r0.jsonl", "r1.jsonl"]
     per_shard = [{json.loads(line)["key"] for line in p.read_text().splitlines()} for p in shards]
     assert per_shard[0] and per_shard[1] and not per_shard[0] & per_shard[1]  # split, no overlap
@@ -175,11 +180,7 @@ def test_context_parallel_sweep_spreads_each_generation_and_matches_one_process(
     path = tmp_path / "cp.yaml"
     path.write_text(yaml.safe_dump({**CONTEXT_PARALLEL, "context_parallel": 2}))
     store = tmp_path / "store"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "dit_accel.cli", "sweep", str(path), "--store", str(store), "--no-progress", "--device", "cpu"]
-    done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    shards = sorted((store / "rows").glob("*.jsonl"))
+    shards = _torchrun_sweep(path, store)
     assert [p.name.rsplit("-", 1)[1] for p in shards] == ["r0.jsonl"]  # rank 0 writes everything
     ours, ref = ResultStore(store), ResultStore(reference)
     assert ours.keys("sample") == ref.keys("sample") and ours.keys("config") == ref.keys("config")

@@ -48,9 +48,18 @@ class Selection:
     q_perm: torch.Tensor | None   # long [B, H, N] or None (natural order)
     k_perm: torch.Tensor | None
     block_mask: torch.Tensor      # bool [B, H, nq, nk], permuted order
+    max_kv: int | None = None     # an upper bound of the kept kv-blocks per row (None: read back from the mask)
+    tables: tuple[torch.Tensor, torch.Tensor] | None = None  # the kernel's block table, made once
 
     def fits(self, b: int, h: int, n: int) -> bool:
         return tuple(self.block_mask.shape[:2]) == (b, h) and (self.q_perm is None or self.q_perm.shape[-1] == n)
+
+    def block_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(kv_indices, kv_counts)`` of the mask, made on first use and kept for the reusing steps. With
+        ``max_kv`` known (fixed-density selections) no value is read back from the device."""
+        if self.tables is None:
+            self.tables = mask_to_block_table(self.block_mask, self.max_kv)
+        return self.tables
 
 
 @dataclass
@@ -81,10 +90,11 @@ def _padded_head_dim(d: int) -> int:
 
 
 def run_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor | None, block_size: int,
-               scale: float, quant: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+               scale: float, quant: str = "none", tables: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention with a bool block mask (``None``: dense, quantized kernel only); head dims the
     kernel lacks are zero-padded (q.k and the kept columns of the output are unchanged by zero channels).
-    Returns (out, lse).
+    ``tables``: the mask's block table when the caller has it (:meth:`Selection.block_table`). Returns (out, lse).
 
     ``quant`` "int8" / "fp8": the quantized kernel (:func:`dit_accel.kernels.quant_attention.quant_attention`,
     same block table, or its default tiles when dense) instead; it takes 16-bit inputs, so float32 inputs
@@ -101,7 +111,8 @@ def run_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: to
         q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
     if dp != d:
         q, k, v = (torch.nn.functional.pad(t, (0, dp - d)) for t in (q, k, v))
-    tables = mask_to_block_table(block_mask) if block_mask is not None else (None, None)
+    if tables is None:
+        tables = mask_to_block_table(block_mask) if block_mask is not None else (None, None)
     if quant != "none":
         from ..kernels.quant_attention import quant_attention, quant_attention_reference
 
@@ -132,7 +143,7 @@ def quant_dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
 
 
 def _select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, request: SparseRequest, scale: float):
-    """Permute (PARO / SVG2) and choose the kept blocks: ``(q_perm, k_perm, mask, qp, kp, vp)``."""
+    """Permute (PARO / SVG2) and choose the kept blocks: ``(selection, qp, kp, vp)``."""
     cfg = request.config
     sparse = cfg.sparse
     b, h, n, _ = q.shape
@@ -150,6 +161,7 @@ def _select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, request: SparseRe
         q_perm, k_perm = semantic.q_perm, semantic.k_perm
     qp, kp, vp = _gather(q, q_perm), _gather(k, k_perm), _gather(v, k_perm)
     always = self_blocks(q_perm, k_perm, (b, h, n), bs, q.device)
+    max_kv = None
     if sparse.method == "static" and request.static_mask is not None:
         mask = request.static_mask.to(q.device).unsqueeze(0).expand(b, -1, -1, -1) | always
     else:
@@ -161,7 +173,10 @@ def _select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, request: SparseRe
             scores = xattention_scores(qp, kp, bs, sparse.stride, scale)
             threshold = sparse.threshold
         mask = select_blocks(scores, threshold=threshold, density=sparse.density, always=always)
-    return q_perm, k_perm, mask, qp, kp, vp
+        if sparse.density is not None:  # the budget plus the self block
+            nk = mask.shape[-1]
+            max_kv = min(nk, max(1, math.ceil(sparse.density * nk)) + 1)
+    return Selection(q_perm, k_perm, mask, max_kv), qp, kp, vp
 
 
 def sparse_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, request: SparseRequest,
@@ -174,12 +189,13 @@ def sparse_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, req
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     reused = request.selection
     if reused is not None and reused.fits(b, h, n):
-        q_perm, k_perm, mask = reused.q_perm, reused.k_perm, reused.block_mask
-        qp, kp, vp = _gather(q, q_perm), _gather(k, k_perm), _gather(v, k_perm)
+        selection = reused
+        qp, kp, vp = _gather(q, reused.q_perm), _gather(k, reused.k_perm), _gather(v, reused.k_perm)
     else:
-        q_perm, k_perm, mask, qp, kp, vp = _select(q, k, v, request, scale)
-        request.selection = Selection(q_perm, k_perm, mask)
-    out, lse = run_kernel(qp, kp, vp, mask, bs, scale, cfg.quant)
+        selection, qp, kp, vp = _select(q, k, v, request, scale)
+        request.selection = selection
+    q_perm, mask = selection.q_perm, selection.block_mask
+    out, lse = run_kernel(qp, kp, vp, mask, bs, scale, cfg.quant, selection.block_table())
     if cfg.compensate:
         out, lse = compensate_skipped(out, lse, qp, kp, vp, mask, bs, scale)
     if q_perm is not None:  # back to the input order: one scatter by q_perm (no argsort for its inverse)
@@ -240,9 +256,8 @@ def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visual: s
     result = sparse_self_attention(qv, kv, vv, request, scale_value)
     if visual.start == 0 and visual.stop == s:
         return result.out, result
-    text = torch.ones(s, dtype=torch.bool, device=q.device)
-    text[visual] = False
-    text_idx = text.nonzero().squeeze(-1)
+    text_idx = torch.cat([torch.arange(0, visual.start, device=q.device),  # no read-back (nonzero would sync)
+                          torch.arange(visual.stop, s, device=q.device)])
     kt, vt = k.index_select(2, text_idx), v.index_select(2, text_idx)
     bias = key_bias(attn_mask)
     bias_t = None if bias is None else bias.index_select(-1, text_idx)

@@ -26,7 +26,6 @@ class LinearQuantConfig(ConfigBase):
           linear: fp8_dynamic        # fp8_dynamic | int8_dynamic | int8_weight_only
           granularity: row           # fp8 scales: row (per-row, torchao's accurate default) | tensor
           skip: ["*.norm1.linear"]   # extra layers to keep in bf16
-          attention_projections: auto  # auto: bf16 projections in the layers sparse attention routes
           keep_originals: cpu        # where the original weights wait for dit_accel.remove: cpu | device
     """
 
@@ -37,12 +36,6 @@ class LinearQuantConfig(ConfigBase):
                              "INT8 weights and activations; int8_weight_only: INT8 weights, 16-bit compute")
     granularity: str = option("row", choices=("row", "tensor"), doc="FP8 scale granularity (fp8_dynamic only)")
     skip: tuple = option((), doc="fnmatch patterns of linear layers (names under the transformer) to leave alone")
-    attention_projections: str = option(
-        "auto", choices=("auto", "quantize"),
-        doc="auto: with an attention: section, leave the projections of the attention modules it routes in full "
-            "precision under the dynamic-activation modes (that processor runs outside compiled code, where "
-            "per-call activation quantization is unfused and measured slower than bf16 on Wan); quantize: "
-            "quantize them anyway")
     keep_originals: str = option("cpu", choices=("cpu", "device"),
                                  doc="keep the original weights on the CPU (frees GPU memory) or on their device")
 

@@ -1,35 +1,29 @@
-"""The sparse-attention feature: per-layer processors that route a model's self-attention through the sparse path.
+"""The sparse-attention feature: it routes a model's self-attention calls through the sparse path.
 
-:class:`SparseAttentionProcessor` replaces the processor of one self-attention module (set with
-the module's own ``set_processor``; ``remove`` puts the original object back). It delegates the
-whole call to the original processor — projections, q/k norms, RoPE and output projections stay the
-model's own code — and, while that call runs, a ``TorchFunctionMode`` (:class:`_RouteSDPA`, torch's
-documented interception point, active only inside this processor call) hands the processor's
-``scaled_dot_product_attention`` call (direct, or through diffusers' ``dispatch_attention_fn``
-native backend) to :func:`dit_accel.attention.sparse.joint_attention`. Nothing is patched: outside the
-call, and on every dense step or layer, the original processor runs untouched.
-
-:class:`AttentionFeature` owns the processors of one transformer: it knows each layer's block
-index, reads the denoising step and CFG branch from the call's step context, the token layout from
-the adapter (computed once per transformer call), keeps per-branch state (SVG2 centroids, reused
-selections) in its :class:`AttentionState` (made per generation, CFG branch and input shape), and
-counts the attention density actually used.
+:class:`AttentionFeature` owns the routed processors of one transformer
+(:class:`~dit_accel.runtime.attention_route.RoutedProcessor`: the model's own processor code, its
+SDPA call replaced by one ``dit_accel::routed_attention`` op, traceable by ``torch.compile`` with no
+graph break). Every routed call comes back to :meth:`AttentionFeature.attend`, at run time and in
+eager Python: it knows the layer (the block gate records each block's entry before its compiled
+code runs), reads the denoising step and CFG branch from the call's step context and the token
+layout from the adapter (computed once per transformer call), keeps per-branch state (SVG2
+centroids, reused selections) in its :class:`AttentionState` (made per generation, CFG branch and
+input shape), and counts the attention density actually used.
 
 Calls the sparse path does not handle run dense and are counted: attention over keys that are not
 the layer's own tokens (cross-attention, Wan I2V image context), masks other than a key-padding
-mask of the text tokens, and attention backends that do not go through SDPA (e.g. flash-attn).
+mask of the text tokens, and attention backends that do not go through SDPA (e.g. flash-attn: a
+computed block whose attention never reached the op).
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 from ..adapters.base import TokenLayout
 from ..attention.config import AttentionConfig
@@ -38,69 +32,11 @@ from ..attention.select import decode_mask
 from ..attention.sparse import SparseRequest, joint_attention, quant_dense_attention
 from ..config import PolicyError
 from ..context import StepContext
+from .attention_route import SDPA, add_route, drop_route, routed
 from .feature import Call, Feature, Host
 from .parallel import splits_text
 
 logger = logging.getLogger("dit_accel")
-_SDPA = torch.nn.functional.scaled_dot_product_attention
-_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-
-
-def _sdpa_arguments(args: tuple, kwargs: dict) -> dict:
-    bound = dict(zip(_SDPA_ARGS, args))
-    bound.update(kwargs)
-    return bound
-
-
-class _RouteSDPA(TorchFunctionMode):
-    """Inside one processor call: send the self-attention SDPA call to ``handler`` (once)."""
-
-    def __init__(self, handler) -> None:
-        super().__init__()
-        self.handler = handler
-        self.handled = False
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is _SDPA and not self.handled:
-            result = self.handler(func, _sdpa_arguments(args, kwargs))
-            if result is not None:
-                self.handled = True
-                return result
-        return func(*args, **kwargs)
-
-
-class SparseAttentionProcessor:
-    """Wraps one attention module's original processor (see the module docstring)."""
-
-    def __init__(self, original: Any, controller: "AttentionFeature", layer: int) -> None:
-        self.original = original
-        self.controller = controller
-        self.layer = layer
-        # diffusers filters call kwargs by the processor's signature: expose the original's.
-        self.__dict__["__call__"] = _with_signature(self._call, original)
-
-    def __getattr__(self, name: str) -> Any:  # _attention_backend, _parallel_config, ... of the original
-        if name in ("original", "controller", "layer"):
-            raise AttributeError(name)
-        return getattr(self.original, name)
-
-    def __call__(self, attn: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return self._call(attn, *args, **kwargs)
-
-    def _call(self, attn: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return self.controller.run_layer(self.layer, self.original, attn, args, kwargs)
-
-
-def _with_signature(fn, original):
-    def call(*args, **kwargs):
-        return fn(*args, **kwargs)
-
-    try:
-        call.__signature__ = inspect.signature(original.__call__)
-    except (TypeError, ValueError):
-        pass
-    return call
 
 
 @dataclass(eq=False)
@@ -133,6 +69,8 @@ class AttentionFeature(Feature):
             raise PolicyError(f"attention: {', '.join(missing)} must be calibrated first: "
                               "policy = dit_accel.calibrate(pipe, prompts, policy)")
         self.config = config
+        self.num_blocks = num_blocks
+        self.route: int | None = None
         self.host: Host | None = None
         self.modules: dict[int, tuple[torch.nn.Module, Any]] = {}
         self.layout: TokenLayout | None = None
@@ -152,9 +90,13 @@ class AttentionFeature(Feature):
         self.new_generation()
 
     # ---- lifecycle ---------------------------------------------------------------------------
+    def watched_blocks(self) -> set[int]:
+        return set(range(self.num_blocks))  # attend() needs the layer of each call
+
     def attach(self, host: Host) -> None:
         self.host = host
         name = host.adapter.attention_module
+        self.route = add_route(self)
         try:
             for block in host.blocks:
                 attn = getattr(block.module, name, None)
@@ -162,7 +104,7 @@ class AttentionFeature(Feature):
                     raise PolicyError(f"attention: block {block.name} has no attention module {name!r} "
                                       "with a processor")
                 original = attn.processor
-                attn.set_processor(SparseAttentionProcessor(original, self, block.index))
+                attn.set_processor(routed(original, self.route))
                 self.modules[block.index] = (attn, original)
         except Exception:
             self.detach()
@@ -172,6 +114,9 @@ class AttentionFeature(Feature):
         for attn, original in self.modules.values():
             attn.set_processor(original)
         self.modules = {}
+        if self.route is not None:
+            drop_route(self.route)
+            self.route = None
 
     def new_generation(self) -> None:
         self.counts = {"sparse": 0, "quant_dense": 0, "dense_warmup": 0, "dense_layer": 0, "dense_unhandled": 0}
@@ -189,6 +134,7 @@ class AttentionFeature(Feature):
         state: AttentionState = call.slots[self.name]
         state.ctx = call.ctx
         self._call = call
+        self._routed: set[int] = set()
         args, kwargs = call.args, call.kwargs
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         enc = kwargs.get("encoder_hidden_states")
@@ -201,6 +147,9 @@ class AttentionFeature(Feature):
 
     def after_call(self, call: Call, output: Any) -> Any | None:
         self._call = None
+        missing = [i for i in call.computed if i in self.modules and i not in self._routed]
+        if missing and call.ctx is not None:  # computed blocks whose attention never reached SDPA
+            self._unhandled(len(missing))
         return None
 
     # ---- per call ----------------------------------------------------------------------------
@@ -213,9 +162,9 @@ class AttentionFeature(Feature):
         call = self._call
         return None if call is None else call.slots.get(self.name)
 
-    def _dense_reason(self, layer: int) -> str | None:
+    def _dense_reason(self, layer: int | None) -> str | None:
         state = self._state()
-        if state is None or self.layout is None:
+        if state is None or self.layout is None or layer is None:
             return "dense_unhandled"
         shards = state.ctx.shards
         if shards is not None and shards.ring_degree > 1:
@@ -230,25 +179,25 @@ class AttentionFeature(Feature):
             return "dense_layer"
         return None
 
-    @torch.compiler.disable  # per-step decisions and the sparse path stay eager (no recompiles per step)
-    def run_layer(self, layer: int, original: Any, attn: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    def attend(self, call: dict[str, Any]) -> torch.Tensor | None:
+        """One routed SDPA call (its arguments by name): the sparse or quantized output, or None (it runs dense
+        as the model called it). Runs at run time in eager Python, also under ``torch.compile``."""
+        run = self._call
+        layer = run.block if run is not None else None
+        if layer is not None:
+            self._routed.add(layer)
         if self.recorder is None:
             reason = self._dense_reason(layer)
             if reason is not None:
                 self.counts[reason] += 1
-                return original(attn, *args, **kwargs)
-        elif self.layout is None:
-            return original(attn, *args, **kwargs)
-        mode = _RouteSDPA(lambda func, call: self._attend(layer, func, call))
-        with mode:
-            out = original(attn, *args, **kwargs)
+                return None
+        elif self.layout is None or layer is None:
+            return None
+        out = self._attend(layer, SDPA, call)
         if self.recorder is not None:  # calibration: every call runs dense, the recorder saw its q/k
             self.counts["dense_warmup"] += 1
-        elif not mode.handled:
-            self.counts["dense_unhandled"] += 1
-            self._warn_once("unhandled", "dit_accel: a self-attention call of %s did not reach the sparse path "
-                            "(attention backend without SDPA, or an unsupported mask); it ran dense",
-                            type(self.host.transformer).__name__)
+        elif out is None:
+            self._unhandled(1)
         return out
 
     def _visual_slice(self, seq: int) -> slice | None:
@@ -393,6 +342,12 @@ class AttentionFeature(Feature):
                             "call has %s: selecting blocks with XAttention scoring instead", tuple(masks["grid"]), grid)
         self._mask_cache[key] = mask
         return mask
+
+    def _unhandled(self, calls: int) -> None:
+        self.counts["dense_unhandled"] += calls
+        self._warn_once("unhandled", "dit_accel: a self-attention call of %s did not reach the sparse path "
+                        "(attention backend without SDPA, or an unsupported mask); it ran dense",
+                        type(self.host.transformer).__name__)
 
     def _warn_once(self, key: str, msg: str, *args: Any) -> None:
         if key not in self._warned:

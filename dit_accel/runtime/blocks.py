@@ -79,11 +79,15 @@ class BlockGate(ModelHook):
     def enter(self, args: tuple, kwargs: dict) -> Any:
         """The block's output if it is skipped on this call, else COMPUTE (eager: decisions never trace)."""
         call = self.runtime.call
-        if call is None or self.feature is None and not call.passthrough:
-            return COMPUTE  # outside a transformer forward, or nothing to decide
+        if call is None:
+            return COMPUTE  # outside a transformer forward
+        call.block = self.block.index
         if call.passthrough:  # a dropped call: every block returns its input
             return pack_outputs(self.block, *block_inputs(self.block, args, kwargs))
-        return self.feature.enter_block(self.block.index, args, kwargs, call)
+        decided = COMPUTE if self.feature is None else self.feature.enter_block(self.block.index, args, kwargs, call)
+        if decided is COMPUTE:
+            call.computed.append(self.block.index)
+        return decided
 
     @torch.compiler.disable
     def exit(self, output: Any) -> Any:

@@ -19,16 +19,15 @@ class CompileFeature(Feature):
 
     name = "compile"
 
-    def __init__(self, config: CompileConfig, routed_attention: bool = False) -> None:
+    def __init__(self, config: CompileConfig) -> None:
         self.config = config
-        self.routed_attention = routed_attention  # an attention feature's processors sit in the blocks
-        self.fullgraph = config.resolved_fullgraph(routed_attention)  # raises before anything is applied
+        self.fullgraph = config.resolved_fullgraph()
         self.compiled: list = []
 
     def attach(self, host: Host) -> None:
         if self.config.mode == "none":
             return
-        options = self.config.options(self.routed_attention)
+        options = self.config.options()
         for block in host.blocks:
             module = block.module
             if module.__dict__.get("_compiled_call_impl") is None:

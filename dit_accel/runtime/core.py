@@ -4,7 +4,7 @@ Per transformer call (:class:`~dit_accel.runtime.hooks.StepTracker`), the core f
 the call belongs to (:mod:`dit_accel.runtime.generation`), lets the features prepare the call, picks
 the state of its (CFG branch, input shape) — one typed state per feature, made fresh in every
 generation — hands every feature the call's read-only step context, and after the call advances the
-branch's step. Blocks a feature decides are gated before any compiled code runs
+branch's step. Blocks a feature decides or watches are gated before any compiled code runs
 (:mod:`dit_accel.runtime.blocks`). What the features do is theirs (:mod:`dit_accel.runtime.feature`).
 """
 
@@ -84,7 +84,8 @@ class Runtime:
             self._hooks = [StepTracker(self, self.context), EndOfCall(self)]
             deciding = {i: f for f in self.features for i in f.gated_blocks()}
             passthrough = any(f.passes_through for f in self.features)
-            gated = [b for b in self.blocks if passthrough or b.index in deciding]
+            watched = set().union(*(f.watched_blocks() for f in self.features))
+            gated = [b for b in self.blocks if passthrough or b.index in deciding or b.index in watched]
             self.gates.install(gated, deciding)
             invalidate_registry_cache(self.transformer)
             for feature in self.features:

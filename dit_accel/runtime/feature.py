@@ -54,6 +54,9 @@ class Call:
         passthrough: every block returns its input (the call's output is replaced afterwards).
         ctx: its step context (None for a passthrough call).
         slots: each feature's state for this call's (branch, shape), by feature name.
+        block: the index of the gated block entered last (set before any compiled code of the block runs;
+            features that need it name the blocks in ``watched_blocks``).
+        computed: the gated blocks that computed on this call, in order.
     """
 
     branch: str
@@ -64,6 +67,8 @@ class Call:
     replaced: bool = False
     ctx: StepContext | None = None
     slots: dict[str, Any] = field(default_factory=dict)
+    block: int | None = None
+    computed: list[int] = field(default_factory=list)
     _rekey: Callable[[tuple | None, Callable[[Any], Any]], None] | None = field(default=None, repr=False)
     _flag_inplace: Callable[[], None] | None = field(default=None, repr=False)
 
@@ -94,6 +99,10 @@ class Feature:
 
     def gated_blocks(self) -> set[int]:
         """Blocks whose calls the feature decides (the runtime gates them before any compiled code)."""
+        return set()
+
+    def watched_blocks(self) -> set[int]:
+        """Blocks whose entry the feature needs to know (``Call.block``) without deciding them."""
         return set()
 
     def enter_block(self, index: int, args: tuple, kwargs: dict, call: Call) -> Any:
