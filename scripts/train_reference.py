@@ -6,6 +6,9 @@ the network predicts v = noise - x0, timestep = 1000 t), logit-normal t, 10 % co
 classifier-free guidance, EMA, bf16 autocast:
 
 * ``cifar10_dit``: class-conditional ``DiTTransformer2DModel`` on CIFAR-10 32x32 (null class for dropout);
+* ``cifar10_dit_eps``: the same network trained as a DDPM noise predictor instead (``prediction: epsilon``: linear
+  betas over 1000 steps, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, integer t uniform in [0, 999], MSE on
+  the noise, fixed variance), sampled with DDIM;
 * ``cifar10_mmdit``: text-conditional ``SD3Transformer2DModel`` (MM-DiT) on CIFAR-10 with captions drawn per
   sample from class synonyms x templates (``dit_accel/zoo/text.py``); its word-level tokenizer is fixed and its
   small CLIP-architecture text encoder is trained jointly (empty caption for dropout);
@@ -256,6 +259,14 @@ def export_weights(ema_model, cfg: dict, name: str, out: Path, record: dict, dty
     return st
 
 
+def first_per_class(labels: np.ndarray, n: int) -> np.ndarray:
+    """Indices (ascending) of the first ``n`` images of each class."""
+    keep = np.zeros(len(labels), bool)
+    for c in np.unique(labels):
+        keep[np.flatnonzero(labels == c)[:n]] = True
+    return np.flatnonzero(keep)
+
+
 class ConditionalData:
     """Training pairs ``(x0, cond)`` on the device, with condition dropout (``train.label_dropout``):
 
@@ -287,6 +298,9 @@ class ConditionalData:
         images, labels = load_dataset(args)
         if args.max_images:
             images, labels = images[: args.max_images], labels[: args.max_images]
+        if args.per_class:
+            keep = first_per_class(labels, args.per_class)
+            images, labels = images[keep], labels[keep]
         self.data = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
         self.labels = torch.from_numpy(labels).to(device)
         self.epoch_size = len(images)
@@ -339,6 +353,18 @@ class ConditionalData:
 # ----------------------------------------------------------------------------------------------- training
 
 
+def ddpm_alphas_cumprod(cfg: dict, device: torch.device) -> torch.Tensor | None:
+    """``abar_t`` of a noise-prediction model's training schedule (its scheduler's own table), ``None`` for flow."""
+    if cfg.get("prediction", "flow_velocity") == "flow_velocity":
+        return None
+    if cfg["prediction"] != "epsilon":
+        raise ValueError(f"unknown prediction {cfg['prediction']!r} (flow_velocity, epsilon)")
+    import diffusers
+
+    scheduler = getattr(diffusers, cfg["scheduler_class"])(**cfg["scheduler"])
+    return scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+
+
 def lr_at(step: int, progress: float, tc: dict) -> float:
     warm = min(1.0, (step + 1) / max(1, tc["warmup_steps"]))
     p = min(1.0, max(0.0, progress))
@@ -374,6 +400,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=0, help="JPEG decode processes (0: auto)")
     ap.add_argument("--max-images", type=int, default=None, help="train on the first N images only")
+    ap.add_argument("--per-class", type=int, default=None,
+                    help="train on the first N images of each class only (in file order)")
     ap.add_argument("--log-every", type=int, default=200)
     ap.add_argument("--save-every", type=float, default=120.0, help="seconds between checkpoints/exports")
     ap.add_argument("--no-ckpt", action="store_true", help="export EMA weights only, no ckpt.pt")
@@ -448,6 +476,7 @@ def main(argv=None) -> int:
     if args.compile:
         fwd = torch.compile(model)
     use_bf16 = device.type == "cuda" and not args.no_bf16
+    abar = ddpm_alphas_cumprod(cfg, device)
     bsz = int(tc["batch_size"])
     gen = torch.Generator(device=device).manual_seed(args.seed * 1000 + step)
 
@@ -458,9 +487,16 @@ def main(argv=None) -> int:
         else:
             t = torch.rand(bsz, device=device, generator=gen)
         noise = torch.randn(x0.shape, device=device, generator=gen)
-        tt = t.view(-1, *([1] * (x0.ndim - 1)))
-        xt = (1 - tt) * x0 + tt * noise
-        target = noise - x0
+        if abar is None:  # rectified flow: velocity target
+            tt = t.view(-1, *([1] * (x0.ndim - 1)))
+            xt = (1 - tt) * x0 + tt * noise
+            target = noise - x0
+        else:  # DDPM: integer timestep, noise target (the Denoiser scales t back by 1000)
+            step_t = (t * 1000).long().clamp_(0, 999)
+            a = abar[step_t].view(-1, *([1] * (x0.ndim - 1)))
+            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            target = noise
+            t = step_t.float() / 1000.0
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             v = fwd(xt, t, cond)
         loss = F.mse_loss(v.float(), target)

@@ -2,7 +2,7 @@
 
     >>> from dit_accel import zoo
     >>> zoo.available()
-    ['cifar10_dit', 'cifar10_mmdit', 'digits_wan']
+    ['cifar10_dit', 'cifar10_dit_eps', 'cifar10_mmdit', 'digits_wan']
     >>> pipe = zoo.load("cifar10_dit")
     >>> images = pipe(class_labels=["cat", "ship"], generator=torch.Generator().manual_seed(0)).images
     >>> images = zoo.load("cifar10_mmdit")(["a photo of a cat", "a blurry photo of a ship"]).images
@@ -77,6 +77,7 @@ def _read_meta(json_path: Path, name: str) -> dict:
 
 
 TRANSFORMER_CLASSES = ("DiTTransformer2DModel", "SD3Transformer2DModel", "WanTransformer3DModel")
+SCHEDULER_CLASSES = ("FlowMatchEulerDiscreteScheduler", "DDIMScheduler")
 PIPELINE_CLASSES = {"ClassConditionalPipeline": ClassConditionalPipeline, "TextToImagePipeline": TextToImagePipeline,
                     "TextToVideoPipeline": TextToVideoPipeline}
 
@@ -166,13 +167,14 @@ def load_transformer(
 def build_pipeline(components, meta: dict):
     """Wrap loaded modules (a dict from :func:`load_components`, or a bare transformer) and the scheduler
     described by ``meta`` in the model's pipeline class."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    import diffusers
 
-    if meta.get("scheduler_class", "FlowMatchEulerDiscreteScheduler") != "FlowMatchEulerDiscreteScheduler":
-        raise NotImplementedError(f"scheduler class {meta['scheduler_class']!r}")
+    scheduler_class = meta.get("scheduler_class", "FlowMatchEulerDiscreteScheduler")
+    if scheduler_class not in SCHEDULER_CLASSES:
+        raise NotImplementedError(f"scheduler class {scheduler_class!r}; the zoo builds {list(SCHEDULER_CLASSES)}")
     if isinstance(components, torch.nn.Module):
         components = {"transformer": components}
-    scheduler = FlowMatchEulerDiscreteScheduler(**meta.get("scheduler", {}))
+    scheduler = getattr(diffusers, scheduler_class)(**meta.get("scheduler", {}))
     cls = PIPELINE_CLASSES[meta.get("pipeline_class", "ClassConditionalPipeline")]
     if cls is ClassConditionalPipeline:
         pipe = cls(transformer=components["transformer"], scheduler=scheduler, labels=meta.get("classes"),

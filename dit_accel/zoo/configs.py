@@ -51,11 +51,24 @@ _PIXEL_FLOW: dict = {
     "image_size": 32,
 }
 
+#: the noise-prediction reference model: DDPM's linear schedule over 1000 training steps (as DiT-XL/2 and
+#: PixArt-alpha), the network predicts the noise, sampled with deterministic DDIM (eta 0)
+_PIXEL_DDPM: dict = {
+    "scheduler_class": "DDIMScheduler",
+    "scheduler": {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
+                  "prediction_type": "epsilon", "clip_sample": False, "set_alpha_to_one": True,
+                  "timestep_spacing": "leading"},
+    "prediction": "epsilon",
+    "image_size": 32,
+}
+
 # Each entry: everything needed to build the model + scheduler and to train it.
 #   transformer: kwargs for diffusers.DiTTransformer2DModel(**kwargs)
-#   scheduler:   kwargs for diffusers.FlowMatchEulerDiscreteScheduler(**kwargs)
+#   scheduler:   kwargs for diffusers.<scheduler_class>(**kwargs)
 #   prediction:  "flow_velocity": the network predicts v = noise - x0 for x_t = (1 - t) x0 + t noise,
-#                called with timestep = 1000 * t (the FlowMatchEulerDiscreteScheduler convention)
+#                called with timestep = 1000 * t (the FlowMatchEulerDiscreteScheduler convention);
+#                "epsilon": the network predicts the noise of x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise,
+#                called with the integer training timestep t in [0, 999] (DDPM / DDIM)
 #   null_class_id: label index of the "no class" embedding used for classifier-free guidance
 #   train:       default hyper-parameters of scripts/train_reference.py
 MODEL_CONFIGS: dict[str, dict] = {
@@ -86,6 +99,19 @@ MODEL_CONFIGS: dict[str, dict] = {
         "null_class_id": 10,
         "defaults": {"num_inference_steps": 50, "guidance_scale": 2.0},
         "train": {**_TRAIN_DEFAULTS, "batch_size": 512, "warmup_steps": 1000, "ema_decay": 0.9995, "hflip": True},
+    },
+    "cifar10_dit_eps": {
+        "description": "class-conditional DiT (adaLN-zero), CIFAR-10 32x32, pixel space, DDPM noise prediction "
+                       "(linear betas, fixed variance), sampled with DDIM",
+        "transformer_class": "DiTTransformer2DModel",
+        "transformer": None,  # the same architecture as cifar10_dit (filled in below)
+        **_PIXEL_DDPM,
+        "channels": 3,
+        "classes": list(CIFAR10_CLASSES),
+        "null_class_id": 10,
+        "defaults": {"num_inference_steps": 50, "guidance_scale": 2.0},
+        "train": {**_TRAIN_DEFAULTS, "batch_size": 512, "warmup_steps": 1000, "ema_decay": 0.9995, "hflip": True,
+                  "t_sampling": "uniform"},
     },
     "cifar10_mmdit": {
         "description": "text-conditional MM-DiT (SD3-style joint attention), CIFAR-10 32x32 with captions, "
@@ -145,6 +171,8 @@ MODEL_CONFIGS: dict[str, dict] = {
         "train": {**_TRAIN_DEFAULTS, "batch_size": 64, "warmup_steps": 500, "ema_decay": 0.999, "hflip": False},
     },
 }
+
+MODEL_CONFIGS["cifar10_dit_eps"]["transformer"] = dict(MODEL_CONFIGS["cifar10_dit"]["transformer"])
 
 
 # --------------------------------------------------------------------------- captions and vocabularies

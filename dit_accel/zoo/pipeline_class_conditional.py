@@ -1,8 +1,9 @@
 """A small pixel-space, class-conditional diffusion pipeline for the project's reference models.
 
 Runs fully offline: no VAE, no text encoder, nothing downloaded. The transformer is a
-``diffusers.DiTTransformer2DModel`` trained with rectified flow (velocity prediction, see
-``configs.py``); the scheduler is ``FlowMatchEulerDiscreteScheduler``.
+``diffusers.DiTTransformer2DModel`` trained with rectified flow (velocity prediction,
+``FlowMatchEulerDiscreteScheduler``) or, ``cifar10_dit_eps``, with DDPM noise prediction (``DDIMScheduler``);
+see ``configs.py``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-from diffusers import DiffusionPipeline, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
+from diffusers import DDIMScheduler, DiffusionPipeline, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
 from .sampling import FlowSamplerMixin, to_output
@@ -22,7 +23,8 @@ class ClassConditionalPipeline(FlowSamplerMixin, DiffusionPipeline):
     Args:
         transformer: a class-conditional ``DiTTransformer2DModel`` (``num_embeds_ada_norm`` = number of classes;
             index ``num_classes`` is the "null" label used for the unconditional branch).
-        scheduler: a ``FlowMatchEulerDiscreteScheduler`` (the network predicts the flow velocity).
+        scheduler: ``FlowMatchEulerDiscreteScheduler`` (the network predicts the flow velocity) or
+            ``DDIMScheduler`` (it predicts the noise); guidance combines either prediction the same way.
         labels: class names, in label-index order.
 
     Classifier-free guidance is batched: one transformer call per step on ``[uncond, cond]``
@@ -35,7 +37,7 @@ class ClassConditionalPipeline(FlowSamplerMixin, DiffusionPipeline):
     def __init__(
         self,
         transformer: DiTTransformer2DModel,
-        scheduler: FlowMatchEulerDiscreteScheduler,
+        scheduler: FlowMatchEulerDiscreteScheduler | DDIMScheduler,
         labels: Sequence[str] | None = None,
         null_class_id: int | None = None,
     ):
@@ -98,8 +100,10 @@ class ClassConditionalPipeline(FlowSamplerMixin, DiffusionPipeline):
 
         Args:
             class_labels: label ids or class names (see ``pipe.labels``).
-            num_inference_steps: Euler steps of the flow-matching sampler (default: ``pipe.defaults``, else 50).
-            guidance_scale: classifier-free guidance scale ``w``: ``v = v_u + w (v_c - v_u)``;
+            num_inference_steps: sampler steps (Euler for flow models, DDIM for ``cifar10_dit_eps``; default:
+                ``pipe.defaults``, else 50).
+            guidance_scale: classifier-free guidance scale ``w``: ``v = v_u + w (v_c - v_u)`` (``v`` the
+                network's prediction);
                 ``w <= 1`` runs the conditional branch alone (default: ``pipe.defaults``, else 2.0).
             generator: ``torch.Generator`` (or list, one per image) for the initial noise.
             latents: initial noise ``(B, C, H, W)``; drawn from ``generator`` if ``None``.

@@ -12,7 +12,8 @@ from PIL import Image
 
 
 class FlowSamplerMixin:
-    """For a ``DiffusionPipeline`` with a ``scheduler`` (``FlowMatchEulerDiscreteScheduler``) and ``defaults``
+    """For a ``DiffusionPipeline`` with a ``scheduler`` (``FlowMatchEulerDiscreteScheduler``, or any scheduler
+    whose ``step`` takes the network's prediction and needs no input scaling, e.g. ``DDIMScheduler``) and ``defaults``
     (``num_inference_steps``, ``guidance_scale``; ``fallback_defaults`` when a key is missing)."""
 
     fallback_defaults: dict = {"num_inference_steps": 28, "guidance_scale": 2.0}
@@ -25,7 +26,9 @@ class FlowSamplerMixin:
 
     def _initial(self, shape: tuple, generator, latents, device, dtype) -> torch.Tensor:
         if latents is None:
-            return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            sigma = getattr(self.scheduler, "init_noise_sigma", 1.0)  # DDIM: 1.0; FlowMatchEuler has none
+            return noise if sigma == 1.0 else noise * sigma
         if tuple(latents.shape) != tuple(shape):
             raise ValueError(f"latents must have shape {tuple(shape)}, got {tuple(latents.shape)}")
         return latents.to(device=device, dtype=dtype)
