@@ -86,6 +86,13 @@ class GuardrailConfig(ConfigBase):
         return lo / (1.0 + self.margin), hi * (1.0 + self.margin)
 
 
+def _number(value: float) -> float:
+    """``value`` as a float, every nan as the one object ``math.nan``: containers compare items by identity before
+    equality, so two configs with "no statistic" at the same steps compare equal (a saved and loaded policy equals
+    the original)."""
+    return math.nan if math.isnan(value) else float(value)
+
+
 def _ranges(value: Any) -> dict:
     """``{branch: {"lo": [...], "hi": [...]}}`` checked: equal lengths, lo <= hi; ``nan`` marks a step without a
     statistic (YAML ``.nan``)."""
@@ -107,5 +114,5 @@ def _ranges(value: Any) -> dict:
         for t, (a, b) in enumerate(zip(lo, hi)):
             if math.isnan(a) != math.isnan(b) or (not math.isnan(a) and a > b):
                 raise PolicyError(f"{where}[{branch!r}]: step {t} has lo {a} > hi {b} (or only one of them nan)")
-        out[branch] = {"lo": tuple(float(v) for v in lo), "hi": tuple(float(v) for v in hi)}
+        out[branch] = {"lo": tuple(_number(v) for v in lo), "hi": tuple(_number(v) for v in hi)}
     return out

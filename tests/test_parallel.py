@@ -170,8 +170,7 @@ def test_ring_attention_runs_sparse_attention_dense_with_a_warning(caplog):
     attention feature runs dense there (one process suffices to check the decision)."""
     import dit_accel
     from dit_accel.context import StepContext
-    from dit_accel.runtime.attention import AttentionFeature, AttentionState
-    from dit_accel.runtime.feature import Call
+    from dit_accel.runtime.attention import AttentionFeature, AttentionState, local_heads
     from dit_accel.runtime.parallel import ShardGroup
 
     policy = dit_accel.load_policy(FLUX_POLICIES["sparse"])
@@ -179,11 +178,11 @@ def test_ring_attention_runs_sparse_attention_dense_with_a_warning(caplog):
     ring = ShardGroup(group=None, world_size=2, ulysses_degree=1, ring_degree=2, ulysses_rank=0)
     ctx = StepContext("default", (1, 64, 16), step=3, shards=ring)
     feature.layout = object()  # any layout: the ring check comes first
-    feature._call = Call("default", (), {}, ctx=ctx, slots={"attention": AttentionState(ctx)})
     with caplog.at_level("WARNING", logger="dit_accel"):
-        assert feature._dense_reason(1) == "dense_unhandled"
+        assert feature.dense_reason(1, AttentionState(ctx)) == "dense_unhandled"
     assert "ring attention" in caplog.text
     ulysses = ShardGroup(group=None, world_size=2, ulysses_degree=2, ring_degree=1, ulysses_rank=1)
-    ctx = StepContext("default", (1, 64, 16), step=3, shards=ulysses)
-    feature._call = Call("default", (), {}, ctx=ctx, slots={"attention": AttentionState(ctx)})
-    assert feature._local_heads(["a", "b", "c", "d"], heads=2) == ["c", "d"]  # rank 1's heads of a 4-head table
+    assert feature.dense_reason(1, AttentionState(StepContext("default", (1, 64, 16), step=3, shards=ulysses))) \
+        is None, "Ulysses keeps sparse attention: each rank has whole sequences of its heads"
+    assert local_heads(["a", "b", "c", "d"], heads=2, shards=ulysses) == ["c", "d"]  # rank 1 of a 4-head table
+    assert local_heads(["a", "b"], heads=2, shards=None) == ["a", "b"]

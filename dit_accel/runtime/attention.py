@@ -34,7 +34,7 @@ from ..config import PolicyError
 from ..context import StepContext
 from .attention_route import SDPA, add_route, drop_route, routed
 from .feature import Call, Feature, Host
-from .parallel import splits_text
+from .parallel import ShardGroup, splits_text
 
 logger = logging.getLogger("dit_accel")
 
@@ -56,6 +56,14 @@ class AttentionState:
     @property
     def step(self) -> int:
         return self.ctx.step
+
+
+def local_heads(table: list, heads: int, shards: ShardGroup | None) -> list:
+    """This rank's entries of a per-head table (``heads`` = the heads this rank attends with): under Ulysses
+    each rank attends with its own slice of the model's heads; otherwise the whole table."""
+    if shards is not None and shards.ulysses_degree > 1 and len(table) == heads * shards.ulysses_degree:
+        return table[shards.head_slice(heads)]
+    return table
 
 
 class AttentionFeature(Feature):
@@ -162,8 +170,9 @@ class AttentionFeature(Feature):
         call = self._call
         return None if call is None else call.slots.get(self.name)
 
-    def _dense_reason(self, layer: int | None) -> str | None:
-        state = self._state()
+    def dense_reason(self, layer: int | None, state: AttentionState | None) -> str | None:
+        """Why block ``layer`` runs dense attention in the call whose state is ``state`` (the ``counts`` key:
+        ``dense_unhandled``, ``dense_layer``, ``dense_warmup``), or None: it runs sparse / quantized."""
         if state is None or self.layout is None or layer is None:
             return "dense_unhandled"
         shards = state.ctx.shards
@@ -187,7 +196,7 @@ class AttentionFeature(Feature):
         if layer is not None:
             self._routed.add(layer)
         if self.recorder is None:
-            reason = self._dense_reason(layer)
+            reason = self.dense_reason(layer, self._state())
             if reason is not None:
                 self.counts[reason] += 1
                 return None
@@ -310,12 +319,8 @@ class AttentionFeature(Feature):
         return self._perm_cache[key]
 
     def _local_heads(self, table: list, heads: int) -> list:
-        """This rank's entries of a per-head table: under Ulysses each rank attends with its own heads."""
         state = self._state()
-        shards = state.ctx.shards if state is not None else None
-        if shards is not None and shards.ulysses_degree > 1 and len(table) == heads * shards.ulysses_degree:
-            return table[shards.head_slice(heads)]
-        return table
+        return local_heads(table, heads, state.ctx.shards if state is not None else None)
 
     def _paro_perm(self, layer: int, grid, heads: int, device) -> torch.Tensor:
         orders = self._local_heads(self.config.paro_orders[layer], heads)
