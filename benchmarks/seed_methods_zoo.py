@@ -1,8 +1,15 @@
-"""Seed methods on the trained reference models (offline, CPU): Bottleneck Sampling, LinearAG, ProfilingDiT and
-Δ-DiT, each beside the fewer-steps competitor at the same compute share.
+"""Seed methods on the trained reference models (offline, CPU): Bottleneck Sampling, LinearAG, ProfilingDiT, Δ-DiT,
+Step Rehash and CacheQuant, each beside the fewer-steps competitor at the same compute share.
 
     python benchmarks/seed_methods_zoo.py --out benchmarks/results/seed_methods_zoo_cpu.md
     python benchmarks/seed_methods_zoo.py --methods profiling_dit delta_dit   # only these rows, the others kept
+    python benchmarks/seed_methods_zoo.py --models cifar10_dit digits_wan --methods step_rehash cachequant
+
+CacheQuant rows run with int8 weight-only linears (torchao, the CPU mode) and are compared with the full-precision
+full run, like every other row; beside them: int8 linears alone at every step, a uniform refresh (FORA interval 2)
+with int8 linears (the naive combination the paper improves on), and fewer steps with int8 linears (the
+fewer-steps competitor under the same quantization). Its block share counts block evaluations (each one runs
+quantized linears).
 
 Per model (``cifar10_dit``, ``cifar10_mmdit``, ``digits_wan``): the full run at ``--steps`` is the reference;
 every variant runs on the same initial noise. *token share*: tokens the first block's self-attention really
@@ -34,8 +41,12 @@ from common import environment  # noqa: E402
 import dit_accel  # noqa: E402
 from dit_accel import zoo  # noqa: E402
 from dit_accel.adapters import get_adapter  # noqa: E402
+from dit_accel.caching.cachequant import CacheQuant, CacheQuantConfig  # noqa: E402
 from dit_accel.caching.profiling_dit import ProfilingDiT, ProfilingDiTConfig  # noqa: E402
+from dit_accel.caching.step_rehash import StepRehash, StepRehashConfig  # noqa: E402
 from dit_accel.calibration import record  # noqa: E402
+from dit_accel.calibration.passes import RandomState  # noqa: E402
+from dit_accel.quant import quantized  # noqa: E402
 from dit_accel.eval.metrics import psnr  # noqa: E402
 from dit_accel.sampling import BottleneckSampler, Stage  # noqa: E402
 
@@ -153,6 +164,53 @@ def delta_variants() -> dict[str, dict]:
     }
 
 
+INT8 = {"linear": "int8_weight_only"}
+
+
+def rehash_variants(pipe, steps: int, calib: list[dict], name: str) -> dict[str, StepRehashConfig]:
+    """Step Rehash at several thresholds, all from one profile (other labels, seed 1)."""
+    records, family = record(pipe, calib, StepRehash.record_options, num_inference_steps=steps,
+                             generator=torch.Generator().manual_seed(1), output_type="raw")
+    profiled = StepRehash.calibrated(StepRehashConfig(), records, family)
+    for branch, rows in profiled.similarity.items():
+        print(f"  step rehash {branch}: similarity to the previous step {[round(r[-1], 4) for r in rows]}", flush=True)
+    thresholds = (0.99, 0.995) if name == "digits_wan" else (0.98, 0.99, 0.995)
+    return {f"Step Rehash threshold {t}" + (" (preset)" if t == StepRehashConfig().threshold else ""):
+            StepRehashConfig(**{**profiled.to_dict(), "threshold": t}) for t in thresholds}
+
+
+def cachequant_variants(pipe, steps: int, calib: list[dict], name: str) -> dict[str, dit_accel.Policy]:
+    """CacheQuant fitted from one two-pass recording (full precision, then int8 linears, from the same noise; other
+    labels, seed 1): the preset (DPS + both corrections), DPS without corrections and (not on digits_wan) the
+    caching half without quantization."""
+    reference, served, family = [], [], ""
+    generator = torch.Generator().manual_seed(1)
+    kwargs = dict(num_inference_steps=steps, generator=generator, output_type="raw")
+    for prompt in calib:
+        snapshot = RandomState.capture(kwargs)
+        rows, family = record(pipe, [prompt], CacheQuant.record_options, **kwargs)
+        reference.extend(rows)
+        snapshot.restore()
+        with quantized(pipe, dit_accel.quant.LinearQuantConfig(**INT8)):
+            rows, family = record(pipe, [prompt], CacheQuant.record_options, **kwargs)
+        served.extend(rows)
+    full, quant = type(rows)(reference), type(rows)(served)
+    quant.quantized, quant.reference = INT8["linear"], full
+    fit = lambda records, **f: CacheQuant.calibrated(CacheQuantConfig(**f), records, family)  # noqa: E731
+    preset = fit(quant)
+    print(f"  cachequant: computed steps {preset.compute_steps}, error per step {preset.step_error}", flush=True)
+    variants = {
+        "CacheQuant (preset: int8 linears, DPS + decoupled corrections)": dit_accel.Policy(
+            name="cachequant", cache=preset, quant=INT8),
+        "CacheQuant int8, DPS without corrections": dit_accel.Policy(
+            name="cachequant", cache=fit(quant, correct_cache=False, correct_quant=False), quant=INT8),
+    }
+    if name != "digits_wan":  # ~2 minutes per run there
+        variants["CacheQuant without quantization (DPS + caching correction)"] = dit_accel.Policy(
+            name="cachequant", cache=fit(full))
+    return variants
+
+
 def bench_model(name: str, steps: int, methods: list[str], skip_steps: set[int] = frozenset()) -> list[dict]:
     pipe = zoo.load(name)
     cond = zoo.class_conditions(pipe, LABELS[name])
@@ -175,6 +233,23 @@ def bench_model(name: str, steps: int, methods: list[str], skip_steps: set[int] 
             row = run(pipe, call, label, rows, reference, policy={"name": "delta_dit", "cache": cache},
                       method="delta_dit")
             shares.add(row["block_share"])
+    if "step_rehash" in methods:
+        for label, config in rehash_variants(pipe, steps, calib, name).items():
+            row = run(pipe, call, label, rows, reference, policy=dit_accel.Policy(name="step_rehash", cache=config),
+                      method="step_rehash")
+            shares.add(row["block_share"])
+    if "cachequant" in methods:
+        for label, policy in cachequant_variants(pipe, steps, calib, name).items():
+            row = run(pipe, call, label, rows, reference, policy=policy, method="cachequant")
+            shares.add(row["block_share"])
+        half = max(1, round(steps / 2))
+        controls = {"int8 linears alone, every step": ({"name": "int8", "cache": None, "quant": INT8}, steps),
+                    "FORA interval 2 + int8 linears (uniform refresh, no correction)": (
+                        {"name": "fora-int8", "cache": {"method": "fora", "interval": 2}, "quant": INT8}, steps),
+                    f"fewer steps: {half}, int8 linears": ({"name": "int8", "cache": None, "quant": INT8}, half)}
+        for label, (policy, k) in controls.items():
+            run(pipe, lambda k=k: call(num_inference_steps=k), label, rows, reference, policy=policy,
+                method="cachequant")
     if "bottleneck" in methods:
         for label, fields in bottleneck_variants(steps).items():
             sampler = BottleneckSampler(pipe, **fields)
@@ -269,7 +344,8 @@ def write(rows: list[dict], runs: list[dict], out: Path) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["cifar10_dit", "cifar10_mmdit", "digits_wan"])
-    parser.add_argument("--methods", nargs="+", default=["bottleneck", "linear_ag", "profiling_dit", "delta_dit"])
+    parser.add_argument("--methods", nargs="+", default=["bottleneck", "linear_ag", "profiling_dit", "delta_dit",
+                                                        "step_rehash", "cachequant"])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/seed_methods_zoo_cpu.md"))

@@ -24,6 +24,7 @@ from .policy import Policy, PolicyLike, load_policy
 from .runtime import AttentionFeature, CacheFeature, CompileFeature, Feature, GuidanceFeature, QuantFeature, Runtime
 from .runtime.guardrails import Guard
 from .runtime.linear_guidance import LinearGuidanceFeature
+from .runtime.memory import MemoryFeature
 from .stats import Stats
 
 _HANDLE = "_dit_accel"
@@ -152,6 +153,8 @@ def features(policy: Policy, adapter: ModelAdapter, blocks: list[BlockInfo], pip
                                   "pipeline to read the guidance scale from)")
             guidance = AdaptiveGuidance(config, adapter.cfg_layout, cfg_order_for(pipeline, config, adapter.cfg_layout))
             out.append(GuidanceFeature(guidance, component))
+    if policy.memory is not None:  # before cache: its FFN hooks sit inside sub-block caching's
+        out.append(MemoryFeature(policy.memory))
     if policy.cache is not None:
         guard = Guard(policy.guardrails) if policy.guardrails is not None and policy.guardrails.enabled else None
         out.append(CacheFeature(method_for(policy.cache)(policy.cache, blocks, adapter), guard))  # validates the plan

@@ -19,6 +19,7 @@ from .calibrated_for import CalibratedFor
 from .compile_config import CompileConfig
 from .config import ConfigBase, PolicyError, unknown_key_error
 from .guardrail_config import GuardrailConfig
+from .memory_config import MemoryConfig
 from .caching.base import CacheConfig, cache_config_from_dict, guidance_config_from_dict, guidance_config_types
 from .presets import preset_names  # noqa: F401  (re-exported: dit_accel.preset_names)
 from .quant.config import LinearQuantConfig
@@ -39,6 +40,7 @@ class Policy:
     calibrated_for: CalibratedFor | None = None  # what dit_accel.calibrate ran on (checked when applied)
     compile: CompileConfig | None = None  # regional torch.compile of the blocks, applied by accelerate
     guardrails: GuardrailConfig | None = None  # fall back to computing on unfamiliar calls (dit_accel.guardrail_config)
+    memory: MemoryConfig | None = None  # FFN over slices of the tokens: lower peak memory (dit_accel.memory_config)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -67,16 +69,22 @@ class Policy:
             if isinstance(self.guardrails, ConfigBase):
                 raise PolicyError(f"guardrails: expected a guardrails section, got {type(self.guardrails).__name__}")
             object.__setattr__(self, "guardrails", GuardrailConfig.from_dict(self.guardrails))
+        if self.memory is not None and not isinstance(self.memory, MemoryConfig):
+            if isinstance(self.memory, ConfigBase):
+                raise PolicyError(f"memory: expected a memory section, got {type(self.memory).__name__}")
+            object.__setattr__(self, "memory", MemoryConfig.from_dict(self.memory))
         if self.calibrated_for is not None and not isinstance(self.calibrated_for, CalibratedFor):
             if isinstance(self.calibrated_for, ConfigBase):
                 raise PolicyError("calibrated_for: expected a calibration record, got "
                                   f"{type(self.calibrated_for).__name__}")
             object.__setattr__(self, "calibrated_for", CalibratedFor.from_dict(self.calibrated_for))
+        if self.cache is not None:  # a method calibrated for one quantization (CacheQuant) checks the quant section
+            self.cache.check_sections(quant=self.quant)
 
     @property
     def is_empty(self) -> bool:
         return (self.cache is None and self.guidance is None and self.attention is None and self.quant is None
-                and self.compile is None)
+                and self.compile is None and self.memory is None)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Policy":
@@ -95,7 +103,8 @@ class Policy:
                    else CalibratedFor.from_dict(data["calibrated_for"]),
                    compile=None if data.get("compile") is None else CompileConfig.from_dict(data["compile"]),
                    guardrails=None if data.get("guardrails") is None
-                   else GuardrailConfig.from_dict(data["guardrails"]))
+                   else GuardrailConfig.from_dict(data["guardrails"]),
+                   memory=None if data.get("memory") is None else MemoryConfig.from_dict(data["memory"]))
 
     def to_dict(self) -> dict[str, Any]:
         """``{"name", "cache"}``, plus ``"guidance"`` when the policy has a guidance section."""
@@ -112,6 +121,8 @@ class Policy:
             d["calibrated_for"] = self.calibrated_for.to_dict()
         if self.guardrails is not None:
             d["guardrails"] = self.guardrails.to_dict()
+        if self.memory is not None:
+            d["memory"] = self.memory.to_dict()
         return d
 
     def to_yaml(self) -> str:

@@ -54,7 +54,8 @@ def render_card(data: dict, card: Mapping[str, Any] | None = None) -> str:
     if card is not None and not isinstance(card, Mapping):
         raise PolicyError(f"card: expected a mapping of headings to tables or text, got {type(card).__name__}")
     name = str(data.get("name", "policy"))
-    sections = [key for key in ("cache", "guidance", "attention", "quant", "compile", "guardrails")
+    sections = [key for key in ("cache", "guidance", "attention", "quant", "compile", "guardrails",
+                                 "memory")
                 if data.get(key) is not None]
     meta = ModelCardData(library_name="dit_accel", tags=["dit-accel", "diffusion", "acceleration-policy"])
     lines = [f"# {name}", "", "A dit_accel acceleration policy for diffusers pipelines "

@@ -3,17 +3,22 @@ schedule, calibration (per-block recording) and quality on the trained reference
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 import dit_accel
 from dit_accel import zoo
+from dit_accel.adapters import get_adapter
 from dit_accel.calibration import record
-from dit_accel.caching.bac import acs, bubbling_union, reuse_cost, schedule
+from dit_accel.caching.bac import acs, bubbling_union, reuse_cost, schedule, significant_errors, sub_block_union
+from dit_accel.compile_config import CompileConfig
+from dit_accel.memory_config import MemoryConfig
 from dit_accel.testing import tiny_call_kwargs, tiny_pipeline
 
 from helpers import zoo_versus_fora
@@ -143,6 +148,124 @@ def test_per_block_recording_leaves_whole_stack_statistics_unchanged():
         assert all(len(d) == row["step"] for d in row["block_dist"]), "every block, every earlier step"
     assert blocks == num_blocks
     assert all(d > 0 for row in rows[True][1:] for dist in row["block_dist"] for d in dist)
+
+
+# ---- sub-block BAC (granularity: sub_block) -----------------------------------------------------------------
+
+KINDS = ["attention", "ffn"] * 3  # three blocks: attention 0, FFN 1, attention 2, FFN 3, attention 4, FFN 5
+
+
+def test_sub_block_union_on_a_hand_made_table():
+    steps = 6
+    significant = np.zeros((6, steps), dtype=bool)
+    significant[0, 4] = significant[2, 4] = True  # at step 4 the first two attention sub-blocks drift
+    significant[1, 2] = True  # at step 2 the first FFN drifts
+    sets = [[0], [0], [0], [0, 2], [0, 3], [0, 4]]
+    united = sub_block_union(sets, KINDS, significant)
+    # FFN 5 computes at 4: the upstream sub-blocks significant at 4 (0 and 2) join, the others (1, 3, 4) do not;
+    # FFN 3 computes at 2: FFN 1 (significant at 2) joins; attention 4 computing at 3 triggers nothing
+    assert united == [[0, 4], [0, 2], [0, 4], [0, 2], [0, 3], [0, 4]]
+    # threshold 0: every upstream sub-block of a computing FFN joins (the whole-block rule, FFN-triggered)
+    every = sub_block_union(sets, KINDS, np.ones((6, steps), dtype=bool))
+    assert every[:5] == [[0, 2, 4], [0, 2, 4], [0, 2, 4], [0, 2, 4], [0, 3, 4]]
+    # significance: one-step error >= threshold x the median one-step error
+    tables = [np.full((steps, steps), 0.1) for _ in KINDS]
+    tables[2][4, 3] = 0.5
+    sig = significant_errors(tables, threshold=2.0)
+    assert sig.sum() == 1 and sig[2, 4]
+    assert significant_errors(tables, threshold=0.0)[:, 1:].all()
+
+
+@pytest.mark.parametrize("common_base", [True, False])
+@pytest.mark.parametrize("threshold", [0.0, 1.0, 3.0])
+def test_sub_block_scheduler_spends_exactly_the_budget_and_keeps_the_union(threshold, common_base):
+    steps, warmup = 10, 1
+    tables = [random_table(steps, seed) for seed in range(len(KINDS))]
+    sig = significant_errors(tables, threshold)
+    for total in range(len(KINDS), len(KINDS) * steps + 1, 7):
+        sched = schedule(tables, total, warmup_steps=warmup, kinds=KINDS, union_threshold=threshold,
+                         common_base=common_base)
+        assert sum(map(len, sched)) == total
+        assert sub_block_union(sched, KINDS, sig) == sched, "the schedule is closed under the union rule"
+
+
+def sub_block_policy(pipe, family, budget, steps=6):
+    return dit_accel.calibrate(pipe, PROMPTS, {"cache": {"method": "bac", "granularity": "sub_block",
+                                                         "budget": budget}}, **call_kwargs(family, steps))
+
+
+@pytest.mark.parametrize("family", ["pixart", "wan"])
+def test_sub_block_bac_is_exact_at_budget_one_and_reuses_sub_blocks_below(family):
+    pipe = tiny_pipeline(family)
+    steps = 6
+    expected = pipe(prompt="a cat", **call_kwargs(family, steps))[0]
+    exact = sub_block_policy(pipe, family, 1.0, steps)
+    with dit_accel.accelerated(pipe, exact):
+        assert torch.equal(pipe(prompt="a cat", **call_kwargs(family, steps))[0], expected)
+    policy = sub_block_policy(pipe, family, 0.5, steps)
+    units = get_adapter(pipe.transformer).sub_blocks(get_adapter(pipe.transformer).blocks(pipe.transformer))
+    for branch, per_unit in policy.cache.schedule.items():
+        assert len(per_unit) == len(units) and sum(map(len, per_unit)) == round(0.5 * len(units) * steps)
+    with dit_accel.accelerated(pipe, policy):
+        got = pipe(prompt="a cat", **call_kwargs(family, steps))[0]
+        stats = dit_accel.stats(pipe)
+        held = dit_accel.inspect(pipe)["transformer"].held_bytes
+    sub = stats.extra["sub_blocks"]
+    assert sub["kinds"] == [u.kind for u in units] and "ffn" in sub["kinds"]
+    for u, unit in enumerate(units):  # every sub-block computed exactly on its scheduled steps, per branch
+        assert sub["computed"][u] == sum(len(p[u]) for p in policy.cache.schedule.values())
+    assert sum(sub["reused"]) == sum(sub["computed"]) > 0 and stats.blocks_reused == 0
+    assert held == 0 and not torch.equal(got, expected)
+    assert not any(k.startswith("_dit_accel") for u in units for k in u.module.__dict__)
+    assert torch.equal(pipe(prompt="a cat", **call_kwargs(family, steps))[0], expected)
+
+
+def test_sub_block_bac_compiles_fullgraph_once_and_matches_eager():
+    from torch._dynamo.utils import counters
+
+    pipe = tiny_pipeline("wan")
+    policy = sub_block_policy(pipe, "wan", 0.5)
+    with dit_accel.accelerated(pipe, policy):
+        eager = pipe(prompt="a cat", **call_kwargs("wan", 6))[0]
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = dataclasses.replace(policy, compile=CompileConfig(backend="eager", fullgraph=True))
+    try:
+        with dit_accel.accelerated(pipe, compiled):
+            first = pipe(prompt="a cat", **call_kwargs("wan", 6))[0]
+            graphs = counters["stats"]["unique_graphs"]
+            again = pipe(prompt="a cat", **call_kwargs("wan", 6))[0]
+    finally:
+        torch._dynamo.reset()
+    assert counters["stats"]["unique_graphs"] == graphs <= 8, "one graph per reuse pattern, none per step"
+    assert torch.equal(first, eager) and torch.equal(again, eager)
+
+
+def test_sub_block_bac_composes_with_the_memory_section():
+    pipe = tiny_pipeline("wan")
+    policy = sub_block_policy(pipe, "wan", 0.5)
+    with dit_accel.accelerated(pipe, policy):
+        expected = pipe(prompt="a cat", **call_kwargs("wan", 6))[0]
+        reused = dit_accel.stats(pipe).extra["sub_blocks"]["reused"]
+    both = dataclasses.replace(policy, memory=MemoryConfig(slice_tokens=5))
+    with dit_accel.accelerated(pipe, both):
+        got = pipe(prompt="a cat", **call_kwargs("wan", 6))[0]
+        stats = dit_accel.stats(pipe)
+    assert stats.extra["sub_blocks"]["reused"] == reused
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_sub_block_schedule_of_another_granularity_is_refused():
+    pipe = tiny_pipeline("pixart")
+    blocks = len(pipe.transformer.transformer_blocks)
+    table = {"default": [[0, 1]] * blocks}  # one list per block: a block-granularity schedule
+    with pytest.raises(dit_accel.PolicyError, match="sub-blocks"):
+        dit_accel.accelerate(pipe, {"cache": {"method": "bac", "granularity": "sub_block", "schedule": table}})
+    assert not dit_accel.is_accelerated(pipe)
+    with pytest.raises(dit_accel.PolicyError, match="cache.granularity"):
+        dit_accel.load_policy({"cache": {"method": "bac", "granularity": "attention"}})
+    with pytest.raises(dit_accel.PolicyError, match="cache.union_threshold"):
+        dit_accel.load_policy({"cache": {"method": "bac", "union_threshold": -1.0}})
 
 
 @pytest.mark.skipif("cifar10_dit" not in zoo.available(), reason="reference weights not installed")

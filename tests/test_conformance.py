@@ -485,8 +485,18 @@ def run_observed(pipe, family: str, stats_of=None, **overrides: Any) -> tuple[to
     return out, dit_accel.stats(pipe if stats_of is None else stats_of), seen
 
 
+def reused_work(stats: dit_accel.Stats) -> bool:
+    """The call reused cached work: whole blocks, or (sub-block caching: every block runs) attention / FFN
+    sub-modules, ``stats.extra["sub_blocks"]``."""
+    sub = stats.extra.get("sub_blocks")
+    if sub is not None:
+        return sum(sub["reused"]) > 0 and sum(sub["computed"]) > 0
+    return stats.blocks_reused > 0 and 0 < stats.saved_share < 1
+
+
 def feature_did_nothing(feature: str, stats: dit_accel.Stats) -> None:
     assert stats.blocks_reused == 0, stats.reused
+    assert sum(stats.extra.get("sub_blocks", {}).get("reused", [])) == 0, stats.extra["sub_blocks"]
     assert stats.guidance_skipped_calls == 0 and not stats.guidance_switch_step
     if FEATURES[feature] == "attention":
         calls = stats.extra["attention"]["calls"]
@@ -553,7 +563,7 @@ def test_active_setting_acts(session, feature, family):
     check_stats(stats, seen, family, pipe)
     kind = FEATURES[feature]
     if kind == "cache":
-        assert stats.blocks_reused > 0 and 0 < stats.saved_share < 1
+        assert reused_work(stats), (stats.reused, stats.extra.get("sub_blocks"))
     elif kind == "guidance":
         if CFG_LAYOUT[family] == "none":  # nothing to drop: exact
             assert stats.guidance_skipped_calls == 0 and torch.equal(out, base)
@@ -843,7 +853,7 @@ def test_light_cache_method_runs(session, feature, family):
         out, stats, seen = run_observed(pipe, family)
     assert torch.isfinite(out).all()
     check_stats(stats, seen, family, pipe)
-    assert stats.blocks_reused > 0 and 0 < stats.saved_share < 1
+    assert reused_work(stats), (stats.reused, stats.extra.get("sub_blocks"))
 
 
 @pytest.mark.parametrize(("feature", "family"), cases("light_reset", ["fbcache"], tuple(LIGHT)))

@@ -18,7 +18,7 @@ ROOT = Path(dit_accel.__file__).parent
 # Lowest first; a unit may import units of its own layer or below (never a cycle, see below).
 LAYERS: list[set[str]] = [
     {"config", "context", "outputs", "batching", "stats", "inspection", "calibrated_for", "sidecar", "presets",
-     "logging", "compile_config", "guardrail_config", "policy_folder"},
+     "logging", "compile_config", "guardrail_config", "memory_config", "policy_folder"},
     {"adapters", "kernels"},
     {"attention", "quant", "caching"},
     {"policy"},

@@ -34,6 +34,17 @@ class BlockInfo:
 
 
 @dataclass(frozen=True)
+class SubBlock:
+    """One sub-block of a block, in execution order over the whole stack: its ``index`` among all sub-blocks,
+    the ``block`` index, its ``kind`` ("attention" or "ffn") and the sub-module."""
+
+    index: int
+    block: int
+    kind: str
+    module: torch.nn.Module
+
+
+@dataclass(frozen=True)
 class TokenLayout:
     """Token layout of one transformer call: ``grid`` is (frames, height, width) in tokens."""
 
@@ -103,6 +114,11 @@ class ModelAdapter:
     ``cfg_context``: False when the family's separate-CFG pipelines call the transformer outside diffusers'
     ``cache_context`` (ChromaPipeline, Lumina2Pipeline in diffusers 0.42.1): the runtime then tells the
     branches apart by their order within a denoising step (:class:`dit_accel.runtime.hooks.BranchOrder`).
+    ``ffn_module``: the attribute of a block holding its (visual-stream) feed-forward sub-module, a token-wise
+    module (norm and modulation stay in the block) that takes the hidden states ``[B, S, C]`` as its first
+    argument and returns ``[B, S, C']``; blocks without the attribute have no separate FFN (FLUX's
+    single-stream blocks fuse it with attention). None: the family declares none (``ffn_unsupported`` says why).
+    ``attention_module`` is the blocks' self-attention sub-module (also read for sub-block caching).
     """
 
     family: str
@@ -120,6 +136,8 @@ class ModelAdapter:
     group_returns: tuple[tuple[str, tuple[str, ...]], ...] = ()
     join_group: str | None = None
     cfg_context: bool = True
+    ffn_module: str | None = None
+    ffn_unsupported: str | None = None
     notes: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -138,6 +156,27 @@ class ModelAdapter:
             return None
         prefix = self.join_group + "."
         return next((b.index for b in blocks if b.name.startswith(prefix)), None)
+
+    def sub_module(self, block: BlockInfo, kind: str) -> torch.nn.Module | None:
+        """The block's ``"attention"`` (``attention_module``) or ``"ffn"`` (``ffn_module``) sub-module, or None
+        when the family declares none or this block has none."""
+        if kind not in ("attention", "ffn"):
+            raise ValueError(f"sub-module kind {kind!r}: expected 'attention' or 'ffn'")
+        name = self.attention_module if kind == "attention" else self.ffn_module
+        module = getattr(block.module, name, None) if name else None
+        return module if isinstance(module, torch.nn.Module) else None
+
+    def sub_blocks(self, blocks: Sequence[BlockInfo]) -> list[SubBlock]:
+        """Each block's self-attention, then its FFN (where it has them), in execution order: the units of
+        sub-block caching. A block whose MLP runs in parallel with attention (FLUX's single-stream blocks) has
+        only its attention unit."""
+        out: list[SubBlock] = []
+        for block in blocks:
+            for kind in ("attention", "ffn"):
+                module = self.sub_module(block, kind)
+                if module is not None:
+                    out.append(SubBlock(len(out), block.index, kind, module))
+        return out
 
     def blocks(self, transformer: torch.nn.Module) -> list[BlockInfo]:
         """The transformer's blocks in execution order, flattened across groups."""
@@ -232,7 +271,11 @@ def get_adapter(transformer: torch.nn.Module, blocks: Sequence[str] | None = Non
                             group_returns=tuple((g, r) for g, r in known.group_returns if g in blocks)
                             if known and not block_returns else (),
                             join_group=known.join_group if known and known.join_group in blocks[1:] else None,
-                            cfg_context=known.cfg_context if known else True)
+                            cfg_context=known.cfg_context if known else True,
+                            attention_module=known.attention_module if known else "attn1",
+                            ffn_module=known.ffn_module if known else None,
+                            ffn_unsupported=known.ffn_unsupported if known
+                            else "a hand-named block list declares no FFN sub-module")
     for cls in type(transformer).__mro__:
         if cls.__name__ in ADAPTERS:
             return ADAPTERS[cls.__name__]

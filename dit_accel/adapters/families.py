@@ -58,38 +58,40 @@ def cogvideox_modulated(block, meta, args, kwargs):
 FLUX = register_adapter(ModelAdapter(
     family="flux", model_classes=("FluxTransformer2DModel",),
     block_groups=("transformer_blocks", "single_transformer_blocks"),
-    text_position="joint_first", cfg_layout="separate", attention_module="attn",
+    text_position="joint_first", cfg_layout="separate", attention_module="attn", ffn_module="ff",
     modulated_input_fn=adaln_zero_modulated, grid_fn=packed_grid,
     notes="guidance-distilled FLUX.1-dev runs one branch; true CFG (true_cfg_scale>1) runs cond/uncond calls"))
 
 SD3 = register_adapter(ModelAdapter(
     family="sd3", model_classes=("SD3Transformer2DModel",), block_groups=("transformer_blocks",),
-    text_position="joint_last", cfg_layout="batched", attention_module="attn",
+    text_position="joint_last", cfg_layout="batched", attention_module="attn", ffn_module="ff",
     modulated_input_fn=adaln_zero_modulated, grid_fn=image_grid,
     notes="the last block is context_pre_only: it returns no encoder states"))
 
 PIXART = register_adapter(ModelAdapter(
     family="pixart", model_classes=("PixArtTransformer2DModel",), block_groups=("transformer_blocks",),
-    text_position="cross", cfg_layout="batched", modulated_input_fn=pixart_modulated, grid_fn=image_grid))
+    text_position="cross", cfg_layout="batched", ffn_module="ff", modulated_input_fn=pixart_modulated,
+    grid_fn=image_grid))
 
 DIT = register_adapter(ModelAdapter(
     family="dit", model_classes=("DiTTransformer2DModel",), block_groups=("transformer_blocks",),
-    text_position="none", cfg_layout="batched", modulated_input_fn=dit_modulated, grid_fn=image_grid))
+    text_position="none", cfg_layout="batched", ffn_module="ff", modulated_input_fn=dit_modulated, grid_fn=image_grid))
 
 WAN = register_adapter(ModelAdapter(
     family="wan", model_classes=("WanTransformer3DModel",), block_groups=("blocks",),
-    text_position="cross", cfg_layout="separate", modulated_input_fn=wan_modulated, grid_fn=video_grid,
+    text_position="cross", cfg_layout="separate", ffn_module="ffn", modulated_input_fn=wan_modulated,
+    grid_fn=video_grid,
     notes="Wan 2.2 A14B pipelines hold two transformers (transformer, transformer_2); each gets its own runtime"))
 
 HUNYUAN_VIDEO = register_adapter(ModelAdapter(
     family="hunyuan_video", model_classes=("HunyuanVideoTransformer3DModel",),
     block_groups=("transformer_blocks", "single_transformer_blocks"),
-    text_position="joint_last", cfg_layout="separate", attention_module="attn",
+    text_position="joint_last", cfg_layout="separate", attention_module="attn", ffn_module="ff",
     modulated_input_fn=adaln_zero_modulated, grid_fn=video_grid))
 
 COGVIDEOX = register_adapter(ModelAdapter(
     family="cogvideox", model_classes=("CogVideoXTransformer3DModel",), block_groups=("transformer_blocks",),
-    text_position="joint_first", cfg_layout="batched", modulated_input_fn=cogvideox_modulated,
+    text_position="joint_first", cfg_layout="batched", ffn_module="ff", modulated_input_fn=cogvideox_modulated,
     grid_fn=partial(video_grid, frames_dim=1)))
 
 TIER1 = (FLUX, SD3, PIXART, DIT, WAN, HUNYUAN_VIDEO, COGVIDEOX)

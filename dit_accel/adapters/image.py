@@ -49,7 +49,7 @@ def cogview4_modulated(block, meta, args, kwargs):
 
 QWEN_IMAGE = register_adapter(ModelAdapter(
     family="qwenimage", model_classes=("QwenImageTransformer2DModel",), block_groups=("transformer_blocks",),
-    text_position="joint_first", cfg_layout="separate", attention_module="attn",
+    text_position="joint_first", cfg_layout="separate", attention_module="attn", ffn_module="img_mlp",
     modulated_input_fn=qwen_modulated, grid_fn=qwen_grid,
     notes="true CFG (true_cfg_scale > 1) runs separate cond/uncond calls; the Edit pipelines append the "
           "reference image's tokens after the target's (sparse attention then runs dense)"))
@@ -57,11 +57,14 @@ QWEN_IMAGE = register_adapter(ModelAdapter(
 SANA = register_adapter(ModelAdapter(
     family="sana", model_classes=("SanaTransformer2DModel",), block_groups=("transformer_blocks",),
     text_position="cross", cfg_layout="batched", block_returns=("hidden",), modulated_input_fn=sana_modulated,
-    grid_fn=image_grid, sparse_unsupported="linear self-attention (ReLU kernel, no softmax)"))
+    grid_fn=image_grid, sparse_unsupported="linear self-attention (ReLU kernel, no softmax)",
+    ffn_unsupported="its FFN (GLUMBConv) is a 3x3 convolution over the token grid: it mixes neighbouring "
+                    "tokens, so slices of the token sequence are not independent"))
 
 COGVIEW4 = register_adapter(ModelAdapter(
     family="cogview4", model_classes=("CogView4Transformer2DModel",), block_groups=("transformer_blocks",),
-    text_position="joint_first", cfg_layout="separate", modulated_input_fn=cogview4_modulated, grid_fn=image_grid,
+    text_position="joint_first", cfg_layout="separate", ffn_module="ff", modulated_input_fn=cogview4_modulated,
+    grid_fn=image_grid,
     notes="CogView4Pipeline runs the conditional and unconditional calls separately"))
 
 
@@ -113,7 +116,7 @@ _DOUBLE_SINGLE = (("transformer_blocks", ("encoder", "hidden")), ("single_transf
 CHROMA = register_adapter(ModelAdapter(
     family="chroma", model_classes=("ChromaTransformer2DModel",),
     block_groups=("transformer_blocks", "single_transformer_blocks"), text_position="joint_first",
-    cfg_layout="separate", attention_module="attn", group_returns=_DOUBLE_SINGLE,
+    cfg_layout="separate", attention_module="attn", ffn_module="ff", group_returns=_DOUBLE_SINGLE,
     join_group="single_transformer_blocks", cfg_context=False, modulated_input_fn=chroma_modulated,
     grid_fn=packed_grid,
     sparse_unsupported="attends with a pairwise [S, S] padding mask, which the sparse path does not take",
@@ -123,14 +126,14 @@ CHROMA = register_adapter(ModelAdapter(
 FLUX2 = register_adapter(ModelAdapter(
     family="flux2", model_classes=("Flux2Transformer2DModel",),
     block_groups=("transformer_blocks", "single_transformer_blocks"), text_position="joint_first",
-    cfg_layout="none", attention_module="attn", join_group="single_transformer_blocks",
+    cfg_layout="none", attention_module="attn", ffn_module="ff", join_group="single_transformer_blocks",
     modulated_input_fn=flux2_modulated, grid_fn=packed_grid,
     notes="FLUX.2-dev is guidance-distilled (Flux2KleinPipeline's base models run batched CFG)"))
 
 AURAFLOW = register_adapter(ModelAdapter(
     family="auraflow", model_classes=("AuraFlowTransformer2DModel",),
     block_groups=("joint_transformer_blocks", "single_transformer_blocks"), text_position="joint_first",
-    cfg_layout="batched", attention_module="attn",
+    cfg_layout="batched", attention_module="attn", ffn_module="ff",
     group_returns=(("joint_transformer_blocks", ("encoder", "hidden")), ("single_transformer_blocks", ("hidden",))),
     join_group="single_transformer_blocks", modulated_input_fn=norm1_emb_modulated, grid_fn=image_grid,
     text_fn=auraflow_text))
@@ -138,24 +141,24 @@ AURAFLOW = register_adapter(ModelAdapter(
 BRIA = register_adapter(ModelAdapter(
     family="bria", model_classes=("BriaTransformer2DModel",),
     block_groups=("transformer_blocks", "single_transformer_blocks"), text_position="joint_first",
-    cfg_layout="batched", attention_module="attn", block_returns=("encoder", "hidden"),
+    cfg_layout="batched", attention_module="attn", ffn_module="ff", block_returns=("encoder", "hidden"),
     modulated_input_fn=norm1_emb_modulated, grid_fn=packed_grid))
 
 COGVIEW3PLUS = register_adapter(ModelAdapter(
     family="cogview3plus", model_classes=("CogView3PlusTransformer2DModel",), block_groups=("transformer_blocks",),
-    text_position="joint_first", cfg_layout="batched", block_returns=("hidden", "encoder"),
+    text_position="joint_first", cfg_layout="batched", block_returns=("hidden", "encoder"), ffn_module="ff",
     modulated_input_fn=cogview3plus_modulated, grid_fn=image_grid))
 
 HUNYUAN_DIT = register_adapter(ModelAdapter(
     family="hunyuan_dit", model_classes=("HunyuanDiT2DModel",), block_groups=("blocks",),
-    text_position="cross", cfg_layout="batched", block_returns=("hidden",),
+    text_position="cross", cfg_layout="batched", block_returns=("hidden",), ffn_module="ff",
     modulated_input_fn=hunyuandit_modulated, grid_fn=image_grid,
     notes="U-Net-like long skips: the second half of the blocks also takes an earlier block's output"))
 
 OVIS_IMAGE = register_adapter(ModelAdapter(
     family="ovis_image", model_classes=("OvisImageTransformer2DModel",),
     block_groups=("transformer_blocks", "single_transformer_blocks"), text_position="joint_first",
-    cfg_layout="separate", attention_module="attn", block_returns=("encoder", "hidden"),
+    cfg_layout="separate", attention_module="attn", ffn_module="ff", block_returns=("encoder", "hidden"),
     modulated_input_fn=norm1_emb_modulated, grid_fn=packed_grid))
 
 
@@ -175,7 +178,8 @@ def lumina2_text(transformer, args, kwargs):
 LUMINA2 = register_adapter(ModelAdapter(
     family="lumina2", model_classes=("Lumina2Transformer2DModel",), block_groups=("layers",),
     text_position="joint_first", cfg_layout="separate", attention_module="attn", block_returns=("hidden",),
-    cfg_context=False, modulated_input_fn=lumina2_modulated, grid_fn=image_grid, text_fn=lumina2_text,
+    ffn_module="feed_forward", cfg_context=False, modulated_input_fn=lumina2_modulated, grid_fn=image_grid,
+    text_fn=lumina2_text,
     notes="Lumina-Image 2.0 (diffusers' transformer_lumina2.py): the context and noise refiner blocks (each stream "
           "alone, before the join) run uncached; Lumina2Pipeline runs its cond/uncond calls without cache_context "
           "(told apart by their order within a step) and only cond calls after cfg_trunc_ratio; prompts of "

@@ -33,11 +33,12 @@ def mochi_modulated(block, meta, args, kwargs):
 
 LTX_VIDEO = register_adapter(ModelAdapter(
     family="ltx_video", model_classes=("LTXVideoTransformer3DModel",), block_groups=("transformer_blocks",),
-    text_position="cross", cfg_layout="batched", modulated_input_fn=ltx_modulated, grid_fn=ltx_grid))
+    text_position="cross", cfg_layout="batched", ffn_module="ff", modulated_input_fn=ltx_modulated, grid_fn=ltx_grid))
 
 MOCHI = register_adapter(ModelAdapter(
     family="mochi", model_classes=("MochiTransformer3DModel",), block_groups=("transformer_blocks",),
-    text_position="joint_last", cfg_layout="batched", modulated_input_fn=mochi_modulated, grid_fn=video_grid,
+    text_position="joint_last", cfg_layout="batched", ffn_module="ff", modulated_input_fn=mochi_modulated,
+    grid_fn=video_grid,
     sparse_unsupported="diffusers' MochiAttention has no set_processor (its processor cannot be wrapped)",
     notes="attention runs per sample over the valid text tokens: padded prompts change the joint length"))
 
@@ -63,24 +64,29 @@ def allegro_modulated(block, meta, args, kwargs):
 
 SKYREELS_V2 = register_adapter(ModelAdapter(
     family="skyreels_v2", model_classes=("SkyReelsV2Transformer3DModel",), block_groups=("blocks",),
-    text_position="cross", cfg_layout="separate", block_returns=("hidden",), modulated_input_fn=skyreels_modulated,
+    text_position="cross", cfg_layout="separate", block_returns=("hidden",), ffn_module="ffn",
+    modulated_input_fn=skyreels_modulated,
     grid_fn=video_grid))
 
 WAN_VACE = register_adapter(ModelAdapter(
     family="wan_vace", model_classes=("WanVACETransformer3DModel",), block_groups=("blocks",),
-    text_position="cross", cfg_layout="separate", modulated_input_fn=wan_modulated, grid_fn=video_grid,
+    text_position="cross", cfg_layout="separate", ffn_module="ffn", modulated_input_fn=wan_modulated,
+    grid_fn=video_grid,
     notes="the VACE blocks (control hints, computed once per call before the main blocks) run uncached; the "
           "hints the main loop adds between blocks stay fresh on reused steps"))
 
 ALLEGRO = register_adapter(ModelAdapter(
     family="allegro", model_classes=("AllegroTransformer3DModel",), block_groups=("transformer_blocks",),
-    text_position="cross", cfg_layout="batched", block_returns=("hidden",), modulated_input_fn=allegro_modulated,
+    text_position="cross", cfg_layout="batched", block_returns=("hidden",), ffn_module="ff",
+    modulated_input_fn=allegro_modulated,
     grid_fn=video_grid))
 
 SANA_VIDEO = register_adapter(ModelAdapter(
     family="sana_video", model_classes=("SanaVideoTransformer3DModel",), block_groups=("transformer_blocks",),
     text_position="cross", cfg_layout="batched", block_returns=("hidden",), modulated_input_fn=sana_modulated,
-    grid_fn=video_grid, sparse_unsupported="linear self-attention (ReLU kernel, no softmax)"))
+    grid_fn=video_grid, sparse_unsupported="linear self-attention (ReLU kernel, no softmax)",
+    ffn_unsupported="its FFN (GLUMBTempConv) convolves over the token grid and across frames: it mixes "
+                    "neighbouring tokens, so slices of the token sequence are not independent"))
 
 
 def norm1_emb_modulated(block, meta, args, kwargs):
@@ -91,5 +97,5 @@ def norm1_emb_modulated(block, meta, args, kwargs):
 MOTIF_VIDEO = register_adapter(ModelAdapter(
     family="motif_video", model_classes=("MotifVideoTransformer3DModel",),
     block_groups=("transformer_blocks", "single_transformer_blocks"), text_position="joint_last",
-    cfg_layout="separate", attention_module="attn", modulated_input_fn=norm1_emb_modulated, grid_fn=video_grid,
-    notes="MotifVideoPipeline's guider runs the conditional and unconditional calls separately"))
+    cfg_layout="separate", attention_module="attn", ffn_module="ff", modulated_input_fn=norm1_emb_modulated,
+    grid_fn=video_grid, notes="MotifVideoPipeline's guider runs the conditional and unconditional calls separately"))

@@ -64,6 +64,10 @@ class CacheConfig(ConfigBase):
             raise PolicyError(f"cache.method: {self.method!r} does not match {type(self).__name__} ({name!r})")
         super().validate()
 
+    def check_sections(self, quant: Any) -> None:
+        """Checked by :class:`~dit_accel.policy.Policy` against its other sections (``quant``: its ``quant:``
+        section or None); raise a PolicyError on a combination the method cannot serve. Default: any."""
+
 
 @dataclass(frozen=True)
 class CachePlan:
@@ -71,12 +75,15 @@ class CachePlan:
 
     ``ranges`` are half-open ``(start, end)`` index pairs into the flat block list; when a range
     is reused every block in it is skipped and its cached residual (output − input) is added to
-    the range's input at the last block.
+    the range's input at the last block. ``sub_blocks`` (indices into ``adapter.sub_blocks(blocks)``)
+    are attention / FFN sub-modules whose output the method may reuse on its own while the rest of
+    their block computes (:meth:`CacheMethod.should_reuse_sub`); their blocks must not be in a range.
     """
 
     ranges: tuple[tuple[int, int], ...]
     watch_inputs: frozenset[int] = frozenset()
     watch_outputs: frozenset[int] = frozenset()
+    sub_blocks: tuple[int, ...] = ()
 
 
 @dataclass
@@ -192,7 +199,8 @@ def take(state: CacheState, kept: Kept | None) -> torch.Tensor | None:
 # The method interface
 # ---------------------------------------------------------------------------------------------------
 
-_HOOK_POINTS = ("should_reuse", "on_input", "on_output", "on_range_computed", "reused_output", "adjust_output")
+_HOOK_POINTS = ("should_reuse", "on_input", "on_output", "on_range_computed", "reused_output", "adjust_output",
+                "should_reuse_sub", "on_sub_computed")
 
 
 class CacheMethod(ABC):
@@ -260,6 +268,14 @@ class CacheMethod(ABC):
     def adjust_output(self, output: Any, state: CacheState) -> Any | None:
         """A correction of the transformer's output on this call (None: unchanged). Default: none."""
         return None
+
+    def should_reuse_sub(self, unit: int, state: CacheState) -> Any | None:
+        """Before the block of sub-block ``unit`` (one of ``plan.sub_blocks``) runs: the sub-module's cached
+        output to return instead of running it, or None (it computes). Default: None."""
+        return None
+
+    def on_sub_computed(self, unit: int, output: Any, state: CacheState) -> None:
+        """Sub-block ``unit`` computed ``output`` (the sub-module's return value) on this call. Default: nothing."""
 
     def describe(self) -> str:
         """One line: the method and its settings (calibrated tables summarised, not printed)."""

@@ -21,9 +21,16 @@ from ..config import PolicyError
 
 
 class Records(list):
-    """The rows of a calibration run (a list of dicts); :attr:`calibrated_for` says what they were recorded on."""
+    """The rows of a calibration run (a list of dicts); :attr:`calibrated_for` says what they were recorded on.
+
+    ``quantized``: the ``quant.linear`` mode the rows were recorded under (None: full precision);
+    ``reference``: for a method that asks for it (``reference_pass``), the rows of the same generations on the
+    full-precision model when ``quantized`` is set (None otherwise: these rows are the full-precision ones).
+    """
 
     calibrated_for: Any = None
+    quantized: str | None = None
+    reference: "Records | None" = None
 
     def per_branch_mean(self, key: str) -> dict[str, list[float]]:
         """Mean of ``key`` over generations, per branch and step (steps with no value are dropped at the start)."""

@@ -3,7 +3,8 @@ carries it (and saves to YAML like any other).
 
 The layer above the methods: a method declares what it needs recorded (``record_options``: fields of
 :class:`~dit_accel.calibration.recorder.RecordConfig`; ``output_pass``: a second pass over the model
-outputs) and keeps a pure ``calibrated(config, records, family)``; this package attaches the
+outputs; ``reference_pass``: recordings on the full-precision and on the quantized model, CacheQuant) and keeps
+a pure ``calibrated(config, records, family)``; this package attaches the
 recording method (:mod:`~dit_accel.calibration.recorder`), runs the generations, hands the method its
 :class:`~dit_accel.caching.records.Records`, and records what the calibration was made for
 (:class:`~dit_accel.calibrated_for.CalibratedFor`). The attention section (PARO orders, static
@@ -125,6 +126,28 @@ def _with_output_pass(pipe: Any, prompts: list, config: CacheConfig, method: typ
     return method.refined(config, calibrated, reference, cached), records.calibrated_for
 
 
+def _with_reference_pass(pipe: Any, prompts: list, policy: Policy, method: type,
+                         call_kwargs: dict) -> tuple[CacheConfig, CalibratedFor | None]:
+    """Calibrate a method that compares the quantized model with the full-precision one (``reference_pass``,
+    CacheQuant): per prompt, one recording on the full-precision model and one with the policy's ``quant`` section,
+    from the same random state. Without a ``quant`` section, one full-precision recording."""
+    if policy.quant is None:
+        records, family = record(pipe, prompts, method.record_options, **call_kwargs)
+        return method.calibrated(policy.cache, records, family), records.calibrated_for
+    records, reference, family = Records(), Records(), ""
+    for prompt in prompts:
+        snapshot = RandomState.capture(call_arguments(prompt, call_kwargs))
+        rows, family = record(pipe, [prompt], method.record_options, **call_kwargs)
+        reference.extend(rows)
+        snapshot.restore()
+        with quantized(pipe, policy.quant):
+            rows, family = record(pipe, [prompt], method.record_options, **call_kwargs)
+        records.extend(rows)
+        records.calibrated_for = records.calibrated_for or rows.calibrated_for
+    records.quantized, records.reference = policy.quant.linear, reference
+    return method.calibrated(policy.cache, records, family), records.calibrated_for
+
+
 def calibrate(pipe: Any, prompts: Sequence[str | dict] | str | dict, policy: PolicyLike, **call_kwargs: Any) -> Policy:
     """Run one generation per prompt and return ``policy`` with the method's calibrated fields filled.
 
@@ -133,7 +156,8 @@ def calibrate(pipe: Any, prompts: Sequence[str | dict] | str | dict, policy: Pol
     at the step count and resolution you will serve. The returned policy's ``calibrated_for`` says what it
     was calibrated on (model, blocks, CFG branches, calls per branch, scheduler); applying it to something
     else fails or warns (:mod:`dit_accel.calibrated_for`). Cache and quantization errors compound
-    (CacheQuant, Liu et al. 2025): with a ``quant`` section the calibration runs on the quantized model.
+    (CacheQuant, Liu et al. 2025): with a ``quant`` section the calibration runs on the quantized model (a method
+    with ``reference_pass``, CacheQuant itself, records each generation on the full-precision model too).
     """
     prompts = _normalise_prompts(prompts)
     policy = load_policy(policy)
@@ -156,6 +180,9 @@ def calibrate(pipe: Any, prompts: Sequence[str | dict] | str | dict, policy: Pol
     method = method_for(policy.cache)
     if not hasattr(method, "calibrated"):
         raise PolicyError(f"cache.method {policy.cache.method!r} needs no calibration")
+    if getattr(method, "reference_pass", False):  # CacheQuant: quantized and full-precision recordings
+        cache, made_for = _with_reference_pass(pipe, prompts, policy, method, call_kwargs)
+        return dataclasses.replace(policy, cache=cache, calibrated_for=made_for)
     with quantized(pipe, policy.quant):
         if hasattr(method, "output_pass"):
             cache, made_for = _with_output_pass(pipe, prompts, policy.cache, method, call_kwargs)

@@ -15,7 +15,12 @@ whole-stack statistics are exactly those of the default recorder) and each step'
   ‖r_t − r_a‖₁ / ‖out_t‖₁ — the quantity BAC's scheduler trades off;
 * ``stack_dist[a]`` (‖R_t − R_a‖₁ / ‖R_t‖₁ for the whole-stack residual R) and ``stack_fit[a]``
   = (α, β, error after fit): the least-squares R_t ≈ α·R_a + β and its relative L1 error
-  (ERTACache's residual rectification).
+  (ERTACache's residual rectification), and ``stack_cos[a]``: the cosine similarity of R_t and R_a
+  (Step Rehash). ``RecordConfig(stack_pairwise=True)`` records these three without watching every block.
+
+``RecordConfig(stack_rows=n)`` keeps, per call, ``n`` fixed random token rows of the whole-stack residual
+with all their channels (``row["stack_rows"]``: a float32 CPU tensor (n, C)), for per-channel fits
+(CacheQuant's decoupled error correction).
 
 All of these are computed on a fixed random sketch of ``sketch_size`` elements of each tensor
 (the same elements at every step, per branch and shape), so the pairwise tables cost memory
@@ -65,6 +70,12 @@ class RecordConfig(CacheConfig):
     """What calibration records (a hidden ``cache`` method that computes everything)."""
 
     per_block: bool = option(False, doc="also record per-block and pairwise residual statistics (BAC, ERTACache)")
+    sub_blocks: bool = option(False, doc="with per_block: also record per-sub-block (attention, FFN) pairwise reuse "
+                                         "errors (sub-block BAC; calibration.sub_blocks)")
+    stack_pairwise: bool = option(False, doc="also record the pairwise whole-stack statistics (stack_dist, stack_fit, "
+                                             "stack_cos) without watching every block (Step Rehash)")
+    stack_rows: int = option(0, ge=0, doc="token rows (all channels) of the whole-stack residual kept per call, for "
+                                          "per-channel fits (CacheQuant); 0: none")
     sketch_size: int = option(16384, ge=16, doc="elements sampled per tensor for the pairwise statistics")
     attention_stats: bool = option(False, doc="also record per-block self-attention entropy / top-k mass "
                                               "(ProfilingDiT)")
@@ -83,6 +94,8 @@ class RecorderState(CacheState):
         residual: the previous call's whole-stack residual.
         block_in: this call's sketched block inputs.
         stack_history, block_history: sketched residuals of every earlier call (per-block recording).
+        output: the previous call's flattened output (attention statistics).
+        rows: the fixed token-row indices of ``stack_rows``.
     """
 
     sketch: torch.Tensor | None = None
@@ -94,6 +107,7 @@ class RecorderState(CacheState):
     stack_history: list[torch.Tensor] = field(default_factory=list)
     block_history: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     output: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
 
 
 def _rel(current: torch.Tensor | None, previous: torch.Tensor | None) -> float:
@@ -126,6 +140,12 @@ class Recorder(CacheMethod):
                 self._handles.append(attn.register_forward_pre_hook(
                     lambda module, args, kwargs, i=block.index: self._attention_hook(i, module, args, kwargs),
                     with_kwargs=True))
+        self._sub = None
+        if self.config.sub_blocks and self.config.per_block:
+            from .sub_blocks import SubBlockTap
+
+            self._sub = SubBlockTap(blocks, adapter, self.config.sketch_size)
+            self._handles.extend(self._sub.handles)
 
     def close(self) -> None:
         """Remove the temporary attention and latent hooks (calibration done)."""
@@ -214,8 +234,10 @@ class Recorder(CacheMethod):
         else:
             row["mag_ratio"], row["mag_std"] = math.nan, math.nan
         state.residual = current
-        if self.config.per_block:
+        if self.config.per_block or self.config.stack_pairwise:
             self._record_stack(row, current, state)
+        if self.config.stack_rows:
+            row["stack_rows"] = self._rows(state, current)
         if self.config.attention_stats:
             stats = [self._attention.get(i, (math.nan, math.nan)) for i in range(self.num_blocks)]
             row["attn_entropy"] = [e for e, _ in stats]
@@ -243,14 +265,27 @@ class Recorder(CacheMethod):
     def _record_stack(self, row: dict, residual: torch.Tensor, state: RecorderState) -> None:
         current = self._sketch(state, residual)
         norm = float(current.abs().sum().clamp_min(1e-12))
-        row["stack_dist"], row["stack_fit"] = [], []
+        row["stack_dist"], row["stack_fit"], row["stack_cos"] = [], [], []
         for previous in state.stack_history:
             row["stack_dist"].append(float((current - previous).abs().sum()) / norm)
+            cos = torch.nn.functional.cosine_similarity(current, previous, dim=0)
+            row["stack_cos"].append(min(1.0, max(-1.0, float(cos))))
             centred = previous - previous.mean()
             alpha = float((centred * (current - current.mean())).sum() / (centred * centred).sum().clamp_min(1e-30))
             beta = float(current.mean() - alpha * previous.mean())
             row["stack_fit"].append((alpha, beta, float((current - alpha * previous - beta).abs().sum()) / norm))
         state.stack_history.append(current)
+
+    def _rows(self, state: RecorderState, residual: torch.Tensor) -> torch.Tensor:
+        """A fixed random sample of ``stack_rows`` token rows (every channel) of ``residual`` (..., C): a float32
+        CPU tensor (rows, C), the same rows at every call of this branch and shape (and in every calibration pass)."""
+        flat = residual.detach().reshape(-1, residual.shape[-1])
+        idx = state.rows
+        if idx is None or idx.device != flat.device or int(idx.max()) >= flat.shape[0]:
+            g = torch.Generator().manual_seed(0)
+            idx = torch.randperm(flat.shape[0], generator=g)[:min(self.config.stack_rows, flat.shape[0])]
+            idx = state.rows = idx.to(flat.device)
+        return flat.index_select(0, idx).float().cpu()
 
     def on_output(self, index: int, hidden: torch.Tensor, encoder: torch.Tensor | None, state: RecorderState) -> None:
         row = state.row
@@ -263,6 +298,8 @@ class Recorder(CacheMethod):
         norm = float(out.abs().sum().clamp_min(1e-12))
         row["block_dist"][index] = [float((residual - previous).abs().sum()) / norm for previous in history]
         history.append(residual)
+        if self._sub is not None:
+            self._sub.block_done(index, state, row, norm)
 
 
 def _heads(norm: torch.nn.Module | None, x: torch.Tensor, heads: int) -> torch.Tensor:

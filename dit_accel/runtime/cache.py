@@ -17,6 +17,13 @@ double-stream blocks). Its residual is then kept in the joined layout: the range
 through, the transformer joins the passed-through streams, and the last block receives exactly that
 joined input, to which the residual is added. What the transformer adds across the join (the
 concatenation itself excepted) is a link like any other.
+
+Sub-blocks (``CachePlan.sub_blocks``, the adapter's attention / FFN sub-modules: ``ModelAdapter.sub_blocks``):
+their block always runs, and each sub-module's ``forward`` is overridden (:mod:`dit_accel.runtime.overrides`) to
+return the output the method chose before the block started (``should_reuse_sub``, decided in the block's eager
+gate) or to compute and hand its fresh output back (``on_sub_computed``, after the block). The override reads
+and writes two attributes of its module and nothing else, so under regional ``torch.compile`` it traces into
+the block's graph (one graph per reuse pattern, shared by all blocks) and no decision runs inside it.
 """
 
 from __future__ import annotations
@@ -33,7 +40,21 @@ from .blocks import block_inputs, block_outputs, pack_outputs
 from ..context import StepContext
 from .feature import COMPUTE, Call, Feature, Host
 from .guardrails import Guard
+from .overrides import call_inner, override_forward, restore_forward
 from .state import tensor_bytes
+
+SUB_KEY = "sub_block"
+_CACHED, _FRESH = "_dit_accel_sub_cached", "_dit_accel_sub_fresh"
+
+
+def sub_block_forward(module: torch.nn.Module, *args, **kwargs):
+    """A cached sub-module's forward: the output its gate chose, or its own forward (kept for the method)."""
+    cached = getattr(module, _CACHED)
+    if cached is not None:
+        return cached
+    out = call_inner(module, SUB_KEY, *args, **kwargs)
+    setattr(module, _FRESH, out)
+    return out
 
 logger = logging.getLogger("dit_accel")
 
@@ -157,6 +178,16 @@ class CacheFeature(Feature):
             roles.setdefault(i, _Role(None, False, False, i in plan.watch_inputs, i in plan.watch_outputs))
         if guard is not None:  # the guard reads the first block's input on every call
             roles.setdefault(0, _Role(None, False, False, False, False))
+        units = method.adapter.sub_blocks(method.blocks) if plan.sub_blocks else []
+        self.units = [units[u] for u in plan.sub_blocks]
+        self._units_of: dict[int, list[int]] = {}
+        for k, (u, unit) in enumerate(zip(plan.sub_blocks, self.units)):
+            if roles.get(unit.block, _Role(None, False, False, False, False)).range_id is not None:
+                raise PolicyError(f"cache: {method.name} caches sub-block {u} of block {unit.block}, which is also "
+                                  "in a cacheable block range")
+            roles.setdefault(unit.block, _Role(None, False, False, False, False))
+            self._units_of.setdefault(unit.block, []).append(k)  # positions in self.units
+        self._overridden: list[torch.nn.Module] = []
         self.roles = roles
         self._forced = False  # a guarded recompute in progress: every range computes
         self._warned: set[str] = set()
@@ -168,12 +199,35 @@ class CacheFeature(Feature):
         self.host = host
         if self.guard is not None:
             self.guard.attach(host)
+        try:
+            for unit in self.units:
+                override_forward(unit.module, SUB_KEY, sub_block_forward, self)
+                self._overridden.append(unit.module)
+                setattr(unit.module, _CACHED, None)
+                setattr(unit.module, _FRESH, None)
+        except Exception:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        for module in reversed(self._overridden):
+            restore_forward(module, SUB_KEY)
+            for name in (_CACHED, _FRESH):
+                module.__dict__.pop(name, None)
+        self._overridden = []
+
+    def _clear_sub_blocks(self) -> None:
+        for module in self._overridden:
+            setattr(module, _CACHED, None)
+            setattr(module, _FRESH, None)
 
     def gated_blocks(self) -> set[int]:
         return set(self.roles)
 
     def new_generation(self) -> None:
         self.range_reused = [0] * len(self.method.plan.ranges)
+        self.sub_reused = [0] * len(self.units)
+        self.sub_computed = [0] * len(self.units)
         self.mixed_batch = 0
         self.held_bytes = 0
         self.released_bytes = 0
@@ -191,6 +245,7 @@ class CacheFeature(Feature):
             self.mixed_batch += sum(s.mixed_batch for s in self.states)
         self.states = []
         self._inputs, self._links = {}, {}
+        self._clear_sub_blocks()
         if self.guard is not None:
             self.guard.release()
 
@@ -209,6 +264,7 @@ class CacheFeature(Feature):
             self.guard.before_call(call)
 
     def after_call(self, call: Call, output: Any) -> Any | None:
+        self._clear_sub_blocks()
         state: CacheState | None = call.slots.get(self.name)
         if state is None:
             return None
@@ -248,6 +304,13 @@ class CacheFeature(Feature):
             self.guard.observe_input(block_inputs(block, args, kwargs)[0], call)
         if role.watch_in:
             method.on_input(BlockCall(block, args, kwargs), state)
+        for k in self._units_of.get(index, ()):
+            module = self.units[k].module
+            cached = None if self._forced else method.should_reuse_sub(method.plan.sub_blocks[k], state)
+            setattr(module, _CACHED, cached)
+            setattr(module, _FRESH, None)
+            if cached is not None:
+                self.sub_reused[k] += 1
         if rid is None:
             return COMPUTE
         if role.is_start:
@@ -282,6 +345,14 @@ class CacheFeature(Feature):
         role = self.roles[index]
         block = self.host.blocks[index]
         rid = role.range_id
+        for k in self._units_of.get(index, ()):
+            module = self.units[k].module
+            fresh = getattr(module, _FRESH)
+            if fresh is not None:
+                self.sub_computed[k] += 1
+                self.method.on_sub_computed(self.method.plan.sub_blocks[k], fresh, state)
+            setattr(module, _CACHED, None)
+            setattr(module, _FRESH, None)
         if role.multi and not role.is_end and rid in self._links:
             self._links[rid].block_returned(*block_outputs(block, output))
         if role.is_end or role.watch_out:
@@ -332,4 +403,7 @@ class CacheFeature(Feature):
                "cache_bytes": live if self.states else self.released_bytes, "held_bytes": live}
         if self.guard is not None:
             out["guardrails"] = self.guard.stats()  # Stats.extra["guardrails"]
+        if self.units:  # Stats.extra["sub_blocks"]: per cached sub-block, in plan order
+            out["sub_blocks"] = {"blocks": [u.block for u in self.units], "kinds": [u.kind for u in self.units],
+                                 "computed": list(self.sub_computed), "reused": list(self.sub_reused)}
         return out
