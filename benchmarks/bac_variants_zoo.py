@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_results  # noqa: E402
+from common import cpu_name, environment, write_results  # noqa: E402
 
 import dit_accel  # noqa: E402
 from dit_accel import zoo  # noqa: E402
@@ -152,16 +151,6 @@ def bench_model(name: str, steps: int, budgets: list[float], thresholds: list[fl
     for row in rows:
         row.pop("images")
     return rows
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def fewer_steps_at(rows: list[dict], share: float) -> str:

@@ -38,6 +38,17 @@ def environment() -> dict:
     return env
 
 
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo``), written beside CPU results."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def time_call(fn: Callable[[], object], reps: int = 1) -> float:
     """Milliseconds per call over ``reps`` back-to-back calls, timed with CUDA events (host clock on CPU)."""
     if torch.cuda.is_available():

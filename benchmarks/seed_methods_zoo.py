@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment  # noqa: E402
+from common import cpu_name, environment  # noqa: E402
 
 import dit_accel  # noqa: E402
 from dit_accel import zoo  # noqa: E402
@@ -280,16 +279,6 @@ def bench_model(name: str, steps: int, methods: list[str], skip_steps: set[int] 
         row.pop("images")
         row["model"] = name
     return rows
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def previous_rows(out: Path) -> tuple[list[dict], list[dict]]:

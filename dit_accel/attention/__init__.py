@@ -1,4 +1,4 @@
-"""Block-sparse self-attention with token reordering (issue #5).
+"""Block-sparse self-attention with token reordering.
 
 Modules, one job each: ``config`` (the policy's ``attention:`` section), ``sparse`` (the reorder → select →
 kernel → inverse-permute pipeline, joint text handling),

@@ -58,7 +58,6 @@ same relative position.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -67,12 +66,11 @@ import torch
 
 from ..config import MAX_STEPS, PolicyError, option
 from .base import (CacheConfig, CacheMethod, CachePlan, CacheState, Kept, branch_table, keep, register_alias,
-                   register_cache_method, replace_config, require_calibrated, take)
+                   StepMapping, register_cache_method, replace_config, require_calibrated, take)
 from .records import Records
 
 BAC_GRANULARITIES = ("block", "sub_block")
 
-logger = logging.getLogger("dit_accel")
 
 
 @dataclass(frozen=True)
@@ -354,13 +352,6 @@ def _fill(tables: list[np.ndarray], base: list[list[int]], total: int, union: "_
     return member
 
 
-def position(step: int, steps: int, calibrated_steps: int) -> int:
-    """The calibrated step at the same relative position as ``step`` of ``steps``."""
-    if steps == calibrated_steps or steps <= 1:
-        return min(step, calibrated_steps - 1)
-    return min(int(round(step * (calibrated_steps - 1) / (steps - 1))), calibrated_steps - 1)
-
-
 @dataclass(eq=False)
 class BACState(CacheState):
     """Args:
@@ -413,7 +404,8 @@ class BAC(CacheMethod):
             for i, s in enumerate(per_block):
                 table[i, s] = True
             self.compute[branch] = table
-        self._warned = False
+        self._steps = StepMapping("dit_accel: BAC schedule calibrated for %d steps, used for %d: steps are mapped by "
+                                  "relative position (recalibrate for an exact budget)")
 
     def make_plan(self, num_blocks: int) -> CachePlan:
         if self.config.granularity == "sub_block":
@@ -433,14 +425,7 @@ class BAC(CacheMethod):
         table = branch_table(self.compute, state, "schedule")
         if state.step < self.config.warmup_steps:
             return True
-        calibrated = self.calibrated_steps()
-        index, length = state.schedule_position()
-        steps = length or calibrated
-        if steps != calibrated and not self._warned:
-            logger.warning("dit_accel: BAC schedule calibrated for %d steps, used for %d: steps are mapped by "
-                           "relative position (recalibrate for an exact budget)", calibrated, steps)
-            self._warned = True
-        t = position(index, steps, calibrated)
+        t, _ = self._steps(state, self.calibrated_steps())
         return t >= table.shape[1] or bool(table[block, t])
 
     def should_reuse(self, range_id: int, state: CacheState) -> bool:

@@ -30,6 +30,8 @@ third-party method registers the same way when its module is imported.
 
 from __future__ import annotations
 
+import logging
+
 import dataclasses
 import importlib
 import pkgutil
@@ -480,3 +482,29 @@ def batch_agrees(below: torch.Tensor, state: CacheState) -> bool:
 def replace_config(config: CacheConfig, **changes: Any) -> CacheConfig:
     """``config`` with ``changes``, validated again (what a method's ``calibrated`` returns)."""
     return dataclasses.replace(config, **changes)
+
+
+def position(step: int, steps: int, calibrated_steps: int) -> int:
+    """The calibrated step at the same relative position as ``step`` of ``steps``."""
+    if steps == calibrated_steps or steps <= 1:
+        return min(step, calibrated_steps - 1)
+    return min(int(round(step * (calibrated_steps - 1) / (steps - 1))), calibrated_steps - 1)
+
+
+class StepMapping:
+    """A calibrated schedule served at another step count: each call's step maps to the calibrated step at the same
+    relative position (:func:`position`), and the first mismatch logs ``message`` (``%d`` calibrated, ``%d``
+    served) once per method instance."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        self.warned = False
+
+    def __call__(self, state: CacheState, calibrated: int) -> tuple[int, bool]:
+        """``(calibrated step of this call, whether the step counts match)``."""
+        index, length = state.schedule_position()
+        steps = length or calibrated
+        if steps != calibrated and not self.warned:
+            logging.getLogger("dit_accel").warning(self.message, calibrated, steps)
+            self.warned = True
+        return position(index, steps, calibrated), steps == calibrated

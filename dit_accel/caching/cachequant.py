@@ -51,7 +51,6 @@ Where we depart from the paper:
 
 from __future__ import annotations
 
-import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -61,12 +60,10 @@ import numpy as np
 import torch
 
 from ..config import PolicyError, finite_numbers, option
-from .bac import position
 from .base import (CacheConfig, CacheMethod, CachePlan, CacheState, Residual, branch_table, register_cache_method,
-                   replace_config, require_calibrated)
+                   StepMapping, replace_config, require_calibrated)
 from .records import Records
 
-logger = logging.getLogger("dit_accel")
 
 #: token rows (all channels) of the stack residual the calibration keeps per call for the per-channel fits
 FIT_ROWS = 128
@@ -277,7 +274,8 @@ class CacheQuant(CacheMethod):
         self.source_of = {b: [max(s for s in self.compute[b] if s <= t) for t in range(self.steps[b])]
                           for b in self.compute}  # the computed step each step's cached residual comes from
         self.composed = {b: self._compose(b) for b in self.compute}
-        self._warned = False
+        self._steps = StepMapping("dit_accel: CacheQuant calibrated for %d steps, used for %d: steps are mapped by "
+                                  "relative position and reused residuals are not corrected (recalibrate)")
 
     def _compose(self, branch: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Per reused step t: (scale, shift) of R̂_t = s^c_t ⊙ (s^q_a ⊙ R + b^q_a) + b^c_t (float32, CPU)."""
@@ -306,14 +304,7 @@ class CacheQuant(CacheMethod):
 
     def _position(self, state: CacheState) -> tuple[int, bool]:
         """The calibrated step at this call's position, and whether the step counts match (corrections apply)."""
-        calibrated = branch_table(self.steps, state, "compute_steps")
-        index, length = state.schedule_position()
-        steps = length or calibrated
-        if steps != calibrated and not self._warned:
-            logger.warning("dit_accel: CacheQuant calibrated for %d steps, used for %d: steps are mapped by relative "
-                           "position and reused residuals are not corrected (recalibrate)", calibrated, steps)
-            self._warned = True
-        return position(index, steps, calibrated), steps == calibrated
+        return self._steps(state, branch_table(self.steps, state, "compute_steps"))
 
     def should_reuse(self, range_id: int, state: CacheState) -> bool:
         if state.step == 0 or range_id not in state.residuals:

@@ -54,7 +54,6 @@ gaps); a warning says so once per transformer, naming both step counts.
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -63,11 +62,11 @@ import numpy as np
 
 from ..config import PolicyError, finite_numbers, option
 from ..outputs import output_sample, replace_sample
-from .bac import acs, position
-from .base import CacheConfig, CacheMethod, CachePlan, CacheState, branch_table, register_cache_method, replace_config
+from .bac import acs
+from .base import (CacheConfig, CacheMethod, CachePlan, CacheState, StepMapping, branch_table,
+                   register_cache_method, replace_config)
 from .records import Records
 
-logger = logging.getLogger("dit_accel")
 
 #: first-order Euler schedulers: scaling the model output of a step is exactly scaling its interval
 EULER_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "EulerDiscreteScheduler")
@@ -148,7 +147,9 @@ class ERTACache(CacheMethod):
         if config.timestep_adjust and config.step_scale is None:
             raise PolicyError("cache.step_scale is required with timestep_adjust: true: run "
                               "dit_accel.calibrate(pipe, prompts, policy) first (or set timestep_adjust: false)")
-        self._warned = False
+        self._steps = StepMapping("dit_accel: ERTACache calibrated for %d steps, used for %d: steps are mapped by "
+                                  "relative position; reused residuals are not rectified and step sizes not adjusted "
+                                  "(recalibrate)")
 
     def make_plan(self, num_blocks: int) -> CachePlan:
         return CachePlan(ranges=((0, num_blocks),))
@@ -158,15 +159,7 @@ class ERTACache(CacheMethod):
 
     def _calibrated_step(self, state: CacheState) -> tuple[int, bool]:
         """The calibrated step at this call's schedule position, and whether the schedules match exactly."""
-        calibrated = len(self._table("scale", state))
-        index, length = state.schedule_position()
-        steps = length or calibrated
-        if steps != calibrated and not self._warned:
-            logger.warning("dit_accel: ERTACache calibrated for %d steps, used for %d: steps are mapped by relative "
-                           "position; reused residuals are not rectified and step sizes not adjusted (recalibrate)",
-                           calibrated, steps)
-            self._warned = True
-        return position(index, steps, calibrated), steps == calibrated
+        return self._steps(state, len(self._table("scale", state)))
 
     def should_reuse(self, range_id: int, state: CacheState) -> bool:
         if state.step < self.config.warmup_steps or range_id not in state.residuals:

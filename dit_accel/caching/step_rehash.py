@@ -1,6 +1,5 @@
 """Step Rehash — profiled step reuse by a similarity threshold (Zhan, Wu, Gong et al., 2024, "Fast and
-Memory-Efficient Video Diffusion Using Streamlined Inference", NeurIPS 2024, arXiv:2411.01171; the issue calls it
-Zhang et al.: the first author is Zheng Zhan).
+Memory-Efficient Video Diffusion Using Streamlined Inference", NeurIPS 2024, arXiv:2411.01171).
 
 The paper's Streamlined Inference has three parts: Feature Slicer and Operator Grouping (peak memory: the
 ``memory:`` section, not this module) and **Step Rehash**, which "exploits the similarity between adjacent steps
@@ -40,16 +39,13 @@ so the details are our reading, to be checked against the paper's text):
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 from ..config import PolicyError, finite_numbers, option
-from .bac import position
 from .base import (CacheConfig, CacheMethod, CachePlan, CacheState, branch_table, per_block_ranges,
-                   register_cache_method, replace_config, require_calibrated)
+                   StepMapping, register_cache_method, replace_config, require_calibrated)
 from .records import Records
 
-logger = logging.getLogger("dit_accel")
 
 
 @dataclass(frozen=True)
@@ -114,7 +110,8 @@ class StepRehash(CacheMethod):
                                                           config.max_reuse))
                         for branch, rows in config.similarity.items()}
         self.steps = {branch: len(rows) + 1 for branch, rows in config.similarity.items()}
-        self._warned = False
+        self._steps = StepMapping("dit_accel: Step Rehash profiled for %d steps, used for %d: steps are mapped by "
+                                  "relative position (recalibrate at the served step count)")
 
     def make_plan(self, num_blocks: int) -> CachePlan:
         c = self.config
@@ -127,14 +124,8 @@ class StepRehash(CacheMethod):
 
     def is_compute(self, state: CacheState) -> bool:
         compute = branch_table(self.compute, state, "similarity")
-        calibrated = branch_table(self.steps, state, "similarity")
-        index, length = state.schedule_position()
-        steps = length or calibrated
-        if steps != calibrated and not self._warned:
-            logger.warning("dit_accel: Step Rehash profiled for %d steps, used for %d: steps are mapped by relative "
-                           "position (recalibrate at the served step count)", calibrated, steps)
-            self._warned = True
-        return state.step < self.config.warmup_steps or position(index, steps, calibrated) in compute
+        t, _ = self._steps(state, branch_table(self.steps, state, "similarity"))
+        return state.step < self.config.warmup_steps or t in compute
 
     def should_reuse(self, range_id: int, state: CacheState) -> bool:
         return range_id in state.residuals and not self.is_compute(state)

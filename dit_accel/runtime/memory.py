@@ -1,7 +1,7 @@
 """The memory feature: Feature Slicer / Operator Grouping (the ``memory:`` policy section).
 
 Streamlined Inference (Zhan, Wu, Gong et al., 2024, "Fast and Memory-Efficient Video Diffusion Using
-Streamlined Inference", NeurIPS 2024, arXiv:2411.01171; the issue calls it Zhang et al.) observes that the peak
+Streamlined Inference", NeurIPS 2024, arXiv:2411.01171) observes that the peak
 activation memory of video diffusion is set by a few wide intermediates and that the operators between two
 narrow tensors work on each token (or frame) alone: **Feature Slicer** cuts the token dimension into slices,
 **Operator Grouping** runs a group of consecutive such operators (norm → FFN up → activation → FFN down) on one
