@@ -222,25 +222,22 @@ def bench_model(name: str, steps: int, methods: list[str], skip_steps: set[int] 
     shares = set()
     calib = [zoo.class_conditions(pipe, [c]) for c in CALIBRATION_LABELS[name]]
     calib = [{k: (v[0] if isinstance(v, list) else v) for k, v in c.items()} for c in calib]
-    if "profiling_dit" in methods:
-        for label, config in profiling_variants(pipe, steps, calib, name).items():
-            row = run(pipe, call, label, rows, reference, policy=dit_accel.Policy(name="profiling_dit", cache=config),
-                      method="profiling_dit")
-            shares.add(row["block_share"])
-    if "delta_dit" in methods:
-        for label, cache in delta_variants().items():
-            row = run(pipe, call, label, rows, reference, policy={"name": "delta_dit", "cache": cache},
-                      method="delta_dit")
-            shares.add(row["block_share"])
-    if "step_rehash" in methods:
-        for label, config in rehash_variants(pipe, steps, calib, name).items():
-            row = run(pipe, call, label, rows, reference, policy=dit_accel.Policy(name="step_rehash", cache=config),
-                      method="step_rehash")
+    variants = {  # method -> {label: policy}, built only for the methods asked for
+        "profiling_dit": lambda: {label: dit_accel.Policy(name="profiling_dit", cache=config)
+                                  for label, config in profiling_variants(pipe, steps, calib, name).items()},
+        "delta_dit": lambda: {label: {"name": "delta_dit", "cache": cache}
+                              for label, cache in delta_variants().items()},
+        "step_rehash": lambda: {label: dit_accel.Policy(name="step_rehash", cache=config)
+                                for label, config in rehash_variants(pipe, steps, calib, name).items()},
+        "cachequant": lambda: cachequant_variants(pipe, steps, calib, name),
+    }
+    for method, build in variants.items():
+        if method not in methods:
+            continue
+        for label, policy in build().items():
+            row = run(pipe, call, label, rows, reference, policy=policy, method=method)
             shares.add(row["block_share"])
     if "cachequant" in methods:
-        for label, policy in cachequant_variants(pipe, steps, calib, name).items():
-            row = run(pipe, call, label, rows, reference, policy=policy, method="cachequant")
-            shares.add(row["block_share"])
         half = max(1, round(steps / 2))
         controls = {"int8 linears alone, every step": ({"name": "int8", "cache": None, "quant": INT8}, steps),
                     "FORA interval 2 + int8 linears (uniform refresh, no correction)": (
