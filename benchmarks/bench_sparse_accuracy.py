@@ -50,6 +50,8 @@ def parse_args(argv=None):
     ap.add_argument("--zoo-steps", type=int, default=20)
     ap.add_argument("--zoo-step", type=int, default=10, help="the step whose attention is recorded")
     ap.add_argument("--zoo-block-size", type=int, default=16)
+    ap.add_argument("--seed-variants", default=None,
+                    help="comma-separated seed-method variants (benchmarks/sparse_variants.py; default all, '' none)")
     return ap.parse_args(argv)
 
 
@@ -137,6 +139,8 @@ def main(argv=None) -> None:
                     print(rows[-1], flush=True)
                     stage(f"row {len(rows)}")
 
+    seed_rows, seed_md = seed_method_rows(args, q, k, v, dense, densities, perm, svg2, stage)
+
     def find(method, reorder, compensate, density):
         return next(r for r in rows if (r["method"], r["reorder"], r["compensate"], r["density"]) ==
                     (method, reorder, compensate, density))
@@ -185,13 +189,70 @@ def main(argv=None) -> None:
             wins.append(best < none)
     md += ["", f"Reordering (best of PARO / SVG2) beats the natural order at equal density in {sum(wins)} of "
                f"{len(wins)} (method, density) cases."]
-    payload = {"environment": env, "args": vars(args), "paro_orders": list(orders[0]), "rows": rows}
+    md += seed_md
+    payload = {"environment": env, "args": vars(args), "paro_orders": list(orders[0]), "rows": rows,
+               "seed_rows": seed_rows}
     if args.zoo:
         zoo_rows, zoo_md = zoo_accuracy(args, densities)
         payload["zoo_rows"] = zoo_rows
         md += zoo_md
     md += ["", "```", *(f"{k}: {v}" for k, v in env.items()), "```", ""]
     write_results(args.name, payload, "\n".join(md))
+
+
+def seed_method_rows(args, q, k, v, dense, densities, perm, svg2, stage):
+    """Every seed-method variant (``sparse_variants.SEED_VARIANTS``) at each density, natural order and PARO."""
+    import torch
+
+    from dit_accel.attention import AttentionConfig, SparseRequest, sparse_self_attention
+    from dit_accel.config import PolicyError
+    from sparse_variants import SEED_VARIANTS, TWO_CALL, section
+
+    names = list(SEED_VARIANTS) if args.seed_variants is None else [n for n in args.seed_variants.split(",") if n]
+    rows = []
+    for density in [*densities, None]:
+        for name in names:
+            for reorder in ("none", "paro"):
+                base = {"block_size": args.block_size, "warmup_steps": 0, "svg2": svg2}
+                cfg_dict = section(name, density, base)
+                if reorder == "paro":
+                    if cfg_dict.get("reorder", "none") != "none":
+                        continue  # the variant brings its own order (PBS)
+                    cfg_dict["reorder"] = "paro"
+                try:
+                    cfg = AttentionConfig.from_dict(cfg_dict)
+                    request = SparseRequest(cfg, head_perm=perm if reorder == "paro" else None)
+                    with torch.no_grad():
+                        result = sparse_self_attention(q, k, v, request)
+                        if name in TWO_CALL:  # the first call searched (and was dense); measure the reuse
+                            result = sparse_self_attention(q, k, v, request)
+                except (PolicyError, ValueError) as err:
+                    print(f"seed {name} {reorder} {density}: not run ({err})", file=sys.stderr, flush=True)
+                    continue
+                err = float((result.out.float() - dense.float()).norm() / dense.float().norm())
+                rows.append({"variant": name, "reorder": reorder, "density": density, "rel_l2": err,
+                             "used_density": float(result.kept) / result.total})
+                print(rows[-1], flush=True)
+        stage(f"seed methods at density {density}")
+    md = ["", "## Seed methods (issue #23 variants, `benchmarks/sparse_variants.py`)", "",
+          "Relative L2 vs dense and the density used (pooled PSA pairs count 1/factor), natural order and PARO. "
+          "AdaSpa: the second call on the same inputs (the first searched with a dense pass).", "",
+          "| density asked | variant | none | paro | used (none / paro) |", "|---|---|---|---|---|"]
+    for density in [*densities, None]:
+        for name in names:
+            got = {r["reorder"]: r for r in rows if (r["variant"], r["density"]) == (name, density)}
+            if not got:
+                continue
+            cell = lambda r: "—" if r is None else f"{r['rel_l2']:.4f}"  # noqa: E731
+            used = " / ".join(f"{got[r]['used_density']:.3f}" for r in ("none", "paro") if r in got)
+            label = f"{density:.2f}" if density is not None else "own threshold"
+            md.append(f"| {label} | {name} | {cell(got.get('none'))} | {cell(got.get('paro'))} | {used} |")
+    best = [r for r in rows if r["density"] == 0.25]
+    if best:
+        top = min(best, key=lambda r: r["rel_l2"])
+        md += ["", f"Best at density 0.25: {top['variant']} ({top['reorder']}) {top['rel_l2']:.4f} "
+                   f"(used {top['used_density']:.3f})."]
+    return rows, md
 
 
 def record_zoo_attention(pipe, step: int, steps: int, block_size: int, call: dict) -> dict:
@@ -251,6 +312,39 @@ def zoo_accuracy(args, densities):
                 rows.append({"method": method, "reorder": reorder, "density": density,
                              "rel_l2": sum(errs) / len(errs), "used_density": sum(used) / len(used)})
                 print("zoo", rows[-1], flush=True)
+    from sparse_variants import SEED_VARIANTS, TWO_CALL, section
+
+    names = list(SEED_VARIANTS) if args.seed_variants is None else [n for n in args.seed_variants.split(",") if n]
+    seed_rows = []
+    for density in densities:
+        for name in names:
+            for reorder in ("none", "paro"):
+                cfg_dict = section(name, density, {"block_size": bs, "warmup_steps": 0,
+                                                   "svg2": {"q_clusters": 16, "k_clusters": 32}})
+                cfg_dict["sparse"].setdefault("stride", min(8, bs))
+                if reorder == "paro":
+                    if cfg_dict.get("reorder", "none") != "none" or cfg_dict["sparse"]["method"] == "proxy":
+                        continue
+                    cfg_dict["reorder"] = "paro"
+                errs, used = [], []
+                for layer, (q, k, v, grid) in sorted(layers.items()):
+                    cfg = AttentionConfig.from_dict(cfg_dict)
+                    if cfg.sparse.method == "proxy":
+                        cfg = cfg.replace(sparse={**cfg.sparse.to_dict(), "proxy_heads": min(cfg.sparse.proxy_heads,
+                                                                                             q.shape[1])})
+                    perm = head_permutations(grid, orders[layer], bs, q.device) if reorder == "paro" else None
+                    request = SparseRequest(cfg, head_perm=perm)
+                    with torch.no_grad():
+                        result = sparse_self_attention(q, k, v, request)
+                        if name in TWO_CALL:
+                            result = sparse_self_attention(q, k, v, request)
+                        dense = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+                    errs.append(float((result.out.float() - dense).norm() / dense.norm()))
+                    used.append(float(result.kept) / result.total)
+                seed_rows.append({"variant": name, "reorder": reorder, "density": density,
+                                  "rel_l2": sum(errs) / len(errs), "used_density": sum(used) / len(used)})
+                print("zoo seed", seed_rows[-1], flush=True)
+    rows += [{**r, "seed": True} for r in seed_rows]  # seed rows: "variant" instead of "method"
     grid = next(iter(layers.values()))[3]
     md = ["", f"## Real attention: `{args.zoo}` (trained reference model)", "",
           f"Self-attention q, k, v of its {len(layers)} layers at step {args.zoo_step} of {args.zoo_steps} "
@@ -260,10 +354,20 @@ def zoo_accuracy(args, densities):
           "| density | method | none | paro | svg2 | used density (none / paro / svg2) |", "|---|---|---|---|---|---|"]
     for density in densities:
         for method in ("xattention", "topp"):
-            sel = [next(r for r in rows if (r["method"], r["reorder"], r["density"]) == (method, reorder, density))
+            sel = [next(r for r in rows if (r.get("method"), r["reorder"], r["density"]) == (method, reorder, density))
                    for reorder in ("none", "paro", "svg2")]
             md.append(f"| {density:.2f} | {method} | " + " | ".join(f"{r['rel_l2']:.4f}" for r in sel)
                       + " | " + " / ".join(f"{r['used_density']:.3f}" for r in sel) + " |")
+    if seed_rows:
+        md += ["", f"Seed methods on `{args.zoo}`'s attention (mean relative L2 over layers; AdaSpa: the second call "
+                   "on the same q, k, v):", "",
+               "| density asked | variant | none | paro | used (none / paro) |", "|---|---|---|---|---|"]
+        for density in densities:
+            for name in names:
+                got = {r["reorder"]: r for r in seed_rows if (r["variant"], r["density"]) == (name, density)}
+                cell = lambda r: "—" if r is None else f"{r['rel_l2']:.4f}"  # noqa: E731
+                used = " / ".join(f"{got[r]['used_density']:.3f}" for r in ("none", "paro") if r in got)
+                md.append(f"| {density:.2f} | {name} | {cell(got.get('none'))} | {cell(got.get('paro'))} | {used} |")
     return rows, md
 
 

@@ -12,7 +12,9 @@ q-block keeps that share of kv-blocks plus its diagonal block):
 * ``xattention`` — XAttention antidiagonal scoring (stride 8), natural order;
 * ``svg2`` — SVG2 k-means permutation (100 / 500 clusters, warm-started across calls) + centroid scores;
 * a suffix ``_int8`` / ``_fp8`` (e.g. ``topp_int8``) runs the kept blocks with the quantized kernel
-  (``dit_accel.kernels.quant_attention``, issue #6).
+  (``dit_accel.kernels.quant_attention``);
+* the seed methods of ``benchmarks/sparse_variants.py`` by name (``proxy``, ``xattention+pisa``, ``adaspa@10``,
+  ``psa``, ...): ``--variants seed`` runs all of them (AdaSpa with its search every 10 steps, timed over them).
 
 Reported: median ms per transformer call (CUDA events; calls after warm-up, which includes the
 kernel's autotuning), speedup vs dense, and the density the calls actually used (``dit_accel.stats``).
@@ -60,16 +62,29 @@ def refresh_of(variant: str) -> int:
 
 
 def attention_policy(variant: str, density: float, block_size: int, quick: bool) -> dict:
+    from sparse_variants import SEED_VARIANTS, section
+
     refresh = refresh_of(variant)
-    variant, _, quant = variant.partition("@")[0].partition("_")
-    sparse = {"method": "xattention" if variant == "xattention" else "topp", "density": density,
-              "refresh_interval": refresh}
-    section = {"sparse": sparse, "block_size": block_size, "warmup_steps": 0, "quant": quant or "none"}
-    if variant == "svg2":
-        section["reorder"] = "svg2"
-        if quick:
-            section["svg2"] = {"q_clusters": 8, "k_clusters": 16}
-    return {"name": f"{variant}-{density}", "attention": section}
+    variant = variant.partition("@")[0]
+    head, _, tail = variant.rpartition("_")
+    variant, quant = (head, tail) if tail in ("int8", "fp8") else (variant, "")
+    base = {"block_size": block_size, "warmup_steps": 0, "quant": quant or "none"}
+    if variant in ("topp", "xattention", "svg2"):
+        section_ = {**base, "sparse": {"method": "xattention" if variant == "xattention" else "topp",
+                                       "density": density}}
+        if variant == "svg2":
+            section_["reorder"] = "svg2"
+    elif variant in SEED_VARIANTS:
+        section_ = section(variant, density, base)
+    else:
+        raise SystemExit(f"unknown variant {variant!r}: topp, xattention, svg2 or one of {sorted(SEED_VARIANTS)}")
+    if refresh != 1 or "refresh_interval" not in section_["sparse"]:
+        section_["sparse"]["refresh_interval"] = refresh
+    if quick and section_.get("reorder") == "svg2":
+        section_["svg2"] = {"q_clusters": 8, "k_clusters": 16}
+    if quick and section_["sparse"]["method"] == "proxy":
+        section_["sparse"]["proxy_heads"] = 2
+    return {"name": f"{variant}-{density}", "attention": section_}
 
 
 def main(argv=None) -> None:
@@ -124,8 +139,14 @@ def main(argv=None) -> None:
     rows.append({"variant": "dense (cuDNN)" if cuda else "dense (sdpa)", "density": 1.0, "ms": ms,
                  "spread_ms": spread, "speedup": 1.0, "used_density": 1.0, "rel_l2_vs_dense": 0.0})
     print(rows[-1], flush=True)
+    from sparse_variants import SEED_VARIANTS
+
+    names = [v for v in args.variants.split(",") if v]
+    if "seed" in names:
+        i = names.index("seed")
+        names[i:i + 1] = [n + "@10" if n == "adaspa" else n for n in SEED_VARIANTS if n != "xattention"]
     for density in [float(d) for d in args.densities.split(",")]:
-        for variant in [v for v in args.variants.split(",") if v]:
+        for variant in names:
             dit_accel.accelerate(model, attention_policy(variant, density, block, args.quick))
             n = refresh_of(variant)  # time n consecutive steps per sample: selection amortised over its interval
             try:

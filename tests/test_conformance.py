@@ -181,6 +181,29 @@ ATTENTION: dict[str, Entry] = {
     "static_paro": Entry(never={"warmup_steps": 100},
                          active={"sparse": {"method": "static", "threshold": 0.5}, "reorder": "paro", **_SPARSE},
                          calibrate="required", never_after_calibration=True),
+    # proxy_heads 1: both heads of the tiny models pooled into one proxy
+    "proxy": Entry(never={"warmup_steps": 100},
+                   active={"sparse": {"method": "proxy", "proxy_heads": 1, "threshold": 0.5}, **_SPARSE}),
+    # refresh_interval 2: a dense search step, then a sparse step reusing its selection
+    "adaspa": Entry(never={"warmup_steps": 100},
+                    active={"sparse": {"method": "adaspa", "recall": 0.5, "refresh_interval": 2}, **_SPARSE}),
+    # refresh_interval 2: the level map and its pyramid tables kept across steps
+    "psa": Entry(never={"warmup_steps": 100},
+                 active={"sparse": {"method": "psa", "refresh_interval": 2},
+                         "psa": {"full": 0.2, "pool2": 0.4, "pool4": 0.6, "pool8": 0.8}, **_SPARSE}),
+    "route_error": Entry(never={"warmup_steps": 100},
+                         active={"sparse": {"method": "topp", "density": 0.5, "route": "error"},
+                                 "compensate": "centroid", **_SPARSE}),
+    "pisa": Entry(never={"warmup_steps": 100},
+                  active={"sparse": {"method": "topp", "top_p": 0.5}, "compensate": "pisa", **_SPARSE}),
+    "pbs": Entry(never={"warmup_steps": 100},  # refresh_interval 2: the key permutation kept across steps
+                 active={"sparse": {"method": "xattention", "threshold": 0.5, "refresh_interval": 2},
+                         "reorder": "pbs", **_SPARSE}),
+    # early_stop 1: the tiny models' attention is nearly uniform, a smaller bound never stops the walk;
+    # refresh_interval 2: the score-sorted table of a reused selection
+    "early_stop": Entry(never={"warmup_steps": 100},
+                        active={"sparse": {"method": "topp", "top_p": 0.9, "early_stop": 1.0, "refresh_interval": 2},
+                                **_SPARSE}),
 }
 
 

@@ -9,8 +9,13 @@ log-sum-exp merges this with the exact part:
     out = (exp(lse) out_sparse + sum_skipped n_j e_j v_j) / (exp(lse) + sum_skipped n_j e_j)
 
 Departures: the summaries are the fixed blocks' means (with SVG2 ordering the blocks are already
-semantically homogeneous); SVG-EAR's error-aware routing (choosing which blocks to compute versus
-compensate by their estimated error) is not implemented: compensation applies to every skipped block.
+semantically homogeneous); compensation applies to every skipped block (SVG-EAR's error-aware routing,
+which chooses the blocks to compute, is :mod:`dit_accel.attention.routing`).
+
+This is the *separate-pass* form, a float32 PyTorch pass after the kernel. The block-sparse kernel
+path fuses the same term (and PISA's first-order term, ``first_order=True`` here; the maths and the
+paper in :mod:`dit_accel.kernels.pisa`) into its online softmax instead; this pass remains for the
+kernels without it (the quantized and the pyramid kernels).
 """
 
 from __future__ import annotations
@@ -31,17 +36,18 @@ def block_means(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.T
 
 
 def compensate(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               block_mask: torch.Tensor, block_size: int, scale: float, max_chunk_elements: int = 1 << 26
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               block_mask: torch.Tensor, block_size: int, scale: float, max_chunk_elements: int = 1 << 26,
+               first_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``out`` ``[B, H, S, D]`` of the kept blocks (log-sum-exp ``lse`` ``[B, H, S]``) plus the centroid
-    estimate of the blocks ``block_mask`` ``[B, H, nq, nk]`` skips: (output in the input dtype, float32
-    log of the kept plus estimated mass). Heads are processed in chunks of about ``max_chunk_elements``
-    scores."""
+    estimate of the blocks ``block_mask`` ``[B, H, nq, nk]`` skips (``first_order``: plus PISA's shared
+    first-order term): (output in the input dtype, float32 log of the kept plus estimated mass). Heads are
+    processed in chunks of about ``max_chunk_elements`` scores."""
     b, h, s, _ = q.shape
     step = max(1, max_chunk_elements // max(1, b * s * block_mask.shape[-1]))
     if step < h:
         parts = [compensate(out[:, i:i + step], lse[:, i:i + step], q[:, i:i + step], k[:, i:i + step],
-                            v[:, i:i + step], block_mask[:, i:i + step], block_size, scale, max_chunk_elements)
+                            v[:, i:i + step], block_mask[:, i:i + step], block_size, scale, max_chunk_elements,
+                            first_order)
                  for i in range(0, h, step)]
         return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
     k_mean, sizes = block_means(k, block_size)
@@ -53,4 +59,10 @@ def compensate(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k: torch.T
     total = torch.logaddexp(lse, comp_lse)
     w_exact = torch.exp(lse - total).nan_to_num(0.0).unsqueeze(-1)
     w_comp = torch.exp(logits - total.unsqueeze(-1)).nan_to_num(0.0)                     # [B, H, S, nk]
-    return (w_exact * out.float() + w_comp @ v_mean).to(out.dtype), total
+    result = w_exact * out.float() + w_comp @ v_mean
+    if first_order:
+        from ..kernels.pisa import block_summaries
+
+        hsum = block_summaries(k, v, block_size, scale, True)[2]                         # (scale / S) sum_j H_j
+        result = result + w_comp.sum(-1, keepdim=True) * (q.float() @ hsum)
+    return result.to(out.dtype), total

@@ -9,8 +9,11 @@ self blocks (:func:`self_blocks`).
   antidiagonals of each block is a cheap, pattern-agnostic proxy of the block's mass. As in the
   paper, queries and keys are reshaped at ``stride`` (queries in reversed phase, so each entry of the
   reduced product sums ``stride`` antidiagonal products), softmaxed over the reduced keys with
-  ``scale / stride``, and summed per block; paper defaults stride 8, threshold tau = 0.9. Departure:
-  computed in float32 over row chunks (memory bound), with no causal mask (DiTs are bidirectional).
+  ``scale / stride``, and summed per block; paper defaults stride 8, threshold tau = 0.9. On CUDA one
+  fused Triton kernel (:mod:`dit_accel.kernels.block_scores`: online softmax statistics, then
+  per-block sums, never materialising the reduced logits); on CPU PyTorch over row chunks (the
+  kernel's reference). Departures: no causal mask (DiTs are bidirectional); reduced query rows made
+  only of sequence padding are dropped from their q-block's sum (as reduced keys of padding are).
 * :func:`pooled_scores` — top-p over mean-pooled blocks: mean query and mean key per block, score
   ``scale q_b . k_b + log(n_kb)`` (each kv-block weighted by its size), softmax per row (the
   block-summary estimate used by SpargeAttn/SVG-style selectors; with SVG2 the centroid version is
@@ -22,9 +25,12 @@ self blocks (:func:`self_blocks`).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from einops import rearrange
+
+from ..kernels.block_scores import block_scores_kernel_available, xattention_block_scores
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -33,12 +39,26 @@ def _cdiv(a: int, b: int) -> int:
 
 def xattention_scores(q: torch.Tensor, k: torch.Tensor, block_size: int, stride: int, scale: float,
                       max_chunk_elements: int = 1 << 25) -> torch.Tensor:
-    """Antidiagonal block scores ``[B, H, nq, nk]`` (rows sum to 1) of q, k ``[B, H, S, D]``. The reduced
-    products run in the inputs' dtype when it is 16-bit (tensor cores; softmax in float32)."""
-    b, h, s, d = q.shape
+    """Antidiagonal block scores ``[B, H, nq, nk]`` (rows sum to 1) of q, k ``[B, H, S, D]``.
+
+    CUDA tensors with ``DIT_ACCEL_SCORE_KERNEL=1`` (Triton importable, ``block_size`` a power of two): the
+    fused kernel :func:`dit_accel.kernels.block_scores.xattention_block_scores` — opt-in until its speed is
+    measured beside this path on a GPU (``benchmarks/check_sparse_kernels_gpu.py``); it compiles for sm_90
+    (``tests/test_kernels_aot.py``) and matches this code under the interpreter. Otherwise this PyTorch code, which
+    is also the kernel's test reference: the reduced products run in the inputs' dtype when it is
+    16-bit (tensor cores; softmax in float32), over row chunks of ``max_chunk_elements`` logits."""
     stride = max(1, min(stride, block_size))
     while block_size % stride:  # the reduced block must be whole
         stride -= 1
+    if q.is_cuda and os.environ.get("DIT_ACCEL_SCORE_KERNEL") == "1" and block_scores_kernel_available(q, block_size):
+        return xattention_block_scores(q, k, block_size, stride, scale)
+    return _xattention_scores_torch(q, k, block_size, stride, scale, max_chunk_elements)
+
+
+def _xattention_scores_torch(q: torch.Tensor, k: torch.Tensor, block_size: int, stride: int, scale: float,
+                             max_chunk_elements: int) -> torch.Tensor:
+    """The PyTorch reference of :func:`xattention_scores` (``stride`` already divides ``block_size``)."""
+    b, h, s, d = q.shape
     pad = _cdiv(s, block_size) * block_size - s
     work = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32  # products in 16-bit inputs' dtype
     qf = torch.nn.functional.pad(q.to(work), (0, 0, 0, pad))
@@ -47,7 +67,7 @@ def xattention_scores(q: torch.Tensor, k: torch.Tensor, block_size: int, stride:
     q_red = rearrange(qf.flip(-2), "b h (n r) d -> b h n (r d)", r=stride).flip(-2)
     k_red = rearrange(kf, "b h (n r) d -> b h n (r d)", r=stride)
     n = q_red.shape[2]
-    valid_keys = torch.arange(n, device=q.device) * stride < s  # reduced keys made only of padding
+    valid_keys = torch.arange(n, device=q.device) * stride < s  # False: reduced keys made only of padding
     sub = block_size // stride
     nq = nk = _cdiv(s, block_size)
     out = torch.empty(b, h, nq, nk, device=q.device)
@@ -56,7 +76,7 @@ def xattention_scores(q: torch.Tensor, k: torch.Tensor, block_size: int, stride:
         r1 = min(n, r0 + rows_per_chunk)
         logits = (q_red[:, :, r0:r1] @ k_red.transpose(-1, -2)).float() * (scale / stride)
         logits = logits.masked_fill(~valid_keys, float("-inf"))
-        p = torch.softmax(logits, dim=-1)
+        p = torch.softmax(logits, dim=-1) * valid_keys[r0:r1, None]  # reduced rows of padding only count 0
         p = rearrange(p, "b h (qb i) (kb j) -> b h qb kb (i j)", i=sub, j=sub).sum(-1)
         out[:, :, r0 // sub: r1 // sub] = p
     return out / out.sum(-1, keepdim=True).clamp_min(1e-30)
@@ -64,14 +84,23 @@ def xattention_scores(q: torch.Tensor, k: torch.Tensor, block_size: int, stride:
 
 def pooled_scores(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
     """Size-weighted softmax over mean-pooled block scores ``[B, H, nq, nk]`` (rows sum to 1)."""
-    b, h, s, d = q.shape
-    pad = _cdiv(s, block_size) * block_size - s
+    s = q.shape[2]
     sizes = torch.full((_cdiv(s, block_size),), float(block_size), device=q.device)
-    sizes[-1] = block_size - pad
-    pool = lambda t: rearrange(torch.nn.functional.pad(t.float(), (0, 0, 0, pad)),  # noqa: E731
-                               "b h (n i) d -> b h n i d", i=block_size).sum(-2) / sizes.view(-1, 1)
-    logits = scale * pool(q) @ pool(k).transpose(-1, -2) + sizes.log()
+    sizes[-1] = s - block_size * (sizes.numel() - 1)
+    logits = scale * block_means(q, block_size) @ block_means(k, block_size).transpose(-1, -2) + sizes.log()
     return torch.softmax(logits, dim=-1)
+
+
+def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Float32 ``[B, H, ceil(S / block_size), D]``: the mean token of each block of ``x [B, H, S, D]`` (the
+    last block's over its real tokens). Summed from x's own memory with float32 accumulation (a view per
+    block, no float32 or padded copy of x)."""
+    s = x.shape[2]
+    full = s // block_size
+    parts = [x[:, :, :full * block_size].unflatten(2, (full, block_size)).sum(3, dtype=torch.float32) / block_size]
+    if s > full * block_size:
+        parts.append(x[:, :, full * block_size:].sum(2, keepdim=True, dtype=torch.float32) / (s - full * block_size))
+    return torch.cat(parts, 2) if len(parts) > 1 else parts[0]
 
 
 def self_blocks(q_perm: torch.Tensor | None, k_perm: torch.Tensor | None, shape: tuple[int, int, int],

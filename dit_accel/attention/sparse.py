@@ -20,7 +20,8 @@ from typing import Callable
 import torch
 
 from ..kernels.block_sparse import (SUPPORTED_HEAD_DIMS, block_sparse_attention, block_sparse_attention_reference,
-                                    mask_to_block_table)
+                                    mask_to_block_table, score_sorted_block_table)
+from ..kernels.pisa import walked_pairs
 from .compensate import compensate as compensate_skipped
 from .config import AttentionConfig
 from .reorder_svg2 import SemanticPermutation, centroid_block_scores, semantic_permutation
@@ -38,6 +39,7 @@ class SparseRequest:
     svg2_first: bool = True                        # first sparse step of the generation: more k-means iterations
     svg2_out: dict = field(default_factory=dict)   # receives "centroids" for the next step
     selection: "Selection | None" = None           # reuse this permutation + block mask (no scoring)
+    exact: tuple[torch.Tensor, torch.Tensor] | None = None  # AdaSpa search step: its dense (out, lse), permuted
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Selection:
     block_mask: torch.Tensor      # bool [B, H, nq, nk], permuted order
     max_kv: int | None = None     # an upper bound of the kept kv-blocks per row (None: read back from the mask)
     tables: tuple[torch.Tensor, torch.Tensor] | None = None  # the kernel's block table, made once
+    levels: torch.Tensor | None = None  # PSA: int8 [B, H, nq, nk] pyramid level per block (-1: skipped), permuted
 
     def fits(self, b: int, h: int, n: int) -> bool:
         return tuple(self.block_mask.shape[:2]) == (b, h) and (self.q_perm is None or self.q_perm.shape[-1] == n)
@@ -90,11 +93,19 @@ def _padded_head_dim(d: int) -> int:
 
 
 def run_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor | None, block_size: int,
-               scale: float, quant: str = "none", tables: tuple[torch.Tensor, torch.Tensor] | None = None
+               scale: float, quant: str = "none", tables: tuple[torch.Tensor, torch.Tensor] | None = None,
+               compensate: str = "none", early_stop: float | None = None, stats: dict | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention with a bool block mask (``None``: dense, quantized kernel only); head dims the
     kernel lacks are zero-padded (q.k and the kept columns of the output are unchanged by zero channels).
     ``tables``: the mask's block table when the caller has it (:meth:`Selection.block_table`). Returns (out, lse).
+
+    ``compensate`` "centroid" / "pisa" and ``early_stop`` (a positive bound; the table must then list each
+    row's blocks by score, descending): the block-sparse kernel with the skipped blocks approximated and
+    the walk stopped early (:func:`dit_accel.kernels.pisa.pisa_attention`, fused; its reference on CPU).
+    ``stats`` (a dict) then receives ``"walked"``, the int32 ``[B, H, nq]`` table entries each row walked.
+    The quantized kernel has neither: its compensation is the separate PyTorch pass
+    (:func:`dit_accel.attention.compensate.compensate`).
 
     ``quant`` "int8" / "fp8": the quantized kernel (:func:`dit_accel.kernels.quant_attention.quant_attention`,
     same block table, or its default tiles when dense) instead; it takes 16-bit inputs, so float32 inputs
@@ -107,6 +118,7 @@ def run_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: to
     d = q.shape[-1]
     dp = _padded_head_dim(d)
     dtype = q.dtype
+    q0, k0, v0 = q, k, v
     if quant != "none" and dtype == torch.float32:   # cast before padding: the pad then copies 16-bit data
         q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
     if dp != d:
@@ -119,9 +131,23 @@ def run_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: to
         tiles = {} if block_mask is None else {"block_m": block_size, "block_n": block_size}
         kernel = quant_attention if q.is_cuda else quant_attention_reference
         out, lse = kernel(q, k, v, *tables, mode=quant, sm_scale=scale, return_lse=True, validate=False, **tiles)
-        return out[..., :d].to(dtype), lse
+        out = out[..., :d].to(dtype)
+        if compensate != "none" and block_mask is not None:
+            out, lse = compensate_skipped(out, lse, q0, k0, v0, block_mask, block_size, scale,
+                                          first_order=compensate == "pisa")
+        return out, lse
     if block_mask is None:
         raise ValueError("run_kernel: a dense call needs a quantized kernel (quant 'int8' or 'fp8')")
+    if compensate != "none" or early_stop:
+        from ..kernels.pisa import pisa_attention, pisa_attention_reference
+
+        kernel = pisa_attention if q.is_cuda else pisa_attention_reference
+        out, lse, walked = kernel(q, k, v, *tables, block_m=block_size, block_n=block_size, sm_scale=scale,
+                                  compensate=compensate, early_stop=early_stop or None, return_lse=True,
+                                  return_walked=True, validate=False)
+        if stats is not None and early_stop:
+            stats["walked"] = walked
+        return out[..., :d], lse
     kernel = block_sparse_attention if q.is_cuda else block_sparse_attention_reference
     out, lse = kernel(q, k, v, *tables, block_m=block_size, block_n=block_size,
                       sm_scale=scale, return_lse=True, validate=False)
@@ -150,8 +176,13 @@ def _select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, request: SparseRe
     bs = cfg.block_size
     q_perm = k_perm = None
     semantic: SemanticPermutation | None = None
+    segments = None  # PBS: bool [nb, nb], the diagonal segments (always computed)
     if cfg.reorder == "paro" and request.head_perm is not None:
         q_perm = k_perm = request.head_perm.to(q.device).unsqueeze(0).expand(b, h, n)
+    elif cfg.reorder == "pbs":
+        from .reorder_pbs import SEGMENT_BLOCKS, pbs_permutation
+
+        q_perm, k_perm, segments = pbs_permutation(q, k, bs, scale)
     elif cfg.reorder == "svg2":
         s2 = cfg.svg2
         semantic = semantic_permutation(q, k, s2.q_clusters, s2.k_clusters,
@@ -161,9 +192,27 @@ def _select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, request: SparseRe
         q_perm, k_perm = semantic.q_perm, semantic.k_perm
     qp, kp, vp = _gather(q, q_perm), _gather(k, k_perm), _gather(v, k_perm)
     always = self_blocks(q_perm, k_perm, (b, h, n), bs, q.device)
+    if segments is not None:
+        always = always | segments
     max_kv = None
-    if sparse.method == "static" and request.static_mask is not None:
+    if sparse.method == "adaspa":  # search step: a dense pass whose LSE gives the exact block masses
+        from .adaspa import search
+
+        mask, request.exact = search(qp, kp, vp, always, bs, scale, sparse.recall, sparse.density)
+    elif sparse.method == "psa":  # pyramid levels per block; the block mask is "visited at any level"
+        from .pyramid import psa_levels
+
+        centroids = (centroid_block_scores(semantic, bs, scale)
+                     if semantic is not None and cfg.psa.scorer == "pooled" else None)
+        levels = psa_levels(qp, kp, cfg.psa, bs, sparse.stride, scale, always, centroids)
+        return Selection(q_perm, k_perm, levels >= 0, levels=levels), qp, kp, vp
+    elif sparse.method == "static" and request.static_mask is not None:
         mask = request.static_mask.to(q.device).unsqueeze(0).expand(b, -1, -1, -1) | always
+    elif sparse.method == "proxy":  # pooled proxy heads rank the blocks, per-head budgets
+        from .proxy import proxy_select
+
+        mask, max_kv = proxy_select(qp, kp, bs, scale, proxy_heads=sparse.proxy_heads, stride=sparse.stride,
+                                    threshold=sparse.threshold, density=sparse.density, always=always)
     else:
         if sparse.method == "topp":
             scores = (centroid_block_scores(semantic, bs, scale) if semantic is not None
@@ -173,9 +222,15 @@ def _select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, request: SparseRe
             scores = xattention_scores(qp, kp, bs, sparse.stride, scale)
             threshold = sparse.threshold
         mask = select_blocks(scores, threshold=threshold, density=sparse.density, always=always)
+        if sparse.route == "error":  # SVG-EAR: as many blocks, chosen by compensation error per cost
+            from .routing import error_route
+
+            mask = error_route(qp, kp, vp, mask, always, bs, scale)
         if sparse.density is not None:  # the budget plus the self block
             nk = mask.shape[-1]
             max_kv = min(nk, max(1, math.ceil(sparse.density * nk)) + 1)
+    if segments is not None and max_kv is not None:  # PBS keeps its diagonal segment, not one self block
+        max_kv = min(mask.shape[-1], max_kv + SEGMENT_BLOCKS - 1)
     return Selection(q_perm, k_perm, mask, max_kv), qp, kp, vp
 
 
@@ -194,14 +249,29 @@ def sparse_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, req
     else:
         selection, qp, kp, vp = _select(q, k, v, request, scale)
         request.selection = selection
+        if request.exact is not None:  # AdaSpa search step: the dense pass that measured the masses is the output
+            from .adaspa import search_result
+
+            return search_result(request, selection, n, bs)
     q_perm, mask = selection.q_perm, selection.block_mask
-    out, lse = run_kernel(qp, kp, vp, mask, bs, scale, cfg.quant, selection.block_table())
-    if cfg.compensate:
-        out, lse = compensate_skipped(out, lse, qp, kp, vp, mask, bs, scale)
+    if selection.levels is not None:  # PSA: the pyramid kernel over the level map
+        from .pyramid import run_psa
+
+        out, lse, kept, selection.tables = run_psa(qp, kp, vp, selection.levels, bs, scale, selection.tables)
+    else:
+        early_stop, stats = cfg.sparse.early_stop, {}
+        if early_stop and selection.tables is None:  # early stop walks each row by pooled score, descending
+            selection.tables = score_sorted_block_table(mask, pooled_scores(qp, kp, bs, scale), selection.max_kv)
+        out, lse = run_kernel(qp, kp, vp, mask, bs, scale, cfg.quant, selection.block_table(),
+                              compensate=cfg.compensate, early_stop=early_stop, stats=stats)
+        kept = _pair_counts(mask, n, bs) if "walked" not in stats else walked_pairs(
+            selection.tables[0], stats["walked"], n, bs, bs)
+    if cfg.compensate != "none" and selection.levels is not None:  # the pyramid kernel: the separate pass
+        out, lse = compensate_skipped(out, lse, qp, kp, vp, mask, bs, scale, first_order=cfg.compensate == "pisa")
     if q_perm is not None:  # back to the input order: one scatter by q_perm (no argsort for its inverse)
         out = _scatter(out, q_perm)
         lse = torch.empty_like(lse).scatter_(2, q_perm, lse)
-    return SparseResult(out=out, lse=lse, block_mask=mask, kept=_pair_counts(mask, n, bs), total=float(b * h * n * n))
+    return SparseResult(out=out, lse=lse, block_mask=mask, kept=kept, total=float(b * h * n * n))
 
 
 def dense_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor | None = None,

@@ -7,7 +7,10 @@ package never imports Triton.
 Modules: ``ops`` (the kernels as ``torch.library`` custom ops ``torch.ops.dit_accel.*``, which the
 public functions call, so ``torch.compile`` traces through them), ``block_sparse`` (block-sparse
 attention API, block tables, reference), ``quant_attention`` (SageAttention-style INT8/FP8
-attention, dense or with the same block tables, and its reference), and the Triton kernels
+attention, dense or with the same block tables, and its reference), ``pyramid`` (PSA: pyramid
+sparse attention over mean-pooled K/V levels, its level tables and reference), ``pisa`` (PISA: the
+skipped blocks' Taylor approximation fused into the block-sparse kernel, and its S2O-style early stop),
+and the Triton kernels
 ``_block_sparse_triton`` / ``_quant_attention_triton`` (imported on first use). The quantized
 kernel's functions are not re-exported here (the function ``quant_attention`` would shadow its
 module): ``from dit_accel.kernels.quant_attention import quant_attention``. What the kernels do and how to
@@ -25,6 +28,7 @@ from .block_sparse import (
     triton_available,
 )
 from . import ops  # noqa: E402,F401  (registers torch.ops.dit_accel.*; after block_sparse, which it imports)
+from .pyramid import pool_kv, pyramid_attention, pyramid_attention_reference, pyramid_table  # noqa: E402
 
 __all__ = [
     "SUPPORTED_BLOCK_SIZES",
@@ -34,5 +38,9 @@ __all__ = [
     "block_table_to_mask",
     "dense_block_table",
     "mask_to_block_table",
+    "pool_kv",
+    "pyramid_attention",
+    "pyramid_attention_reference",
+    "pyramid_table",
     "triton_available",
 ]

@@ -33,6 +33,14 @@ Choices, and why:
   run with the tile tuned for a dense one of the same length.
 * The kernel is jitted lazily (:func:`_kernel`), so whether Triton interprets it is decided by
   ``TRITON_INTERPRET`` when it is first needed, not when this module is imported.
+* Two optional extensions behind constexpr flags (:mod:`dit_accel.kernels.pisa` has their maths and
+  papers), so that with both off the kernel compiles to the same instructions as without them:
+  ``COMPENSATE`` streams the block means of the kv-blocks a row does not list through the same online
+  softmax after the exact loop (PISA's zeroth order; 2 adds its shared first-order term, one ``D x D``
+  product per program), and ``EARLY_STOP`` ends a row's walk once its remaining blocks are negligible.
+  The early stop guards the loop body with a runtime branch, which the software pipeliner does not
+  prefetch across (that variant runs unpipelined), and decides per q-block, so it runs with
+  ``BLOCK_M`` equal to the table block.
 
 How to choose tiles, what the autotune space holds and why, the Hopper compilation notes and the
 H200 measurements behind these choices (including variants tried and dropped): ``docs/kernels.md``.
@@ -48,22 +56,25 @@ import triton.language as tl
 
 _LN2 = 0.6931471805599453
 #: tile used under the interpreter: small (numpy is slow) and below the test tables' 32 so that
-#: the sub-tile and shared-row paths are exercised.
+#: the sub-tile and shared-row paths are exercised (also the interpreter's COMP_BLOCK).
 INTERPRET_BLOCK = 16
+#: kv-block means streamed per step of the PISA compensation pass on CUDA.
+COMP_BLOCK = 64
 
 
 def _bsa_fwd_kernel(
-    Q, K, V, O, LSE, KV_IDX, KV_CNT,
+    Q, K, V, O, LSE, KV_IDX, KV_CNT, KMEAN, VMEAN, HSUM, KEPT, WALKED,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_os, stride_od,
     stride_ib, stride_ih, stride_iq, stride_ik,
     stride_cb, stride_ch, stride_cq,
-    H, S, qk_scale, KV_BUCKET,
+    H, S, qk_scale, KV_BUCKET, NK, stop_eps,
     HEAD_DIM: tl.constexpr, TABLE_BM: tl.constexpr, TABLE_BN: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOT_F32: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_F32: tl.constexpr, USE_TMA: tl.constexpr, COMPENSATE: tl.constexpr, COMP_BLOCK: tl.constexpr,
+    EARLY_STOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     SUB: tl.constexpr = TABLE_BN // BLOCK_N
     pid_m = tl.program_id(0)
@@ -93,40 +104,100 @@ def _bsa_fwd_kernel(
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    # Early stop (pisa.py): `walking` turns false once the rest of the (score-sorted) row is negligible;
+    # the later iterations then do nothing. Without it `walking` is the constant True: no branch at all.
+    walking = True
+    if EARLY_STOP:
+        walking = count > 0
+        walked = count * 0
+        blk = tl.zeros([BLOCK_M], dtype=tl.float32)  # the current kv-block's exact mass per row, so far
+        past_end = offs_m >= S                        # rows past S never hold the walk back
 
     for t in range(0, count * SUB):
-        kb = tl.load(idx_base + (t // SUB) * stride_ik)
-        start_n = kb * TABLE_BN + (t % SUB) * BLOCK_N
-        cols = start_n + offs_n
-        if USE_TMA:  # 4-d descriptors over [B, H, S, D]: keys past S arrive as zeros
-            k = K.load([b.to(tl.int32), h.to(tl.int32), start_n, 0]).reshape(BLOCK_N, HEAD_DIM).T
-        elif EVEN_N:
-            k = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd)  # K^T tile [D, BLOCK_N]
-        else:
-            k = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd, mask=cols[None, :] < S,
-                        other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
-        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
-        if not EVEN_N:
-            if start_n + BLOCK_N > S:  # only the tile holding the sequence end: a uniform branch
-                qk = tl.where(cols[None, :] < S, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if USE_TMA:
-            v = V.load([b.to(tl.int32), h.to(tl.int32), start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
-        elif EVEN_N:
-            v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd)  # V tile [BLOCK_N, D]
-        else:
-            v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=cols[:, None] < S,
-                        other=0.0)
-        if DOT_F32:
-            v = v.to(tl.float32)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
+        if walking:
+            kb = tl.load(idx_base + (t // SUB) * stride_ik)
+            start_n = kb * TABLE_BN + (t % SUB) * BLOCK_N
+            cols = start_n + offs_n
+            if USE_TMA:  # 4-d descriptors over [B, H, S, D]: keys past S arrive as zeros
+                k = K.load([b.to(tl.int32), h.to(tl.int32), start_n, 0]).reshape(BLOCK_N, HEAD_DIM).T
+            elif EVEN_N:
+                k = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd)  # K^T [D, BLOCK_N]
+            else:
+                k = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+                            mask=cols[None, :] < S, other=0.0)
+            if DOT_F32:
+                k = k.to(tl.float32)
+            qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+            if not EVEN_N:
+                if start_n + BLOCK_N > S:  # only the tile holding the sequence end: a uniform branch
+                    qk = tl.where(cols[None, :] < S, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            if USE_TMA:
+                v = V.load([b.to(tl.int32), h.to(tl.int32), start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+            elif EVEN_N:
+                v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd)  # V [BLOCK_N, D]
+            else:
+                v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                            mask=cols[:, None] < S, other=0.0)
+            if DOT_F32:
+                v = v.to(tl.float32)
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+            m_i = m_new
+            if EARLY_STOP:  # stop test after a kv-block's last sub-tile (pisa.py: the rule)
+                blk = blk * alpha + tl.sum(p, 1)
+                if t % SUB == SUB - 1:
+                    remaining = (count - 1 - t // SUB).to(tl.float32)
+                    ok = (remaining * blk <= stop_eps * l_i) | past_end
+                    walked = t // SUB + 1
+                    walking = tl.min(ok.to(tl.int32), 0) == 0
+                    blk = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    if EARLY_STOP:  # entries walked, one per table row (early stop runs one program per q-block)
+        tl.store(WALKED + pid_bh.to(tl.int64) * tl.cdiv(S, TABLE_BM) + qb, walked)
+    if COMPENSATE > 0:
+        # PISA (pisa.py): every kv-block that the table row does not list joins the same online softmax
+        # through its mean key: logit s * q . kmean_j + ln n_j, value vmean_j; COMP_BLOCK blocks per step.
+        bh = pid_bh.to(tl.int64)
+        offs_c = tl.arange(0, COMP_BLOCK)
+        kept_base = KEPT + (bh * tl.cdiv(S, TABLE_BM) + qb) * NK
+        mean_base = bh * NK * HEAD_DIM
+        if COMPENSATE == 2:
+            g_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # the approximated (zeroth-order) mass per row
+        for c0 in range(0, NK, COMP_BLOCK):
+            blocks = c0 + offs_c
+            inside = blocks < NK
+            kept = tl.load(kept_base + blocks, mask=inside, other=1)
+            km = tl.load(KMEAN + mean_base + blocks[None, :] * HEAD_DIM + offs_d[:, None], mask=inside[None, :],
+                         other=0.0)                                                  # [D, COMP_BLOCK]
+            if DOT_F32:
+                km = km.to(tl.float32)
+            sizes = tl.minimum(S - blocks * TABLE_BN, TABLE_BN).to(tl.float32)
+            logit = tl.dot(q, km, input_precision=DOT_PRECISION) * qk_scale + tl.math.log2(
+                tl.maximum(sizes, 1.0))[None, :]
+            logit = tl.where((kept == 0)[None, :], logit, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(logit, 1))
+            p = tl.math.exp2(logit - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if COMPENSATE == 2:
+                g_i = g_i * alpha + tl.sum(p, 1)
+            vm = tl.load(VMEAN + mean_base + blocks[:, None] * HEAD_DIM + offs_d[None, :], mask=inside[:, None],
+                         other=0.0)                                                  # [COMP_BLOCK, D]
+            if DOT_F32:
+                vm = vm.to(tl.float32)
+            acc = tl.dot(p.to(vm.dtype), vm, acc * alpha[:, None], input_precision=DOT_PRECISION)
+            m_i = m_new
+        if COMPENSATE == 2:
+            # First order, the paper's shared form: (s / S) * sum_j H_j, pre-scaled in HSUM, times q and
+            # the approximated mass g_i.
+            hs = tl.load(HSUM + bh * HEAD_DIM * HEAD_DIM + offs_d[:, None] * HEAD_DIM + offs_d[None, :])
+            if DOT_F32:
+                hs = hs.to(tl.float32)
+            acc += tl.dot(q, hs, input_precision=DOT_PRECISION) * g_i[:, None]
 
     # Rows with no kv-block (count == 0): l_i == 0 -> output 0, lse -inf.
     empty = l_i == 0.0
@@ -203,10 +274,13 @@ def _prune(configs, named_args, **kwargs):
     """Keep tiles that divide the table blocks; a table block below 64 gets a tile of its size."""
     tbm, tbn, d = kwargs["TABLE_BM"], kwargs["TABLE_BN"], kwargs["HEAD_DIM"]
     kept = [c for c in configs if tbm % c.kwargs["BLOCK_M"] == 0 and tbn % c.kwargs["BLOCK_N"] == 0]
+    stop = bool(kwargs.get("EARLY_STOP"))
+    if stop:  # early stop decides per q-block: one program per table row
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] == tbm]
     if d >= 128:  # 128x128 tiles with D=128 need 8 warps to keep the fp32 accumulator in registers
         kept = [c for c in kept if not (c.kwargs["BLOCK_M"] == 128 and c.num_warps == 4)] or kept
     if not kept:
-        bm, bn = min(tbm, 64), min(tbn, 64)
+        bm, bn = (tbm if stop else min(tbm, 64)), min(tbn, 64)
         kept = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=s) for s in (2, 3)]
     return kept
 
@@ -235,7 +309,7 @@ def _kernel(interpret: bool, autotune: bool = True):
                 "to use the PyTorch reference on CPU.")
         jitted = triton.jit(_bsa_fwd_kernel)
         if key == "cuda":
-            key_args = ["S", "KV_BUCKET", "HEAD_DIM", "TABLE_BM", "TABLE_BN", "USE_TMA"]
+            key_args = ["S", "KV_BUCKET", "HEAD_DIM", "TABLE_BM", "TABLE_BN", "USE_TMA", "COMPENSATE", "EARLY_STOP"]
             jitted = triton.autotune(configs=hopper_configs(), key=key_args,
                                      prune_configs_by={"early_config_prune": _prune})(jitted)
         _KERNELS[key] = jitted
@@ -254,40 +328,58 @@ def check_tile(tile, table_m: int, table_n: int) -> tuple[int, int, int, int, in
 
 
 def block_sparse_attention_triton(q, k, v, kv_indices, kv_counts, *, block_m: int, block_n: int,
-                                  qk_scale: float, interpret: bool, return_lse: bool, tile=None):
+                                  qk_scale: float, interpret: bool, return_lse: bool, tile=None,
+                                  compensate: int = 0, summaries=None, kept=None, early_stop: float | None = None):
     """Launch the kernel; inputs are assumed checked (see ``block_sparse_attention``).
 
     ``tile``: ``(BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg])`` launches that config without
     autotuning (``benchmarks/bench_tile_sweep.py``); under the interpreter only the tile sides matter.
-    Default: autotuned on CUDA, :data:`INTERPRET_BLOCK` under the interpreter."""
+    Default: autotuned on CUDA, :data:`INTERPRET_BLOCK` under the interpreter.
+
+    The PISA / early-stop extensions (:mod:`dit_accel.kernels.pisa` checks their inputs): ``compensate``
+    1 (zeroth order) or 2 (plus first order) with ``summaries = (kmean, vmean, hsum)`` (contiguous, q's
+    dtype, ``[B, H, nk, D]`` twice and ``[B, H, D, D]``; ``hsum`` unused for 1) and ``kept`` (contiguous
+    uint8 ``[B, H, nq, nk]``, nonzero = listed in the row); ``early_stop`` (a positive bound) walks each
+    row only until the rest is negligible and also returns the entries walked per row (int32
+    ``[B, H, nq]``) as a third value. With neither, the kernel compiles exactly as before (constexpr)."""
     B, H, S, D = q.shape
     out = torch.empty_like(q)
     lse = torch.empty((B, H, S) if return_lse else (1,), dtype=torch.float32, device=q.device)
+    stop = early_stop is not None
+    walked = torch.empty((B, H, -(-S // block_m)) if stop else (1,), dtype=torch.int32, device=q.device)
     common = dict(HEAD_DIM=D, TABLE_BM=block_m, TABLE_BN=block_n, EVEN_M=S % block_m == 0,
                   EVEN_N=S % block_n == 0, STORE_LSE=return_lse,
                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                   # The interpreter's tl.dot is wrong on bfloat16 (Triton 3.9): upcast there only.
-                  DOT_F32=interpret and q.dtype == torch.bfloat16)
+                  DOT_F32=interpret and q.dtype == torch.bfloat16,
+                  COMPENSATE=int(compensate), COMP_BLOCK=INTERPRET_BLOCK if interpret else COMP_BLOCK,
+                  EARLY_STOP=stop)
     tma = use_tma(q.device, interpret, k, v)
     common["USE_TMA"] = tma
     pinned = None
     if tile is not None:
         bm, bn, warps, stages, maxnreg = check_tile(tile, block_m, block_n)
+        if stop and bm != block_m:
+            raise ValueError(f"tile BLOCK_M={bm} must equal the table block {block_m} with early stop")
         pinned = dict(BLOCK_M=bm, BLOCK_N=bn)
         if not interpret:
             pinned.update(num_warps=warps, num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {}))
-    elif interpret:
-        pinned = dict(BLOCK_M=min(block_m, INTERPRET_BLOCK), BLOCK_N=min(block_n, INTERPRET_BLOCK))
+    elif interpret:  # early stop decides per q-block: one program per table row
+        pinned = dict(BLOCK_M=block_m if stop else min(block_m, INTERPRET_BLOCK),
+                      BLOCK_N=min(block_n, INTERPRET_BLOCK))
+    kmean, vmean, hsum = summaries if summaries is not None else (lse, lse, lse)
+    kept_arg = kept if kept is not None else lse
     k_arg, v_arg = k, v
     if tma:  # a pinned tile's own block shape; autotuned, the pre-hook sets each config's
         bn0 = pinned["BLOCK_N"] if pinned else 64
         k_arg, v_arg = tma_descriptor(k, bn0), tma_descriptor(v, bn0)
-    args = (q, k_arg, v_arg, out, lse, kv_indices, kv_counts,
+    args = (q, k_arg, v_arg, out, lse, kv_indices, kv_counts, kmean, vmean, hsum, kept_arg, walked,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             *kv_indices.stride(), *kv_counts.stride(), H, S, qk_scale,
             # autotune key only (unused in the kernel): the table's width, rounded up to a power of
             # two, so a sparse table is not run with the tile tuned for a dense one of the same S
-            triton.next_power_of_2(kv_indices.shape[-1]))
+            triton.next_power_of_2(kv_indices.shape[-1]),
+            -(-S // block_n), float(early_stop) if stop else 0.0)
     kernel = _kernel(interpret, autotune=pinned is None)
     if pinned is not None:
         grid = (triton.cdiv(S, pinned["BLOCK_M"]), B * H)
@@ -302,18 +394,21 @@ def block_sparse_attention_triton(q, k, v, kv_indices, kv_counts, *, block_m: in
 
         with torch.cuda.device(q.device):
             kernel[grid](*args, **common)
+    if stop:
+        return out, (lse if return_lse else None), walked
     return out, (lse if return_lse else None)
 
 
 def aot_compile(*, dtype: str = "bf16", head_dim: int = 128, block_m: int = 128, block_n: int = 128,
                 table_block: int = 128, num_warps: int = 8, num_stages: int = 3, even: bool = False,
-                arch: int = 90):
+                arch: int = 90, compensate: int = 0, early_stop: bool = False):
     """Compile the kernel ahead of time for ``sm_<arch>`` without a GPU (for inspection and tests).
 
     Mirrors what the JIT specialises for contiguous ``[B, H, S, D]`` inputs (unit inner strides,
     16-divisible pointers and strides — without the latter the pipeliner does not issue async
     copies). Returns the compiled kernel: ``.asm["ttgir"]``, ``.asm["ptx"]``, ``.asm["cubin"]``,
     ``.metadata.shared``. Needs Triton imported in compiled mode (``TRITON_INTERPRET`` unset).
+    ``compensate`` / ``early_stop``: the PISA (1 zeroth order, 2 first order) and early-stop variants.
     """
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -323,11 +418,13 @@ def aot_compile(*, dtype: str = "bf16", head_dim: int = 128, block_m: int = 128,
     unit = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_ik", "stride_cq")
     constexprs = dict(HEAD_DIM=head_dim, TABLE_BM=table_block, TABLE_BN=table_block, EVEN_M=even, EVEN_N=even,
                       STORE_LSE=True, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", DOT_F32=False, USE_TMA=False,
-                      BLOCK_M=block_m, BLOCK_N=block_n, **{n: 1 for n in unit})
+                      BLOCK_M=block_m, BLOCK_N=block_n, COMPENSATE=compensate, COMP_BLOCK=COMP_BLOCK,
+                      EARLY_STOP=early_stop, **{n: 1 for n in unit})
     pointers = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "O": f"*{dtype}", "LSE": "*fp32",
-                "KV_IDX": "*i32", "KV_CNT": "*i32"}
-    signature = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n == "qk_scale" else "i32")
-                 for n in names}
+                "KV_IDX": "*i32", "KV_CNT": "*i32", "KMEAN": f"*{dtype}", "VMEAN": f"*{dtype}", "HSUM": f"*{dtype}",
+                "KEPT": "*u8", "WALKED": "*i32"}
+    signature = {n: "constexpr" if n in constexprs else pointers.get(
+        n, "fp32" if n in ("qk_scale", "stop_eps") else "i32") for n in names}
     aligned = [n for n in names if n in pointers or (n.startswith("stride") and n not in unit)]
     src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})

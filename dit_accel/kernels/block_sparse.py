@@ -44,6 +44,7 @@ __all__ = [
     "block_sparse_attention_reference",
     "dense_block_table",
     "mask_to_block_table",
+    "score_sorted_block_table",
     "block_table_to_mask",
     "triton_available",
     "SUPPORTED_HEAD_DIMS",
@@ -111,6 +112,29 @@ def mask_to_block_table(block_mask: torch.Tensor, max_kv_blocks: int | None = No
     keep = torch.arange(max_kv, device=block_mask.device) < counts.unsqueeze(-1)
     idx = torch.where(keep, order, torch.zeros_like(order)).to(torch.int32)
     return idx.contiguous(), counts.contiguous()
+
+
+def score_sorted_block_table(block_mask: torch.Tensor, scores: torch.Tensor, max_kv_blocks: int | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`mask_to_block_table`, but each row lists its kept kv-blocks by ``scores`` descending.
+
+    ``scores`` (float, the shape of ``block_mask``) estimates each block's attention mass; the order is
+    what the kernel's early stop (:mod:`dit_accel.kernels.pisa`) needs: heaviest blocks first, so a
+    walk may stop once the rest is negligible. Ties keep ascending block order (a stable sort). Counts,
+    padding and ``max_kv_blocks`` behave as in :func:`mask_to_block_table`."""
+    idx, counts = mask_to_block_table(block_mask, max_kv_blocks)
+    if not isinstance(scores, torch.Tensor) or scores.shape != block_mask.shape or not scores.is_floating_point():
+        raise ValueError(f"score_sorted_block_table: scores must be a float tensor of the mask's shape "
+                         f"{tuple(block_mask.shape)}, got {getattr(scores, 'shape', type(scores).__name__)}")
+    max_kv = idx.shape[-1]
+    valid = torch.arange(max_kv, device=idx.device) < counts.unsqueeze(-1)
+    # the kept blocks' scores in table order; padding sorts last (-inf, then its index order)
+    key = torch.where(valid, scores.float().gather(-1, idx.long()), torch.full_like(idx, 0, dtype=torch.float32)
+                      - math.inf)
+    key = torch.nan_to_num(key, nan=-math.inf)
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    sorted_idx = torch.where(valid, idx.gather(-1, order), torch.zeros_like(idx))
+    return sorted_idx.contiguous(), counts
 
 
 def block_table_to_mask(kv_indices: torch.Tensor, kv_counts: torch.Tensor, num_kv_blocks: int) -> torch.Tensor:

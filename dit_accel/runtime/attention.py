@@ -380,5 +380,5 @@ class AttentionFeature(Feature):
         c = self.config
         if c.sparse is None:
             return "dense" if c.quant == "none" else f"dense+{c.quant}"
-        return (f"{c.sparse.method}+{c.reorder}" + ("+compensate" if c.compensate else "")
+        return (f"{c.sparse.method}+{c.reorder}" + (f"+{c.compensate}" if c.compensate != "none" else "")
                 + (f"+{c.quant}" if c.quant != "none" else ""))
