@@ -140,3 +140,85 @@ def test_command_line(tmp_path):
     assert rc == 0 and dit_accel.Policy.from_pretrained(tmp_path / "tuned").cache.method == "fora"
     assert main(["tune", "--model", "tiny-sd3", "--target", "60", "--methods", "fora", "--seeds", "1",
                  "--holdout-seeds", "1", "--no-progress"]) == 1  # unreachable: no policy, exit status 1
+
+
+def test_wall_clock_times_every_held_out_pair(pipe, monkeypatch):
+    """One timed sample generates every held-out pair, as the share and the score average over all of them."""
+    from types import SimpleNamespace
+
+    seen: list[tuple[str, int, int]] = []
+    real = tune_module._Engine.call_args
+
+    def spy(self, prompt, seed, steps):
+        seen.append((prompt, seed, steps))
+        return real(self, prompt, seed, steps)
+
+    monkeypatch.setattr(tune_module._Engine, "call_args", spy)
+    winner = SimpleNamespace(policy=dit_accel.Policy(name="fora", cache={"method": "fora", "interval": 2}),
+                             competitor_steps=STEPS // 2)
+    pairs = [(0, HOLDOUT_SEED), (1, HOLDOUT_SEED), (0, HOLDOUT_SEED + 1)]
+    engine = tune_module._Engine(pipe, PROMPTS, CALL, STEPS, "psnr", None, False)
+    base_ms, _ = tune_module._time(engine, [winner], pairs, 0, 2, "wall", [])
+    expected = {(PROMPTS[i], s, n) for i, s in pairs for n in (STEPS, STEPS // 2)}
+    assert set(seen) == expected and len(seen) == 2 * len(pairs) * 3  # 2 rounds x 3 pairs x (base, cand, rival)
+    assert base_ms > 0 and winner.wall_speedup > 0 and winner.wall_range[0] <= winner.wall_speedup
+
+
+def _fake_timings(ms: dict[str, float]):
+    """Stand-in for the interleaved timing: fixed times per variant (the lever logic, not the clock, is tested)."""
+    from dit_accel.eval.timing import Timing
+
+    def fake(variants, timer, warmup, repeats, progress=None):
+        out = {}
+        for label, (setup, call, teardown) in variants.items():
+            setup()
+            try:
+                call(0)
+            finally:
+                teardown()
+            t = ms.get(label, 100.0)
+            out[label] = Timing(e2e_ms=[t, t * 1.01, t * 0.99], transformer_ms=[t, t, t])
+        return out
+    return fake
+
+
+SLICES = {"name": "slices", "memory": {"slice_tokens": 8}}  # exact up to rounding: a quality-neutral lever
+
+
+def test_a_measured_lever_joins_every_candidate_and_the_competitor(pipe, monkeypatch):
+    from dit_accel.eval import tune_levers
+
+    monkeypatch.setattr(tune_levers, "interleaved", _fake_timings({"baseline": 100.0, "slices": 50.0}))
+    result = tune(pipe, PROMPTS, target_speedup=4.0, methods=["fora"], speed="compute", levers=[SLICES], **FAST)
+    (lever,) = result.levers
+    assert lever.kept and lever.speedup == pytest.approx(2.0) and lever.score > 40.0
+    assert result.competitor["levers"] == ["slices"]
+    assert all(t.candidate.label.endswith("+ slices") and t.candidate.policy.memory is not None for t in result.trials)
+    # the cache only has to reach 4 / 2 = 2x: its compute share target is 1/2, and the speed counts the lever
+    assert result.policy is not None, result.explanation
+    chosen = result.chosen
+    assert result.policy.memory.slice_tokens == 8 and chosen.share <= 0.5 * 1.05
+    assert chosen.speed == pytest.approx(2.0 / chosen.share) and "levers" in chosen.speed_basis
+    assert "Levers alone" in result.table()
+
+
+def test_a_lever_that_does_not_speed_up_is_dropped(pipe, monkeypatch):
+    from dit_accel.eval import tune_levers
+
+    monkeypatch.setattr(tune_levers, "interleaved", _fake_timings({"baseline": 100.0, "slices": 104.0}))
+    result = tune(pipe, PROMPTS, target_speedup=2.0, methods=["fora"], speed="compute", levers=[SLICES], **FAST)
+    (lever,) = result.levers
+    assert not lever.kept and "not a measured gain" in lever.reason
+    assert result.policy is not None and result.policy.memory is None and result.competitor["levers"] == []
+    assert not any("+ slices" in t.candidate.label for t in result.trials)
+
+
+def test_bad_levers(pipe):
+    with pytest.raises(PolicyError, match="unknown lever"):
+        tune(pipe, PROMPTS, levers=["warp"], **FAST)
+    with pytest.raises(PolicyError, match="must be a list"):
+        tune(pipe, PROMPTS, levers="compile", **FAST)
+    with pytest.raises(PolicyError, match="policy sections"):
+        tune(pipe, PROMPTS, levers=[{"name": "x", "cache": {"method": "fora"}}], **FAST)
+    with pytest.raises(PolicyError, match="slice_tokens"):
+        tune(pipe, PROMPTS, levers=[{"memory": {"slice_tokens": 0}}], **FAST)

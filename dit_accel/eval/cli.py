@@ -160,7 +160,7 @@ def _tune(args: argparse.Namespace) -> int:
     result = tune(pipe, prompts, target_speedup=args.target, metric=args.metric, budget_minutes=args.budget,
                   seeds=args.seeds, holdout_seeds=args.holdout_seeds, holdout_prompts=held, methods=args.methods,
                   speed=args.speed, timing_repeats=args.repeats, store=args.store, progress=not args.no_progress,
-                  **call)
+                  levers=args.levers or (), **call)
     print(result.table())
     if result.policy is None:
         return 1
@@ -255,6 +255,8 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
     tn.add_argument("--seeds", type=int, default=1, help="search seeds per prompt")
     tn.add_argument("--holdout-seeds", type=int, default=2, help="held-out seeds per prompt (1000, 1001, ...)")
     tn.add_argument("--methods", nargs="+", default=None, help="methods to search (default: all; see docs/tuning.md)")
+    tn.add_argument("--levers", nargs="+", default=None, choices=["compile", "fp8", "sparse"],
+                    help="speed levers measured alone first and kept where they measurably pay (GPU)")
     tn.add_argument("--speed", default="wall", choices=["wall", "transformer", "compute"],
                     help="what must reach the target: end-to-end wall-clock, transformer time, or the compute bound")
     tn.add_argument("--repeats", type=int, default=3, help="timed rounds (median and spread)")

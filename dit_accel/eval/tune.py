@@ -25,6 +25,10 @@ The question every user asks ("which method and threshold for my model?") answer
    is used and the result says so. Wall-clock above the compute bound is flagged (it means the baseline
    measurement was disturbed). Otherwise no policy: the Pareto front of what was measured and why.
 
+**Levers** (``levers=``: compile, FP8 linears, sparse attention; :mod:`dit_accel.eval.tune_levers`) are
+measured alone before the search; the kept ones join every candidate and the fewer-steps competitor, and the
+search's compute target becomes ``target / lever speed-up``.
+
 Compute share: block evaluations computed relative to the unaccelerated call (``dit_accel.stats``), with the
 calls Adaptive Guidance skips taken out (a batched CFG call cut to its conditional half counts half).
 
@@ -53,6 +57,8 @@ from .report import METRICS, pareto_front
 from .store import ResultStore
 from .sweep import SweepSpec, digest
 from .timing import CallTimer, interleaved, median_spread
+from .tune_levers import (FLOORS, Lever, LeverResult, combined_speedup, lever_policy, measure_levers,
+                          resolve_levers, with_levers)
 
 #: method -> function(target speed-up) -> list of its cache (or guidance) sections to try
 GRIDS: dict[str, Callable[[float], list[dict]]] = {
@@ -152,6 +158,7 @@ class TuneResult:
     notes: list[str] = field(default_factory=list)
     chosen: Validation | None = None
     calibrated_on: dict[str, Any] = field(default_factory=dict)
+    levers: list[LeverResult] = field(default_factory=list)
 
     def table(self) -> str:
         """The validated survivors and the search's Pareto front as Markdown."""
@@ -168,6 +175,13 @@ class TuneResult:
             star = " ✔" if v is self.chosen else ""
             lines.append(f"| {v.trial.candidate.label}{star} | {v.share:.3f} | {speed} | {wall} | {v.score:.2f} | "
                          f"{v.competitor_steps}, {v.competitor_score:.2f} | {v.margin:+.2f} | {v.fallbacks} |")
+        if self.levers:
+            lines += ["", f"Levers alone (search pairs, {name} vs the unaccelerated output):", "",
+                      f"| lever | {name} | wall-clock (range) | kept |", "|---|---|---|---|"]
+            for r in self.levers:
+                wall = "—" if r.speedup is None else (f"{r.speedup:.2f}× ({r.speed_range[0]:.2f}–"
+                                                       f"{r.speed_range[1]:.2f})")
+                lines.append(f"| {r.lever.name} | {r.score:.2f} | {wall} | {'yes' if r.kept else 'no: ' + r.reason} |")
         lines += ["", f"Search Pareto front (compute speed-up vs {name}, search pairs):", "",
                   f"| candidate | pairs | compute share | {name} |", "|---|---|---|---|"]
         for t in sorted(self.pareto, key=lambda t: t.share):
@@ -421,7 +435,8 @@ def tune(pipe: Any, prompts: Sequence[str | dict] | str | dict, target_speedup: 
          holdout_prompts: Sequence[str | dict] | None = None, methods: Sequence[str] | None = None,
          guardrails: bool = True, validate: int = 3, eta: int = 3, tolerance: float = 0.05,
          speed: str = "wall", timing_repeats: int = 3, timing_warmup: int = 1, store: str | Path | None = None,
-         progress: bool = True, log: Callable[[str], None] | None = None, **call_kwargs: Any) -> TuneResult:
+         progress: bool = True, log: Callable[[str], None] | None = None,
+         levers: Sequence[str | dict] = (), lever_floor: float | None = None, **call_kwargs: Any) -> TuneResult:
     """Search method × parameters for the policy that best keeps ``metric`` at ``target_speedup`` on ``pipe``.
 
     ``prompts``: strings (``prompt=``) or dicts of call arguments (``{"class_labels": [3]}``); searched with
@@ -433,6 +448,9 @@ def tune(pipe: Any, prompts: Sequence[str | dict] | str | dict, target_speedup: 
     target — ``"wall"`` (end-to-end wall-clock; the compute bound where the target lies inside the measured
     spread), ``"transformer"`` (the transformer's own time, without text encoding, decoding and the sampler)
     or ``"compute"`` (the compute bound ``1 / share`` only; wall-clock still measured and reported).
+    ``levers``: speed levers measured alone first and, where they keep ``metric`` above ``lever_floor`` and
+    measurably speed the call up, added to every candidate and to the fewer-steps competitor
+    (:mod:`dit_accel.eval.tune_levers`: ``"compile"``, ``"fp8"``, ``"sparse"`` or mappings of sections).
 
     Returns a :class:`TuneResult`; its ``policy`` (guardrails on unless ``guardrails=False``) is None when
     nothing met the target and beat the fewer-steps competitor. See the module docstring for the procedure."""
@@ -456,6 +474,7 @@ def tune(pipe: Any, prompts: Sequence[str | dict] | str | dict, target_speedup: 
         raise PolicyError("tune: the pipeline is accelerated; call dit_accel.remove(pipe) first (tune attaches every "
                           "candidate itself)")
     methods = list(GRIDS) if methods is None else list(methods)
+    lever_specs = resolve_levers(levers)
     unknown = [m for m in methods if m not in GRIDS]
     if unknown or not methods:
         raise PolicyError(f"tune: unknown method(s) {unknown}; choose from {list(GRIDS)}")
@@ -485,9 +504,27 @@ def tune(pipe: Any, prompts: Sequence[str | dict] | str | dict, target_speedup: 
 
     log(f"tune: {len(methods)} method(s), target {target_speedup:g}× at {steps} steps, {len(search_pairs)} search "
         f"and {len(holdout_pairs)} held-out pairs")
-    candidates = _candidates(engine, methods, target_speedup, calib, notes, log)
+    lever_results: list[LeverResult] = []
+    if lever_specs:
+        floor = FLOORS[metric] if lever_floor is None else float(lever_floor)
+        log(f"tune: measuring {len(lever_specs)} lever(s) alone")
+        lever_results = measure_levers(engine, lever_specs, search_pairs, floor, higher, timing_warmup,
+                                       timing_repeats, "transformer" if speed == "transformer" else "wall")
+        notes.extend(f"lever {r.lever.name}: {r.reason}" for r in lever_results)
+    kept: list[Lever] = [r.lever for r in lever_results if r.kept]
+    lever_factor = combined_speedup(lever_results)
+    cache_target = max(1.1, target_speedup / lever_factor)  # what the cache's compute share must reach
+    if kept:
+        notes.append(f"levers {', '.join(lv.name for lv in kept)} kept ({lever_factor:.2f}× together, estimated): "
+                     f"the cache search targets {cache_target:.2f}×; the fewer-steps competitor runs with them too")
+    rival_levers = lever_policy(kept, "fewer-steps+levers")
+    candidates = _candidates(engine, methods, cache_target, calib, notes, log)
+    if kept:
+        suffix = " + " + " + ".join(lv.name for lv in kept)
+        candidates = [dataclasses.replace(c, label=c.label + suffix, policy=with_levers(c.policy, kept))
+                      for c in candidates]
     trials = [Trial(c) for c in _round_robin(candidates)]  # a budget cut in rung 0 still leaves every method
-    survivors = _halving(engine, trials, search_pairs, target_speedup, eta, tolerance, deadline, notes, higher)
+    survivors = _halving(engine, trials, search_pairs, cache_target, eta, tolerance, deadline, notes, higher)
     for t in trials:
         if t.error:
             notes.append(f"{t.candidate.label} failed: {t.error}")
@@ -505,29 +542,31 @@ def tune(pipe: Any, prompts: Sequence[str | dict] | str | dict, target_speedup: 
         measured = [engine.measure(cand, pair) for pair in holdout_pairs]
         share = _mean(m[1] for m in measured)
         k = max(1, min(steps - 1, round(steps * share)))
-        rival = Candidate(f"{k} steps", "fewer-steps", None, k)
+        rival = Candidate(f"{k} steps", "fewer-steps", rival_levers, k)
         rival_score = _mean(engine.measure(rival, pair)[0] for pair in holdout_pairs)
         validations.append(Validation(trial, policy, _mean(m[0] for m in measured), share,
                                       sum(m[2] for m in measured), k, rival_score, higher))
-    target_k = max(1, round(steps / target_speedup))
-    competitor = {"steps": target_k, "share": target_k / steps,
-                  "score": _mean(engine.measure(Candidate(f"{target_k} steps", "fewer-steps", None, target_k), pair)[0]
-                                 for pair in holdout_pairs)}
+    target_k = max(1, round(steps / cache_target))
+    competitor = {"steps": target_k, "share": target_k / steps, "levers": [lv.name for lv in kept],
+                  "score": _mean(engine.measure(Candidate(f"{target_k} steps", "fewer-steps", rival_levers, target_k),
+                                                pair)[0] for pair in holdout_pairs)}
 
     # ---- wall-clock: baseline, the survivors that beat their competitor, and those competitors, interleaved
     winners = [v for v in validations if v.margin > 0]
-    baseline_ms = (_time(engine, winners, holdout_pairs[0], timing_warmup, timing_repeats, speed, notes)
+    baseline_ms = (_time(engine, winners, holdout_pairs, timing_warmup, timing_repeats, speed, notes, rival_levers)
                    if winners else None)
     clock = "transformer time" if speed == "transformer" else "wall-clock"
     for v in winners:
         lo, hi = v.wall_range
+        bound = lever_factor / v.share  # the compute bound, times the kept levers' measured speed-up
+        basis = "compute share" + (" × levers" if kept else "")
         if speed == "compute":
-            v.speed, v.speed_basis = 1.0 / v.share, "compute share"
+            v.speed, v.speed_basis = bound, basis
         elif lo <= target_speedup <= hi:
-            v.speed, v.speed_basis = 1.0 / v.share, f"compute share; {clock} inside its spread"
+            v.speed, v.speed_basis = bound, f"{basis}; {clock} inside its spread"
         else:
             v.speed, v.speed_basis = v.wall_speedup, clock
-        v.above_compute_bound = lo > (1.0 + tolerance) / v.share
+        v.above_compute_bound = lo > (1.0 + tolerance) * bound
 
     met = [v for v in winners if v.speed is not None and v.speed >= target_speedup * (1.0 - tolerance)]
     met.sort(key=lambda v: v.score, reverse=higher)
@@ -538,7 +577,7 @@ def tune(pipe: Any, prompts: Sequence[str | dict] | str | dict, target_speedup: 
                        f"{chosen.score:.2f} vs {chosen.competitor_score:.2f} with {chosen.competitor_steps} steps at "
                        f"the same compute share ({chosen.margin:+.2f})")
     elif not survivors:
-        explanation = (f"no candidate reached compute share <= {1 / target_speedup:.3f} on the search pairs; the "
+        explanation = (f"no candidate reached compute share <= {1 / cache_target:.3f} on the search pairs; the "
                        "Pareto front shows what each method buys")
     elif not winners:
         explanation = (f"every survivor lost to (or tied) the fewer-steps competitor at its own compute share on the "
@@ -551,22 +590,26 @@ def tune(pipe: Any, prompts: Sequence[str | dict] | str | dict, target_speedup: 
                         {"model": ", ".join(type(m).__name__ for m in api._transformers(pipe).values()),
                          "steps": steps, "prompts": len(prompts), "search seeds": seeds,
                          "held-out seeds": f"{HOLDOUT_SEED}..{HOLDOUT_SEED + holdout_seeds - 1}",
-                         "held-out prompts": len(held), "metric": name})
+                         "held-out prompts": len(held), "metric": name,
+                         **({"levers": ", ".join(lv.name for lv in kept)} if kept else {})}, lever_results)
     log(f"tune: {explanation} ({time.perf_counter() - start:.0f} s)")
     return result
 
 
-def _time(engine: _Engine, winners: list[Validation], pair: tuple[int, int], warmup: int, repeats: int,
-          speed: str, notes: list[str]) -> tuple[float, float]:
+def _time(engine: _Engine, winners: list[Validation], pairs: list[tuple[int, int]], warmup: int, repeats: int,
+          speed: str, notes: list[str], rival_levers: Policy | None = None) -> tuple[float, float]:
     """Interleaved wall-clock rounds of the baseline, every winner and its competitor; fills each winner's
     speed-up and its range (baseline ± spread over candidate ∓ spread), end to end or of the transformer
-    time. Returns the baseline's (median, spread)."""
+    time. One timed sample generates every held-out pair in turn, so the time covers the same pairs as the
+    compute share and the score (a guardrail fallback on one pair slows that sample, as it would a user).
+    Returns the baseline's (median, spread) per generation."""
     modules = list(api._transformers(engine.pipe).values())
     timer = CallTimer(modules, next(modules[0].parameters()).device)
-    prompt, seed = engine.prompts[pair[0]], pair[1]
 
     def entry(policy: Policy | None, steps: int):
-        call = lambda rnd: engine.pipe(**engine.call_args(prompt, seed, steps))  # noqa: E731
+        def call(rnd: int) -> None:
+            for index, seed in pairs:
+                engine.pipe(**engine.call_args(engine.prompts[index], seed, steps))
         if policy is None:
             return (lambda: None, call, lambda: None)
         return (lambda: api.accelerate(engine.pipe, policy), call, lambda: api.remove(engine.pipe))
@@ -574,7 +617,7 @@ def _time(engine: _Engine, winners: list[Validation], pair: tuple[int, int], war
     variants = {"baseline": entry(None, engine.steps)}
     for i, v in enumerate(winners):
         variants[f"candidate{i}"] = entry(v.policy, engine.steps)
-        variants.setdefault(f"steps{v.competitor_steps}", entry(None, v.competitor_steps))
+        variants.setdefault(f"steps{v.competitor_steps}", entry(rival_levers, v.competitor_steps))
     timings = interleaved(variants, timer, warmup, repeats)
     which = "transformer_ms" if speed == "transformer" else "e2e_ms"
     base_med, base_spread = median_spread(getattr(timings["baseline"], which))
@@ -585,4 +628,4 @@ def _time(engine: _Engine, winners: list[Validation], pair: tuple[int, int], war
     if any(v.wall_range[0] <= 1.0 for v in winners):
         notes.append("a wall-clock range includes 1.0×: the timing is noise-bound here (tiny model or loaded "
                      "machine); compute shares are the better guide")
-    return base_med, base_spread
+    return base_med / len(pairs), base_spread / len(pairs)
