@@ -82,7 +82,8 @@ class Stats:
                          + (f", {calls['quant_dense']} quantized dense" if calls.get("quant_dense") else "")
                          + f", {sum(calls.values()) - calls['sparse'] - calls.get('quant_dense', 0)} dense "
                          f"(warm-up {calls['dense_warmup']}, "
-                         f"dense layers {calls['dense_layer']}, unhandled {calls['dense_unhandled']})")
+                         f"dense layers {calls['dense_layer']}, unhandled {calls['dense_unhandled']}"
+                         + (f", dense plan {calls['dense_plan']}" if "dense_plan" in calls else "") + ")")
         if self.mixed_batch_decisions:
             lines.append(f"{self.mixed_batch_decisions} gate decisions where samples disagreed (computed)")
         return "\n".join(lines)

@@ -19,6 +19,7 @@ attention:
   dense_layers: [0]      # block indices whose self-attention stays dense
   compensate: none       # none | centroid (SVG-EAR: zeroth order) | pisa (PISA: + first order), fused in the kernel
   quant: none            # none | int8 | fp8: quantized attention kernel (dit_accel.kernels.quant_attention)
+  quant_tolerance: 0.02  # quant auto: calibrated per-(layer, step) bf16 / int8 / fp8 (quant_plan, see below)
   psa:                   # method psa (pyramid levels per block, dit_accel.attention.pyramid)
     mode: threshold      # threshold (cumulative score mass) | quota (share of the row's blocks by rank)
     full: 0.4            # cumulative bounds: full resolution up to 0.4, 2x pooled to 0.5, 4x to 0.6, 8x to 0.8,
@@ -28,7 +29,8 @@ attention:
 ```
 
 Calibrated data lives in the section too: ``paro_orders`` (per layer, per head, one of
-:data:`~dit_accel.attention.reorder_paro.ORDERS`) and ``sparse.masks`` (static block masks), both
+:data:`~dit_accel.attention.reorder_paro.ORDERS`), ``sparse.masks`` (static block masks) and ``quant_plan``
+(``quant: auto``: a precision per layer and step, :mod:`~dit_accel.attention.adaptive_precision`), all
 filled by ``dit_accel.calibrate``. Everything validates like the ``cache`` section: unknown keys,
 wrong types and out-of-range values raise :class:`~dit_accel.config.PolicyError` naming the field.
 """
@@ -190,8 +192,14 @@ class AttentionConfig(ConfigBase):
                              doc="approximate the skipped blocks: centroid (SVG-EAR, zeroth order) or pisa (PISA: "
                                  "plus the first-order term), fused in the block-sparse kernel "
                                  "(dit_accel.kernels.pisa); true / false mean centroid / none")
-    quant: str = option("none", choices=("none", "int8", "fp8"),
-                        doc="run the kept blocks with the SageAttention-style quantized kernel")
+    quant: str = option("none", choices=("none", "int8", "fp8", "auto"),
+                        doc="run the kept blocks with the SageAttention-style quantized kernel; auto (with "
+                            "sparse: null): per layer and step the calibrated quant_plan's choice of bf16 / int8 "
+                            "/ fp8 (dit_accel.attention.adaptive_precision)")
+    quant_plan: tuple | None = option(None, doc="quant auto: calibrated precision per layer, one code per step "
+                                                "(b bf16, i int8, f fp8), filled by dit_accel.calibrate")
+    quant_tolerance: float = option(0.02, ge=0.0, doc="quant auto: calibration keeps the cheapest precision whose "
+                                                      "mean relative L1 vs the 16-bit attention output is below this")
     svg2: SVG2Config = dataclasses.field(default_factory=SVG2Config)
     psa: PSAConfig = dataclasses.field(default_factory=PSAConfig)
     paro_orders: tuple | None = option(None, doc="calibrated PARO order per layer and head")
@@ -228,6 +236,15 @@ class AttentionConfig(ConfigBase):
             object.__setattr__(self, "paro_orders", tuple(tuple(heads) for heads in orders))
         if self.sparse is not None and self.sparse.method == "static" and self.sparse.masks is None:
             pass  # filled by calibrate; checked when attached (needs_calibration)
+        if self.quant_plan is not None:
+            from .adaptive_precision import normalise_plan
+
+            if self.quant != "auto":
+                raise PolicyError(f"attention.quant_plan: used by quant: auto only, not quant: {self.quant!r}")
+            object.__setattr__(self, "quant_plan", normalise_plan(self.quant_plan))
+        if self.quant == "auto" and self.sparse is not None:
+            raise PolicyError("attention.quant: 'auto' chooses the precision of dense attention calls; it needs "
+                              "sparse: null (use quant: int8 or fp8 with a sparse section)")
         if self.sparse is not None and self.sparse.method == "psa" and self.quant != "none":
             raise PolicyError(f"attention.quant: method 'psa' runs the pyramid kernel, which has no quantized "
                               f"variant; use quant: none, not {self.quant!r}")
@@ -250,6 +267,8 @@ class AttentionConfig(ConfigBase):
             missing.append("paro_orders")
         if self.sparse is not None and self.sparse.method == "static" and self.sparse.masks is None:
             missing.append("sparse.masks")
+        if self.quant == "auto" and self.quant_plan is None:
+            missing.append("quant_plan")
         return missing
 
     @classmethod
@@ -272,6 +291,7 @@ class AttentionConfig(ConfigBase):
         d["psa"] = self.psa.to_dict()
         d["dense_layers"] = list(self.dense_layers)
         d["paro_orders"] = None if self.paro_orders is None else [list(h) for h in self.paro_orders]
+        d["quant_plan"] = None if self.quant_plan is None else list(self.quant_plan)
         return d
 
     def replace(self, **changes: Any) -> "AttentionConfig":

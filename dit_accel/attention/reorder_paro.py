@@ -81,3 +81,15 @@ def head_permutations(grid: tuple[int, int, int], orders: tuple[str, ...], block
             cache[order] = order_permutation(grid, order, block_size, device)
         rows.append(cache[order])
     return torch.stack(rows)
+
+
+def sequence_permutation(head_perm: torch.Tensor, visual: slice, seq: int) -> torch.Tensor:
+    """Long ``[H, seq]``: ``head_perm`` ``[H, N]`` (visual token order per head) applied to the visual tokens
+    ``visual`` of a sequence of ``seq`` tokens, every other (text) token kept in place. For a quantized dense
+    call, which covers all tokens in one kernel call: the visual part is reordered within the sequence."""
+    h, n = head_perm.shape
+    if visual.stop - visual.start != n or visual.stop > seq:
+        raise ValueError(f"sequence_permutation: {n} visual tokens do not fit slice {visual} of {seq} tokens")
+    full = torch.arange(seq, device=head_perm.device).unsqueeze(0).repeat(h, 1)
+    full[:, visual] = head_perm + visual.start
+    return full

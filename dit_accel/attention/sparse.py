@@ -161,11 +161,20 @@ def _pair_counts(block_mask: torch.Tensor, n: int, block_size: int) -> torch.Ten
 
 
 def quant_dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
-                          quant: str) -> torch.Tensor:
+                          quant: str, perm: torch.Tensor | None = None) -> torch.Tensor:
     """Dense attention through the quantized kernel (``attention: {sparse: null, quant: int8|fp8}``):
-    every token, text included (:func:`run_kernel` without a block mask)."""
+    every token, text included (:func:`run_kernel` without a block mask).
+
+    ``perm``: long ``[H, S]`` or ``[B, H, S]`` token order per head (``reorder: paro``:
+    :func:`~dit_accel.attention.reorder_paro.sequence_permutation`): q, k, v are gathered in that order, so
+    the kernel's per-block K scales see the reordered blocks, and the output is scattered back (attention
+    without a mask is permutation-equivariant, so only the quantization changes)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return run_kernel(q, k, v, None, 0, scale, quant)[0]
+    if perm is None:
+        return run_kernel(q, k, v, None, 0, scale, quant)[0]
+    perm = perm.to(q.device).expand(q.shape[0], *perm.shape[-2:])
+    out = run_kernel(_gather(q, perm), _gather(k, perm), _gather(v, perm), None, 0, scale, quant)[0]
+    return _scatter(out, perm)
 
 
 def _select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, request: SparseRequest, scale: float):

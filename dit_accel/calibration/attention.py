@@ -1,20 +1,29 @@
-"""Offline calibration of the attention section: PARO orders and static block masks.
+"""Offline calibration of the attention section: PARO orders, static block masks, the precision plan.
 
 ``dit_accel.calibrate(pipe, prompts, policy)`` calls :func:`calibrate_attention` when the policy's
 ``attention`` section needs it (``reorder: paro`` without ``paro_orders``, ``sparse.method: static``
-without ``masks``). It runs one dense generation per prompt while a recorder sees the post-RoPE
-queries and keys of every self-attention call from ``warmup_steps`` on (the steps that will be
-sparse), and:
+without ``masks``, ``quant: auto`` without ``quant_plan``). It runs one dense generation per prompt
+while a recorder sees the post-RoPE queries and keys of every self-attention call from ``warmup_steps``
+on (the steps that will be sparse), and:
 
 * PARO (PAROAttention, Zhao et al. 2025): for every layer, head and candidate order
   (:func:`~dit_accel.attention.reorder_paro.candidate_orders`), the exact attention rows of
   ``sample_blocks`` evenly spaced q-blocks of the permuted sequence are pooled into kv-blocks and the
   share of kv-blocks needed to hold ``threshold`` of each row's mass is averaged over calls; each head
-  gets the order with the lowest such density.
+  gets the order with the lowest such density. With ``sparse: null`` and ``quant: int8|fp8|auto`` (dense
+  quantized attention, where no block is skipped) the score is instead the quantized kernel's output error
+  on those rows in that order (K's per-block scales are what the order changes). PAROAttention ranks
+  orders by a combined sparsity and quantization metric of the attention map's blocks (P is what it
+  quantizes); our kernels keep P in 16-bit (INT8) or scale it by a constant (FP8), so we measure the
+  error of the per-block K quantization they do apply, on the output.
 * static masks (PAROAttention's static sparse masks): the exact block-mass map of every layer and head
   (in the chosen order), averaged over calls, keeps per q-block the best blocks up to ``threshold`` of
   the mass, plus the diagonal. Masks are tied to the calibration's token grid and block size (a call
   with another grid falls back to XAttention scoring, with a warning).
+* precision plan (``quant: auto``, :mod:`~dit_accel.attention.adaptive_precision`): every call of every
+  step, text included, also runs through the INT8 and FP8 kernels; the worst error per (layer, step) over
+  prompts and branches against the model's own 16-bit output picks the cheapest precision below
+  ``quant_tolerance``.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from ..api import accelerated, runtimes_of
 from ..attention.config import AttentionConfig
 from ..attention.reorder_paro import candidate_orders, head_permutations, order_permutation
 from ..attention.select import encode_mask, select_blocks
+from ..kernels.quant_attention import quantize_per_block
 from ..config import PolicyError
 from ..policy import Policy
 
@@ -67,6 +77,26 @@ def _kept_error(p: torch.Tensor, mass: torch.Tensor, v: torch.Tensor, n: int, bl
     return ((approx - exact).flatten(2).norm(dim=-1) / exact.flatten(2).norm(dim=-1).clamp_min(1e-30)).mean(0)
 
 
+#: K block of the dense quantized kernel (its default ``block_n``): the granularity of K's INT8 / FP8 scales.
+QUANT_K_BLOCK = 64
+
+
+def _quant_error(p: torch.Tensor, q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                 mode: str, block: int = QUANT_K_BLOCK) -> torch.Tensor:
+    """Relative L1 error per head of the quantized kernel's arithmetic on sampled rows, in the given token
+    order: Q per token and mean-smoothed K per ``block`` tokens in ``mode`` (as
+    :func:`~dit_accel.kernels.quant_attention.quant_attention_reference`), V exact, vs the exact rows ``p``
+    ``[B, H, R, N]``. Only K's per-block scales depend on the order (Q's are per token, the smoothing mean is
+    over all tokens), so this ranks orders by how homogeneous their K blocks are where it matters: in the output."""
+    n = k.shape[2]
+    kq, k_scale = quantize_per_block(k - k.mean(2, keepdim=True), block, mode)
+    k_deq = kq.float() * k_scale.repeat_interleave(block, dim=-1)[..., :n, None]
+    qq, q_scale = quantize_per_block(q_rows, 1, mode)
+    pq = torch.softmax((qq.float() * q_scale[..., None]) @ k_deq.transpose(-1, -2) * scale, dim=-1)
+    exact = p @ v
+    return (pq @ v - exact).abs().sum(dim=(0, 2, 3)) / exact.abs().sum(dim=(0, 2, 3)).clamp_min(1e-30)
+
+
 class AttentionRecorder:
     """Receives (layer, q, k, v) of dense calls and accumulates PARO scores or static block maps.
 
@@ -76,12 +106,16 @@ class AttentionRecorder:
     (PAROAttention's concentration criterion). A reordering replaces the natural order only when it
     beats it by ``margin`` (relative): on near-uniform heads the orders differ by noise, and a wrong
     order costs more than it saves.
+
+    ``quant`` ("int8" / "fp8"; dense quantized attention, ``sparse: null``): the score is instead the
+    quantized kernel's output error in that order (:func:`_quant_error`).
     """
 
     def __init__(self, config: AttentionConfig, threshold: float, sample_blocks: int = 16,
                  orders: tuple | None = None, record_maps: bool = False, error_density: float = 0.25,
-                 margin: float = 0.05) -> None:
+                 margin: float = 0.05, quant: str | None = None) -> None:
         self.config = config
+        self.quant = quant
         self.threshold = threshold
         self.error_density = error_density
         self.margin = margin
@@ -123,7 +157,10 @@ class AttentionRecorder:
             extra = picks.numel() * bs - rows.numel()  # a partial last q-block: pad its rows with zeros
             p = torch.nn.functional.pad(p, (0, 0, 0, extra))
             mass = _block_rows(p, n, bs)
-            if v is None:
+            if self.quant is not None and v is not None:
+                score = _quant_error(p[:, :, :rows.numel()], qp[:, :, rows], kp, v.float()[:, :, perm], scale,
+                                     self.quant)
+            elif v is None:
                 score = _density_at(mass, self.threshold).mean(dim=(0, 2))
             else:
                 score = _kept_error(p[:, :, :rows.numel()], mass, v.float()[:, :, perm], n, bs, self.error_density)
@@ -175,9 +212,9 @@ class AttentionRecorder:
         return {"grid": list(self.grid), "block_size": self.config.block_size, "layers": layers}
 
 
-def _record(pipe: Any, prompts: Sequence[str | dict], recorder: AttentionRecorder, config: AttentionConfig,
-            call_kwargs: dict) -> dict[int, int]:
-    probe = AttentionConfig(sparse=None, block_size=config.block_size, warmup_steps=config.warmup_steps)
+def _record(pipe: Any, prompts: Sequence[str | dict], recorder: Any, config: AttentionConfig,
+            call_kwargs: dict, probe: AttentionConfig | None = None) -> dict[int, int]:
+    probe = probe or AttentionConfig(sparse=None, block_size=config.block_size, warmup_steps=config.warmup_steps)
     with accelerated(pipe, Policy(name="attention-calibration", attention=probe)):
         runtimes = list(runtimes_of(pipe).values())
         if len(runtimes) != 1:
@@ -212,6 +249,20 @@ def observe_attention(pipe: Any, observe: Callable[..., None], *, block_size: in
         yield pipe
 
 
+def _precision_plan(pipe: Any, prompts: Sequence[str | dict], config: AttentionConfig,
+                    call_kwargs: dict) -> tuple[str, ...]:
+    """``quant: auto``: every attention call in 16-bit, each also run through the quantized kernels (with the
+    calibrated PARO orders when ``reorder: paro``); the plan keeps per (layer, step) the cheapest precision
+    below ``quant_tolerance`` (:mod:`dit_accel.attention.adaptive_precision`)."""
+    from ..attention.adaptive_precision import PrecisionRecorder
+
+    recorder = PrecisionRecorder(("fp8", "int8"))  # the runtime skips FP8 on GPUs without it
+    probe = AttentionConfig(sparse=None, reorder=config.reorder, paro_orders=config.paro_orders,
+                            block_size=config.block_size, warmup_steps=0)
+    heads = _record(pipe, prompts, recorder, config, call_kwargs, probe)
+    return recorder.plan(len(heads), config.quant_tolerance)
+
+
 def calibrate_attention(pipe: Any, prompts: Sequence[str | dict], policy: Policy, *, sample_blocks: int = 16,
                         **call_kwargs: Any) -> Policy:
     """``policy`` with its attention section's ``paro_orders`` and/or ``sparse.masks`` filled."""
@@ -224,7 +275,10 @@ def calibrate_attention(pipe: Any, prompts: Sequence[str | dict], policy: Policy
     orders = config.paro_orders
     if config.reorder == "paro" and orders is None:
         density = config.sparse.density if config.sparse is not None and config.sparse.density else 0.25
-        recorder = AttentionRecorder(config, threshold, sample_blocks, error_density=density)
+        quant = None  # dense quantized attention: orders by quantization error (auto: INT8's)
+        if config.sparse is None and config.quant != "none":
+            quant = "int8" if config.quant == "auto" else config.quant
+        recorder = AttentionRecorder(config, threshold, sample_blocks, error_density=density, quant=quant)
         heads = _record(pipe, prompts, recorder, config, call_kwargs)
         if recorder.grid is None:
             raise PolicyError(f"calibrate: no self-attention call after the {config.warmup_steps} warm-up steps")
@@ -238,4 +292,6 @@ def calibrate_attention(pipe: Any, prompts: Sequence[str | dict], policy: Policy
             raise PolicyError(f"calibrate: no self-attention call after the {config.warmup_steps} warm-up steps")
         sparse = {**config.sparse.to_dict(), "masks": recorder.static_masks(threshold)}
         config = config.replace(sparse=sparse)
+    if config.quant == "auto" and config.quant_plan is None:
+        config = config.replace(quant_plan=list(_precision_plan(pipe, prompts, config, call_kwargs)))
     return dataclasses.replace(policy, attention=config)  # every other section unchanged

@@ -27,9 +27,12 @@ import torch
 
 from ..adapters.base import TokenLayout
 from ..attention.config import AttentionConfig
-from ..attention.reorder_paro import head_permutations
+from ..attention.adaptive_precision import plan_precision
+from ..attention.reorder_paro import head_permutations, sequence_permutation
 from ..attention.select import decode_mask
 from ..attention.sparse import SparseRequest, joint_attention, quant_dense_attention
+from ..kernels.quant_attention import fp8_supported
+from ..caching.base import StepMapping
 from ..config import PolicyError
 from ..context import StepContext
 from .attention_route import SDPA, add_route, drop_route, routed
@@ -92,6 +95,12 @@ class AttentionFeature(Feature):
         if config.paro_orders is not None and len(config.paro_orders) != num_blocks:
             raise PolicyError(f"attention.paro_orders: calibrated for {len(config.paro_orders)} layers, the model has "
                               f"{num_blocks} blocks")
+        if config.quant_plan is not None and len(config.quant_plan) != num_blocks:
+            raise PolicyError(f"attention.quant_plan: calibrated for {len(config.quant_plan)} layers, the model has "
+                              f"{num_blocks} blocks")
+        self._plan_steps = StepMapping("dit_accel: attention.quant_plan was calibrated for %d steps, this call has "
+                                       "%d: each step uses the plan of the calibrated step at the same relative "
+                                       "position")
         bad = [i for i in config.dense_layers if i >= num_blocks]
         if bad:
             raise PolicyError(f"attention.dense_layers: {bad} out of range; the model has {num_blocks} blocks")
@@ -128,6 +137,9 @@ class AttentionFeature(Feature):
 
     def new_generation(self) -> None:
         self.counts = {"sparse": 0, "quant_dense": 0, "dense_warmup": 0, "dense_layer": 0, "dense_unhandled": 0}
+        if self.config.quant == "auto":  # calls the calibrated plan keeps in 16-bit, and the quantized ones by mode
+            self.counts["dense_plan"] = 0
+            self.precisions = {"int8": 0, "fp8": 0}
         self.counts_selected = 0  # sparse calls that scored and selected blocks (the rest reused a selection)
         self._kept = None
         self._total = 0.0
@@ -186,7 +198,16 @@ class AttentionFeature(Feature):
             return "dense_warmup"
         if layer in self.config.dense_layers:
             return "dense_layer"
+        if self.config.quant == "auto" and self.planned(layer, state) == "bf16":
+            return "dense_plan"
         return None
+
+    def planned(self, layer: int, state: AttentionState) -> str:
+        """``quant: auto``: the calibrated precision of ``layer`` at this call's step (other step counts: the
+        calibrated step at the same relative position, :class:`~dit_accel.caching.base.StepMapping`)."""
+        plan = self.config.quant_plan
+        step, _ = self._plan_steps(state.ctx, len(plan[0]))
+        return plan_precision(plan, layer, step)
 
     def attend(self, call: dict[str, Any]) -> torch.Tensor | None:
         """One routed SDPA call (its arguments by name): the sparse or quantized output, or None (it runs dense
@@ -225,11 +246,27 @@ class AttentionFeature(Feature):
         if q.shape != k.shape or k.shape != v.shape or call.get("is_causal") or call.get("enable_gqa") \
                 or call.get("dropout_p", 0.0):
             return None
+        if getattr(self.recorder, "full_calls", False):  # calibration of quant: auto: every mode's error
+            if call.get("attn_mask") is None:
+                with torch.no_grad():
+                    ref = SDPA(q, k, v, scale=call.get("scale"))  # what the model computes in its own dtype
+                    outs = {m: self._quant_dense(layer, q, k, v, call.get("scale"), m) for m in self.recorder.modes
+                            if m != "fp8" or fp8_supported(q.device)}
+                self.recorder.observe_outputs(layer, self.current_step(), ref, outs)
+            return None
         if self.config.sparse is None and self.recorder is None:  # quantized dense attention, text included
             if call.get("attn_mask") is not None:
                 return None
+            mode = self.config.quant
+            if mode == "auto":
+                mode = self.planned(layer, self._state())
+                if mode == "fp8" and not fp8_supported(q.device):
+                    self._warn_once("fp8", "dit_accel: attention.quant_plan asks for FP8 attention, which this GPU "
+                                    "lacks (compute capability < 8.9); those calls run INT8")
+                    mode = "int8"
+                self.precisions[mode] += 1
             with torch.no_grad():
-                out = quant_dense_attention(q, k, v, call.get("scale"), self.config.quant)
+                out = self._quant_dense(layer, q, k, v, call.get("scale"), mode)
             self.counts["quant_dense"] += 1
             return out
         order = self._shard_order(q.shape[2], q.device)
@@ -242,6 +279,26 @@ class AttentionFeature(Feature):
             restored[:, :, order] = out
             return restored
         return self._attend_in_order(layer, func, call, None)
+
+    def _quant_dense(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+                     mode: str) -> torch.Tensor:
+        """The quantized kernel over the whole sequence; with ``reorder: paro`` the visual tokens of each head
+        in the layer's calibrated order (text tokens in place), the output back in the call's order."""
+        return quant_dense_attention(q, k, v, scale, mode, self._sequence_perm(layer, q))
+
+    def _sequence_perm(self, layer: int, q: torch.Tensor) -> torch.Tensor | None:
+        if self.config.reorder != "paro" or self.config.paro_orders is None or self.layout is None:
+            return None
+        seq, heads = q.shape[2], q.shape[1]
+        order = self._shard_order(seq, q.device)
+        visual = self._visual_slice(seq)
+        if visual is None:
+            return None
+        key = ("seq", layer, self.layout.grid, seq, heads, str(q.device), order is not None)
+        if key not in self._perm_cache:
+            perm = sequence_permutation(self._paro_perm(layer, self.layout.grid, heads, q.device), visual, seq)
+            self._perm_cache[key] = perm if order is None else order[perm]  # ranks' shard layout: compose
+        return self._perm_cache[key]
 
     def _attend_in_order(self, layer: int, func, call: dict, order: torch.Tensor | None) -> torch.Tensor | None:
         q, k, v = call["query"], call["key"], call["value"]
@@ -373,12 +430,17 @@ class AttentionFeature(Feature):
         overall = None
         if calls:
             overall = ((sparse_density or 0.0) * self.counts["sparse"] + dense_calls) / calls
-        return {"method": self.describe(), "calls": dict(self.counts), "sparse_density": sparse_density,
-                "density": overall, "selections": self.counts_selected}
+        out = {"method": self.describe(), "calls": dict(self.counts), "sparse_density": sparse_density,
+               "density": overall, "selections": self.counts_selected}
+        if self.config.quant == "auto":
+            out["precisions"] = dict(self.precisions)
+        return out
 
     def describe(self) -> str:
         c = self.config
         if c.sparse is None:
-            return "dense" if c.quant == "none" else f"dense+{c.quant}"
+            if c.quant == "none":
+                return "dense"
+            return f"dense+{c.quant}" + ("+paro" if c.reorder == "paro" else "")
         return (f"{c.sparse.method}+{c.reorder}" + (f"+{c.compensate}" if c.compensate != "none" else "")
                 + (f"+{c.quant}" if c.quant != "none" else ""))
