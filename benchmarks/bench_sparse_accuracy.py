@@ -16,8 +16,9 @@ fixed densities (each q-block keeps that share of kv-blocks, plus its self block
 
 ``--zoo cifar10_dit`` adds a table on *real* attention: the post-RoPE q, k, v of every self-attention
 layer of the project's trained reference model (``dit_accel.zoo``) at step ``--zoo-step`` of a
-``--zoo-steps``-step generation (labels 0, 3, 5, 8, seed 0), PARO orders calibrated with
-``dit_accel.calibrate`` on other labels (1, 7, seed 1); errors are averaged over layers.
+``--zoo-steps``-step generation (classes 0, 3, 5, 8 — labels, or the class prompts of text models such as
+``digits_wan`` — seed 0), PARO orders calibrated with ``dit_accel.calibrate`` on other classes (1, 7, seed 1);
+errors are averaged over layers.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def parse_args(argv=None):
     ap.add_argument("--zoo-steps", type=int, default=20)
     ap.add_argument("--zoo-step", type=int, default=10, help="the step whose attention is recorded")
     ap.add_argument("--zoo-block-size", type=int, default=16)
+    ap.add_argument("--zoo-frames", type=int, default=4, help="digits_wan: frames per clip (4: 1,024 tokens)")
     ap.add_argument("--seed-variants", default=None,
                     help="comma-separated seed-method variants (benchmarks/sparse_variants.py; default all, '' none)")
     return ap.parse_args(argv)
@@ -284,13 +286,16 @@ def zoo_accuracy(args, densities):
 
     pipe = zoo.load(args.zoo)
     pipe.set_progress_bar_config(disable=True)
+    video = {"num_frames": args.zoo_frames} if args.zoo == "digits_wan" else {}  # text-conditioned: class prompts
     bs = args.zoo_block_size
     layers = record_zoo_attention(pipe, args.zoo_step, args.zoo_steps, bs,
-                                  {"class_labels": [0, 3, 5, 8], "generator": torch.Generator().manual_seed(0)})
+                                  {**zoo.class_conditions(pipe, [0, 3, 5, 8]), **video,
+                                   "generator": torch.Generator().manual_seed(0)})
     policy = {"name": "paro", "attention": {"reorder": "paro", "block_size": bs, "warmup_steps": 1,
                                             "sparse": {"method": "topp"}}}
-    calibrated = dit_accel.calibrate(pipe, [{"class_labels": [1, 7]}], policy, num_inference_steps=args.zoo_steps,
-                                     generator=torch.Generator().manual_seed(1))
+    calibrated = dit_accel.calibrate(pipe, [zoo.class_conditions(pipe, [1, 7])], policy,
+                                     num_inference_steps=args.zoo_steps, generator=torch.Generator().manual_seed(1),
+                                     **video)
     orders = calibrated.attention.paro_orders
     rows = []
     for density in densities:
