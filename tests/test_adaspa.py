@@ -14,15 +14,10 @@ from dit_accel.config import PolicyError
 from dit_accel.kernels import block_sparse as bsa_module
 from dit_accel.kernels import block_sparse_attention_reference, mask_to_block_table
 from dit_accel.kernels.block_mass import block_mass, block_mass_reference
-from helpers import interpreter_ready
+from helpers import interpreter_ready, qkv
 
 requires_interpreter = pytest.mark.skipif(not interpreter_ready(),
                                           reason="needs triton under TRITON_INTERPRET=1 on a CPU-only machine")
-
-
-def qkv(B, H, S, D, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(B, H, S, D, generator=g).to(dtype) for _ in range(3))
 
 
 def true_lse(q, k, scale):

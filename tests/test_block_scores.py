@@ -6,8 +6,6 @@ import os
 _PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"  # before Triton's import (see tests/test_kernels_block_sparse.py)
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -16,29 +14,10 @@ from dit_accel.attention import select as select_module  # noqa: E402
 from dit_accel.attention.select import _xattention_scores_torch, xattention_scores  # noqa: E402
 from dit_accel.kernels import block_scores, triton_available  # noqa: E402
 from dit_accel.kernels.block_scores import block_scores_kernel_available, xattention_block_scores  # noqa: E402
-from helpers import interpreter_ready  # noqa: E402
+from helpers import fresh_process_only, interpreter_gate, run_in_fresh_process  # noqa: E402
 
 
-def _restore_interpret():
-    if _PREVIOUS_INTERPRET is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
-
-
-INTERPRETER_READY = interpreter_ready(cpu_only=False)
-requires_triton = pytest.mark.skipif(
-    not INTERPRETER_READY,
-    reason="triton not installed" if not triton_available() else
-    "triton was imported before TRITON_INTERPRET=1: covered by test_kernel_tests_in_fresh_process")
-_restore_interpret()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter():
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    _restore_interpret()
+INTERPRETER_READY, requires_triton, _interpreter = interpreter_gate(_PREVIOUS_INTERPRET)
 
 
 def qk(B, H, S, D, dtype=torch.float32, seed=0, structured=False):
@@ -199,11 +178,6 @@ def test_pooled_scores_match_padded_float_pooling(S, bs):
                                pool(q), rtol=1e-5, atol=1e-6)   # strided views too
 
 
-@pytest.mark.skipif(INTERPRETER_READY or not triton_available(),
-                    reason="the kernel tests ran in this process" if INTERPRETER_READY else "triton not installed")
+@fresh_process_only(INTERPRETER_READY)
 def test_kernel_tests_in_fresh_process():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
-    assert "covered by test_kernel_tests_in_fresh_process" not in proc.stdout, proc.stdout[-4000:]
+    run_in_fresh_process(__file__)

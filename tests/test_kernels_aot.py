@@ -7,13 +7,10 @@ tensor-core MMA (wgmma), pipelines its loads (cp.async) and fits Hopper's shared
 fresh process without TRITON_INTERPRET, since this process may have imported Triton in interpreter mode.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 from dit_accel.kernels import triton_available
+from helpers import compile_ahead_of_time
 
 #: usable shared memory per block on sm_90 (H100 / H200)
 HOPPER_SHARED = 227 * 1024
@@ -46,15 +43,9 @@ for c in configs:
 
 
 def _compile(script: str, *args: str) -> list[list[int]]:
-    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
-                          timeout=600)
-    if proc.returncode != 0 and ("ImportError" in proc.stderr or "TypeError" in proc.stderr):
-        pytest.skip(f"this triton cannot compile ahead of time here: {proc.stderr.strip().splitlines()[-1]}")
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    rows = [[int(x) for x in line.split()[1:]] for line in proc.stdout.splitlines() if line.startswith("RESULT")]
-    assert rows, proc.stdout[-4000:]
+    stdout = compile_ahead_of_time(script, *args)
+    rows = [[int(x) for x in line.split()[1:]] for line in stdout.splitlines() if line.startswith("RESULT")]
+    assert rows, stdout[-4000:]
     return rows
 
 

@@ -9,8 +9,6 @@ _PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 
 import math  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -25,35 +23,16 @@ from dit_accel.kernels import (  # noqa: E402
     triton_available,
 )
 from dit_accel.kernels import block_sparse as bsa_module  # noqa: E402
-from helpers import interpreter_ready  # noqa: E402
-
-
-def _restore_interpret():
-    if _PREVIOUS_INTERPRET is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+from helpers import compile_ahead_of_time, fresh_process_only, interpreter_gate, qkv, run_in_fresh_process  # noqa: E402
 
 
 # Triton reads TRITON_INTERPRET when it is imported. In a full pytest run an earlier test module has
 # usually imported it already (diffusers imports it) in compiled mode; then the kernel tests of this
 # module run in a fresh subprocess instead (test_kernel_tests_in_fresh_process).
-INTERPRETER_READY = interpreter_ready(cpu_only=False)
-requires_triton = pytest.mark.skipif(
-    not INTERPRETER_READY,
-    reason="triton not installed" if not triton_available() else
-    "triton was imported before TRITON_INTERPRET=1: covered by test_kernel_tests_in_fresh_process")
-_restore_interpret()  # do not leak into the other test modules collected after this one
+INTERPRETER_READY, requires_triton, _interpreter = interpreter_gate(_PREVIOUS_INTERPRET)
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=1e-2, atol=1e-2),
        torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter():
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    _restore_interpret()
 
 
 def kernel(*args, **kwargs):
@@ -62,11 +41,6 @@ def kernel(*args, **kwargs):
 
     assert bsa_module._use_triton(args[0])
     return block_sparse_attention(*args, **kwargs)
-
-
-def qkv(B, H, S, D, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(B, H, S, D, generator=g).to(dtype) for _ in range(3))
 
 
 def random_table(B, H, S, bm, bn, density=0.5, seed=0, empty_rows=False):
@@ -265,15 +239,10 @@ def test_interpreter_runs_the_kernel(monkeypatch):
     assert calls == [1]
 
 
-@pytest.mark.skipif(INTERPRETER_READY or not triton_available(),
-                    reason="the kernel tests ran in this process" if INTERPRETER_READY else "triton not installed")
+@fresh_process_only(INTERPRETER_READY)
 def test_kernel_tests_in_fresh_process():
     """Run this module again in a process where TRITON_INTERPRET=1 is set before triton's import."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not hopper"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
-    assert "covered by test_kernel_tests_in_fresh_process" not in proc.stdout, proc.stdout[-4000:]  # kernels ran
+    run_in_fresh_process(__file__, "-k", "not hopper")
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
@@ -305,13 +274,8 @@ print("RESULT", ptx.count("wgmma.mma_async"), ptx.count("cp.async"), k.metadata.
 def test_kernel_compiles_for_hopper_without_gpu():
     """The GPU path, compiled ahead of time for sm_90 (no GPU needed): the largest autotune config,
     with tail masking, uses wgmma, pipelines K/V with cp.async and fits in shared memory."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 and ("ImportError" in proc.stderr or "TypeError" in proc.stderr):
-        pytest.skip(f"this triton cannot compile ahead of time here: {proc.stderr.strip().splitlines()[-1]}")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    wgmma, cp_async, shared = (int(x) for x in proc.stdout.split("RESULT")[1].split())
+    stdout = compile_ahead_of_time(_AOT_SCRIPT)
+    wgmma, cp_async, shared = (int(x) for x in stdout.split("RESULT")[1].split())
     assert wgmma > 0 and cp_async > 0
     assert shared <= 227 * 1024
 

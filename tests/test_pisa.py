@@ -9,8 +9,6 @@ _PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 
 import math  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -28,41 +26,16 @@ from dit_accel.kernels import (  # noqa: E402
     block_table_to_mask,
     dense_block_table,
     mask_to_block_table,
-    triton_available,
 )
 from dit_accel.kernels import block_sparse as bsa_module  # noqa: E402
 from dit_accel.kernels.block_sparse import score_sorted_block_table  # noqa: E402
 from dit_accel.kernels.pisa import block_summaries, pisa_attention, pisa_attention_reference, walked_pairs  # noqa: E402
-from helpers import interpreter_ready  # noqa: E402
+from helpers import fresh_process_only, interpreter_gate, qkv, run_in_fresh_process  # noqa: E402
 
 
-def _restore_interpret():
-    if _PREVIOUS_INTERPRET is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
-
-
-INTERPRETER_READY = interpreter_ready(cpu_only=False)
-requires_triton = pytest.mark.skipif(
-    not INTERPRETER_READY,
-    reason="triton not installed" if not triton_available() else
-    "triton was imported before TRITON_INTERPRET=1: covered by test_kernel_tests_in_fresh_process")
-_restore_interpret()
+INTERPRETER_READY, requires_triton, _interpreter = interpreter_gate(_PREVIOUS_INTERPRET)
 
 MODES = ("none", "centroid", "pisa")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter():
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    _restore_interpret()
-
-
-def qkv(B, H, S, D, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(B, H, S, D, generator=g).to(dtype) for _ in range(3))
 
 
 def random_table(B, H, S, bm, bn, density=0.4, seed=0, empty_row=False):
@@ -348,11 +321,6 @@ def test_opcheck_and_compile(path, mode, early_stop, dtype, monkeypatch):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.skipif(INTERPRETER_READY or not triton_available(),
-                    reason="the kernel tests ran in this process" if INTERPRETER_READY else "triton not installed")
+@fresh_process_only(INTERPRETER_READY)
 def test_kernel_tests_in_fresh_process():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not fresh_process"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
-    assert "covered by test_kernel_tests_in_fresh_process" not in proc.stdout, proc.stdout[-4000:]
+    run_in_fresh_process(__file__, "-k", "not fresh_process")

@@ -28,43 +28,18 @@ from dit_accel.kernels import block_sparse_attention_reference, mask_to_block_ta
 from dit_accel.kernels import pyramid as pyr  # noqa: E402
 from dit_accel.kernels.pyramid import (pool_kv, pyramid_attention, pyramid_attention_reference,  # noqa: E402
                                        pyramid_pair_counts, pyramid_table, pyramid_table_to_levels)
-from helpers import interpreter_ready  # noqa: E402
+from helpers import compile_ahead_of_time, fresh_process_only, interpreter_gate, qkv, run_in_fresh_process  # noqa: E402
 
 
-def _restore_interpret():
-    if _PREVIOUS_INTERPRET is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
-
-
-INTERPRETER_READY = interpreter_ready(cpu_only=False)
-requires_triton = pytest.mark.skipif(
-    not INTERPRETER_READY,
-    reason="triton not installed" if not triton_available() else
-    "triton was imported before TRITON_INTERPRET=1: covered by test_kernel_tests_in_fresh_process")
-_restore_interpret()
+INTERPRETER_READY, requires_triton, _interpreter = interpreter_gate(_PREVIOUS_INTERPRET, interpret=not _COMPILED)
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter():
-    if not _COMPILED:
-        os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    _restore_interpret()
 
 
 def kernel(*args, **kwargs):
     """The Triton path (interpreted on CPU)."""
     assert pyr._use_triton(args[0])
     return pyramid_attention(*args, **kwargs)
-
-
-def qkv(B, H, S, D, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(B, H, S, D, generator=g).to(dtype) for _ in range(3))
 
 
 def random_levels(B, H, S, bm, bn, seed=0, skip=0.3):
@@ -195,14 +170,10 @@ def test_kernel_bf16_strided_kv():
     torch.testing.assert_close(out.float(), ref.float(), **TOL[torch.bfloat16])
 
 
+@fresh_process_only(INTERPRETER_READY)
 def test_kernel_tests_in_fresh_process():
     """Where triton was imported before TRITON_INTERPRET=1, run this module's kernel tests in a fresh process."""
-    if INTERPRETER_READY or not triton_available():
-        pytest.skip("the kernel tests ran in this process" if INTERPRETER_READY else "triton not installed")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "kernel and not fresh"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
+    run_in_fresh_process(__file__, "-k", "kernel and not fresh", check_covered=False)
 
 
 _AOT_SCRIPT = """
@@ -218,13 +189,8 @@ for table, tile, even in ((128, (128, 128, 8, 3), False), (64, (64, 64, 4, 2), F
 def test_kernel_compiles_for_hopper_without_gpu():
     """The compiled path (sm_90, no GPU needed): the largest autotune tile with tail masking at table block 128,
     and table block 64, whose 8x level gathers two entries per tile; wgmma, within shared memory."""
-    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 and "ImportError" in proc.stderr:
-        pytest.skip(f"this triton cannot compile ahead of time here: {proc.stderr.strip().splitlines()[-1]}")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    for line in proc.stdout.split("RESULT")[1:]:
+    stdout = compile_ahead_of_time(_AOT_SCRIPT, skip_on=("ImportError",))
+    for line in stdout.split("RESULT")[1:]:
         wgmma, shared = (int(x) for x in line.split())
         assert wgmma > 0 and shared <= 227 * 1024
 

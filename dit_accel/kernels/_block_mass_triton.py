@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._triton_common import aot_compile_kernel, lazy_kernel
+
 _LOG2E = 1.4426950408889634
 #: key tile under the interpreter (numpy is slow; below the tests' kv-blocks so that several tiles
 #: add up into one block).
@@ -100,20 +102,10 @@ def _prune(configs, named_args, **kwargs):
 
 
 def _kernel(interpret: bool):
-    key = "interpret" if interpret else "cuda"
-    if key not in _KERNELS:
-        from ._block_sparse_triton import interpreter_ready
-
-        if interpret and not interpreter_ready():
-            raise RuntimeError("block_mass: TRITON_INTERPRET=1 must be set before triton is first imported "
-                               "(diffusers and torch._dynamo import it); unset it to use the PyTorch reference "
-                               "on CPU.")
-        jitted = triton.jit(_block_mass_kernel)
-        if not interpret:
-            jitted = triton.autotune(configs=_configs(), key=["S", "HEAD_DIM", "TABLE_BM", "TABLE_BN"],
-                                     prune_configs_by={"early_config_prune": _prune})(jitted)
-        _KERNELS[key] = jitted
-    return _KERNELS[key]
+    return lazy_kernel(_KERNELS, _block_mass_kernel, interpret, configs=_configs, prune=_prune,
+                       key=["S", "HEAD_DIM", "TABLE_BM", "TABLE_BN"],
+                       error="block_mass: TRITON_INTERPRET=1 must be set before triton is first imported "
+                             "(diffusers and torch._dynamo import it); unset it to use the PyTorch reference on CPU.")
 
 
 def block_mass_triton(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block_m: int, block_n: int,
@@ -147,19 +139,9 @@ def aot_compile(*, head_dim: int = 128, table_bm: int = 128, table_bn: int = 128
     of both table blocks (no tail masks). Returns the compiled kernel: ``.asm["ttgir"]``, ``.asm["ptx"]``,
     ``.metadata.shared``. Needs Triton imported in compiled mode (``TRITON_INTERPRET`` unset).
     """
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = triton.runtime.jit.JITFunction(_block_mass_kernel)
-    names = fn.arg_names
-    unit = ("stride_qd", "stride_kd", "stride_ls", "stride_mk")
-    constexprs = dict(HEAD_DIM=head_dim, TABLE_BM=table_bm, TABLE_BN=table_bn, EVEN_M=even, EVEN_N=even,
-                      DOT_PRECISION="tf32", DOT_F32=False, BLOCK_N=block_n, **{n: 1 for n in unit})
-    pointers = {"Q": "*bf16", "K": "*bf16", "LSE": "*fp32", "MASS": "*fp32"}
-    signature = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n == "qk_scale" else "i32")
-                 for n in names}
-    aligned = [n for n in names if n in pointers or (n.startswith(("stride_q", "stride_k")) and n not in unit)]
-    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
-                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+    return aot_compile_kernel(
+        _block_mass_kernel, unit=("stride_qd", "stride_kd", "stride_ls", "stride_mk"),
+        constexprs=dict(HEAD_DIM=head_dim, TABLE_BM=table_bm, TABLE_BN=table_bn, EVEN_M=even, EVEN_N=even,
+                        DOT_PRECISION="tf32", DOT_F32=False, BLOCK_N=block_n),
+        pointers={"Q": "*bf16", "K": "*bf16", "LSE": "*fp32", "MASS": "*fp32"},
+        aligned_strides=("stride_q", "stride_k"), num_warps=num_warps, num_stages=num_stages, arch=arch)

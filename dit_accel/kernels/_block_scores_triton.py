@@ -36,9 +36,32 @@ import torch
 import triton
 import triton.language as tl
 
+from ._triton_common import aot_compile_kernel, jit_helpers, lazy_kernel
+
 _LOG2E = 1.4426950408889634
 #: tiles under the interpreter (numpy is slow): the smallest ``tl.dot`` accepts
 INTERPRET_TILE = 16
+
+
+def _reduced_logits(q_base, k_base, rows, cols, offs_d, d_ok, stride_qs, stride_qd, stride_ks, stride_kd, S, N_RED,
+                    qk_scale, STRIDE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+    """The scaled (base-2) reduced logits ``[BLOCK_R, BLOCK_C]`` of reduced query rows ``rows`` against reduced
+    keys ``cols``, summed over the ``STRIDE`` phases; ``-inf`` on reduced keys made only of padding. Both passes
+    call it (jitted lazily with the kernel, :func:`_kernel`; inlined where it is called)."""
+    qk = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for r in range(STRIDE):  # a loop, not unrolled: one phase of q and k in shared memory per stage
+        tq = rows * STRIDE + (STRIDE - 1 - r)
+        q = tl.load(q_base + tq[:, None].to(tl.int64) * stride_qs + offs_d[None, :] * stride_qd,
+                    mask=(tq[:, None] < S) & d_ok[None, :], other=0.0)
+        tk = cols * STRIDE + r
+        kt = tl.load(k_base + tk[None, :].to(tl.int64) * stride_ks + offs_d[:, None] * stride_kd,
+                     mask=(tk[None, :] < S) & d_ok[:, None], other=0.0)
+        if DOT_F32:
+            q = q.to(tl.float32)
+            kt = kt.to(tl.float32)
+        qk = tl.dot(q, kt, qk, input_precision=DOT_PRECISION)
+    return tl.where(cols[None, :] < N_RED, qk * qk_scale, float("-inf"))
 
 
 def _xattn_scores_kernel(
@@ -69,19 +92,8 @@ def _xattn_scores_kernel(
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     for c0 in range(0, N_RED, BLOCK_C):
         cols = c0 + offs_c
-        qk = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-        for r in range(STRIDE):  # a loop, not unrolled: one phase of q and k in shared memory per stage
-            tq = rows * STRIDE + (STRIDE - 1 - r)
-            q = tl.load(q_base + tq[:, None].to(tl.int64) * stride_qs + offs_d[None, :] * stride_qd,
-                        mask=(tq[:, None] < S) & d_ok[None, :], other=0.0)
-            tk = cols * STRIDE + r
-            kt = tl.load(k_base + tk[None, :].to(tl.int64) * stride_ks + offs_d[:, None] * stride_kd,
-                         mask=(tk[None, :] < S) & d_ok[:, None], other=0.0)
-            if DOT_F32:
-                q = q.to(tl.float32)
-                kt = kt.to(tl.float32)
-            qk = tl.dot(q, kt, qk, input_precision=DOT_PRECISION)
-        qk = tl.where(cols[None, :] < N_RED, qk * qk_scale, float("-inf"))
+        qk = _reduced_logits(q_base, k_base, rows, cols, offs_d, d_ok, stride_qs, stride_qd, stride_ks, stride_kd,
+                             S, N_RED, qk_scale, STRIDE, BLOCK_R, BLOCK_C, DOT_PRECISION, DOT_F32)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(qk - m_new[:, None]), 1)
         m_i = m_new
@@ -94,19 +106,8 @@ def _xattn_scores_kernel(
     out_base = OUT + b * stride_ob + h * stride_oh
     for c0 in range(0, NK * SUB, BLOCK_C):
         cols = c0 + offs_c
-        qk = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-        for r in range(STRIDE):  # a loop, not unrolled: one phase of q and k in shared memory per stage
-            tq = rows * STRIDE + (STRIDE - 1 - r)
-            q = tl.load(q_base + tq[:, None].to(tl.int64) * stride_qs + offs_d[None, :] * stride_qd,
-                        mask=(tq[:, None] < S) & d_ok[None, :], other=0.0)
-            tk = cols * STRIDE + r
-            kt = tl.load(k_base + tk[None, :].to(tl.int64) * stride_ks + offs_d[:, None] * stride_kd,
-                         mask=(tk[None, :] < S) & d_ok[:, None], other=0.0)
-            if DOT_F32:
-                q = q.to(tl.float32)
-                kt = kt.to(tl.float32)
-            qk = tl.dot(q, kt, qk, input_precision=DOT_PRECISION)
-        qk = tl.where(cols[None, :] < N_RED, qk * qk_scale, float("-inf"))
+        qk = _reduced_logits(q_base, k_base, rows, cols, offs_d, d_ok, stride_qs, stride_qd, stride_ks, stride_kd,
+                             S, N_RED, qk_scale, STRIDE, BLOCK_R, BLOCK_C, DOT_PRECISION, DOT_F32)
         p = tl.math.exp2(qk - m_i[:, None]) * w[:, None]
         per_kb = tl.sum(tl.reshape(p, (BLOCK_R, KBP, SUB)), 2)        # [BLOCK_R, KBP]
         blk = tl.sum(tl.reshape(per_kb, (QBP, SUB, KBP)), 1)           # [QBP, KBP]
@@ -133,20 +134,10 @@ _KERNELS: dict[str, object] = {}
 
 
 def _kernel(interpret: bool):
-    key = "interpret" if interpret else "cuda"
-    if key not in _KERNELS:
-        if interpret:
-            from ._block_sparse_triton import interpreter_ready
-
-            if not interpreter_ready():
-                raise RuntimeError("xattention_block_scores: TRITON_INTERPRET=1 must be set before triton is first "
-                                   "imported to run the kernel on CPU tensors")
-        jitted = triton.jit(_xattn_scores_kernel)
-        if not interpret:
-            jitted = triton.autotune(configs=_configs(), key=["S", "STRIDE", "HEAD_DIM", "SUB"],
-                                     prune_configs_by={"early_config_prune": _prune})(jitted)
-        _KERNELS[key] = jitted
-    return _KERNELS[key]
+    return lazy_kernel(_KERNELS, _xattn_scores_kernel, interpret, configs=_configs, prune=_prune,
+                       key=["S", "STRIDE", "HEAD_DIM", "SUB"], module_globals=globals(), helpers=("_reduced_logits",),
+                       error="xattention_block_scores: TRITON_INTERPRET=1 must be set before triton is first "
+                             "imported to run the kernel on CPU tensors")
 
 
 def xattention_scores_triton(q: torch.Tensor, k: torch.Tensor, *, block_size: int, stride: int, scale: float,
@@ -196,20 +187,11 @@ def aot_compile(*, head_dim: int = 128, block_size: int = 64, stride: int = 8, b
     is any count). Returns the compiled kernel: ``.asm["ttgir"]``, ``.asm["ptx"]``, ``.metadata.shared``.
     Needs Triton imported in compiled mode (``TRITON_INTERPRET`` unset).
     """
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = triton.runtime.jit.JITFunction(_xattn_scores_kernel)
-    names = fn.arg_names
-    unit = ("stride_qd", "stride_kd", "stride_ok")
-    constexprs = dict(STRIDE=stride, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-                      SUB=block_size // stride, DOT_PRECISION="tf32", DOT_F32=False, BLOCK_R=block_r,
-                      BLOCK_C=block_c, **{n: 1 for n in unit})
-    pointers = {"Q": "*bf16", "K": "*bf16", "OUT": "*fp32"}
-    signature = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n == "qk_scale" else "i32")
-                 for n in names}
-    aligned = [n for n in names if n in pointers or (n.startswith(("stride_q", "stride_k")) and n not in unit)]
-    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
-                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+    jit_helpers(globals(), "_reduced_logits")
+    return aot_compile_kernel(
+        _xattn_scores_kernel, unit=("stride_qd", "stride_kd", "stride_ok"),
+        constexprs=dict(STRIDE=stride, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                        SUB=block_size // stride, DOT_PRECISION="tf32", DOT_F32=False, BLOCK_R=block_r,
+                        BLOCK_C=block_c),
+        pointers={"Q": "*bf16", "K": "*bf16", "OUT": "*fp32"}, aligned_strides=("stride_q", "stride_k"),
+        num_warps=num_warps, num_stages=num_stages, arch=arch)

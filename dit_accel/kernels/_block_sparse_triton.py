@@ -54,6 +54,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._triton_common import aot_compile_kernel, launch_rows, interpreter_ready, lazy_kernel  # noqa: F401  (interpreter_ready: re-exported)
+
 _LN2 = 0.6931471805599453
 #: tile used under the interpreter: small (numpy is slow) and below the test tables' 32 so that
 #: the sub-tile and shared-row paths are exercised (also the interpreter's COMP_BLOCK).
@@ -288,32 +290,16 @@ def _prune(configs, named_args, **kwargs):
 _KERNELS: dict[str, object] = {}
 
 
-def interpreter_ready() -> bool:
-    """Whether Triton was imported in interpreter mode (TRITON_INTERPRET=1 set before its import):
-    only then are the ``triton.language`` helpers (``tl.zeros``, ``tl.sum``...) interpretable."""
-    from triton.runtime.jit import JITFunction
-
-    return bool(triton.knobs.runtime.interpret) and not isinstance(tl.zeros, JITFunction)
-
-
 def _kernel(interpret: bool, autotune: bool = True):
     """The jitted kernel: autotuned on CUDA, plain (the launch names the tile) under the interpreter or
     with ``autotune=False``."""
-    key = "interpret" if interpret else ("cuda" if autotune else "cuda-pinned")
-    if key not in _KERNELS:
-        if interpret and not interpreter_ready():
-            raise RuntimeError(
-                "block_sparse_attention: TRITON_INTERPRET=1 must be set before triton is first imported "
-                "(diffusers and torch._dynamo import it): triton.language was loaded in compiled mode, so "
-                "the interpreter cannot run the kernel on CPU tensors. Set it at process start, or unset it "
-                "to use the PyTorch reference on CPU.")
-        jitted = triton.jit(_bsa_fwd_kernel)
-        if key == "cuda":
-            key_args = ["S", "KV_BUCKET", "HEAD_DIM", "TABLE_BM", "TABLE_BN", "USE_TMA", "COMPENSATE", "EARLY_STOP"]
-            jitted = triton.autotune(configs=hopper_configs(), key=key_args,
-                                     prune_configs_by={"early_config_prune": _prune})(jitted)
-        _KERNELS[key] = jitted
-    return _KERNELS[key]
+    return lazy_kernel(
+        _KERNELS, _bsa_fwd_kernel, interpret, autotune, configs=hopper_configs, prune=_prune,
+        key=["S", "KV_BUCKET", "HEAD_DIM", "TABLE_BM", "TABLE_BN", "USE_TMA", "COMPENSATE", "EARLY_STOP"],
+        error="block_sparse_attention: TRITON_INTERPRET=1 must be set before triton is first imported "
+              "(diffusers and torch._dynamo import it): triton.language was loaded in compiled mode, so "
+              "the interpreter cannot run the kernel on CPU tensors. Set it at process start, or unset it "
+              "to use the PyTorch reference on CPU.")
 
 
 def check_tile(tile, table_m: int, table_n: int) -> tuple[int, int, int, int, int | None]:
@@ -380,20 +366,8 @@ def block_sparse_attention_triton(q, k, v, kv_indices, kv_counts, *, block_m: in
             # two, so a sparse table is not run with the tile tuned for a dense one of the same S
             triton.next_power_of_2(kv_indices.shape[-1]),
             -(-S // block_n), float(early_stop) if stop else 0.0)
-    kernel = _kernel(interpret, autotune=pinned is None)
-    if pinned is not None:
-        grid = (triton.cdiv(S, pinned["BLOCK_M"]), B * H)
-        if interpret:
-            kernel[grid](*args, **common, **pinned)
-        else:
-            with torch.cuda.device(q.device):
-                kernel[grid](*args, **common, **pinned)
-    else:
-        def grid(meta):
-            return (triton.cdiv(S, meta["BLOCK_M"]), B * H)
-
-        with torch.cuda.device(q.device):
-            kernel[grid](*args, **common)
+    launch_rows(_kernel(interpret, autotune=pinned is None), args, common, pinned, rows=S, programs=B * H,
+                interpret=interpret, device=q.device)
     if stop:
         return out, (lse if return_lse else None), walked
     return out, (lse if return_lse else None)
@@ -410,23 +384,13 @@ def aot_compile(*, dtype: str = "bf16", head_dim: int = 128, block_m: int = 128,
     ``.metadata.shared``. Needs Triton imported in compiled mode (``TRITON_INTERPRET`` unset).
     ``compensate`` / ``early_stop``: the PISA (1 zeroth order, 2 first order) and early-stop variants.
     """
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = triton.runtime.jit.JITFunction(_bsa_fwd_kernel)
-    names = fn.arg_names
-    unit = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_ik", "stride_cq")
-    constexprs = dict(HEAD_DIM=head_dim, TABLE_BM=table_block, TABLE_BN=table_block, EVEN_M=even, EVEN_N=even,
-                      STORE_LSE=True, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", DOT_F32=False, USE_TMA=False,
-                      BLOCK_M=block_m, BLOCK_N=block_n, COMPENSATE=compensate, COMP_BLOCK=COMP_BLOCK,
-                      EARLY_STOP=early_stop, **{n: 1 for n in unit})
-    pointers = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "O": f"*{dtype}", "LSE": "*fp32",
-                "KV_IDX": "*i32", "KV_CNT": "*i32", "KMEAN": f"*{dtype}", "VMEAN": f"*{dtype}", "HSUM": f"*{dtype}",
-                "KEPT": "*u8", "WALKED": "*i32"}
-    signature = {n: "constexpr" if n in constexprs else pointers.get(
-        n, "fp32" if n in ("qk_scale", "stop_eps") else "i32") for n in names}
-    aligned = [n for n in names if n in pointers or (n.startswith("stride") and n not in unit)]
-    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
-                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+    return aot_compile_kernel(
+        _bsa_fwd_kernel, unit=("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_ik", "stride_cq"),
+        constexprs=dict(HEAD_DIM=head_dim, TABLE_BM=table_block, TABLE_BN=table_block, EVEN_M=even, EVEN_N=even,
+                        STORE_LSE=True, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", DOT_F32=False,
+                        USE_TMA=False, BLOCK_M=block_m, BLOCK_N=block_n, COMPENSATE=compensate,
+                        COMP_BLOCK=COMP_BLOCK, EARLY_STOP=early_stop),
+        pointers={"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "O": f"*{dtype}", "LSE": "*fp32",
+                  "KV_IDX": "*i32", "KV_CNT": "*i32", "KMEAN": f"*{dtype}", "VMEAN": f"*{dtype}",
+                  "HSUM": f"*{dtype}", "KEPT": "*u8", "WALKED": "*i32"},
+        floats=("qk_scale", "stop_eps"), num_warps=num_warps, num_stages=num_stages, arch=arch)

@@ -49,6 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._triton_common import aot_compile_kernel, launch_rows, jit_helpers, lazy_kernel
+
 #: tile used under the interpreter (numpy is slow): small, and below the test tables so that the
 #: sub-tile, shared-row and gathered-entry paths are exercised.
 INTERPRET_BLOCK = 16
@@ -244,31 +246,14 @@ def _prune(configs, named_args, **kwargs):
 _KERNELS: dict[str, object] = {}
 
 
-def interpreter_ready() -> bool:
-    """Whether Triton was imported in interpreter mode (TRITON_INTERPRET=1 set before its import)."""
-    from triton.runtime.jit import JITFunction
-
-    return bool(triton.knobs.runtime.interpret) and not isinstance(tl.zeros, JITFunction)
-
-
 def _kernel(interpret: bool, autotune: bool = True):
     """The jitted kernel (and its jitted helper): autotuned on CUDA, plain under the interpreter or pinned."""
-    global _walk_level
-    key = "interpret" if interpret else ("cuda" if autotune else "cuda-pinned")
-    if key not in _KERNELS:
-        if interpret and not interpreter_ready():
-            raise RuntimeError(
-                "pyramid_attention: TRITON_INTERPRET=1 must be set before triton is first imported; "
-                "triton.language was loaded in compiled mode, so the interpreter cannot run the kernel on CPU "
-                "tensors. Set it at process start, or unset it to use the PyTorch reference on CPU.")
-        if not hasattr(_walk_level, "fn"):  # the helper is looked up in this module's globals when compiled
-            _walk_level = triton.jit(_walk_level)
-        jitted = triton.jit(_psa_fwd_kernel)
-        if key == "cuda":
-            jitted = triton.autotune(configs=_configs(), key=["S", "KV_BUCKET", "HEAD_DIM", "TABLE_BM", "TABLE_BN"],
-                                     prune_configs_by={"early_config_prune": _prune})(jitted)
-        _KERNELS[key] = jitted
-    return _KERNELS[key]
+    return lazy_kernel(
+        _KERNELS, _psa_fwd_kernel, interpret, autotune, configs=_configs, prune=_prune,
+        key=["S", "KV_BUCKET", "HEAD_DIM", "TABLE_BM", "TABLE_BN"], module_globals=globals(), helpers=("_walk_level",),
+        error="pyramid_attention: TRITON_INTERPRET=1 must be set before triton is first imported; "
+              "triton.language was loaded in compiled mode, so the interpreter cannot run the kernel on CPU "
+              "tensors. Set it at process start, or unset it to use the PyTorch reference on CPU.")
 
 
 def pyramid_attention_triton(q, k_levels, v_levels, kv_indices, level_counts, *, block_m: int, block_n: int,
@@ -299,20 +284,8 @@ def pyramid_attention_triton(q, k_levels, v_levels, kv_indices, level_counts, *,
     args = (q, *k_levels, *v_levels, out, lse, kv_indices, level_counts,
             *q.stride(), *k0.stride(), *v0.stride(), *out.stride(), *kv_indices.stride(), *level_counts.stride(),
             H, S, qk_scale, triton.next_power_of_2(kv_indices.shape[-1]))  # last: autotune key only
-    kernel = _kernel(interpret, autotune=pinned is None)
-    if pinned is not None:
-        grid = (triton.cdiv(S, pinned["BLOCK_M"]), B * H)
-        if interpret:
-            kernel[grid](*args, **common, **pinned)
-        else:
-            with torch.cuda.device(q.device):
-                kernel[grid](*args, **common, **pinned)
-    else:
-        def grid(meta):
-            return (triton.cdiv(S, meta["BLOCK_M"]), B * H)
-
-        with torch.cuda.device(q.device):
-            kernel[grid](*args, **common)
+    launch_rows(_kernel(interpret, autotune=pinned is None), args, common, pinned, rows=S, programs=B * H,
+                interpret=interpret, device=q.device)
     return out, (lse if return_lse else None)
 
 
@@ -321,25 +294,13 @@ def aot_compile(*, head_dim: int = 128, block_m: int = 128, block_n: int = 64, t
     """Compile the kernel ahead of time for ``sm_<arch>`` without a GPU (bf16, contiguous inputs; for tests and
     inspection): returns the compiled kernel (``.asm["ttgir"]``, ``.metadata.shared``...). Needs Triton
     imported in compiled mode (``TRITON_INTERPRET`` unset)."""
-    global _walk_level
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if not hasattr(_walk_level, "fn"):
-        _walk_level = triton.jit(_walk_level)
-    fn = triton.runtime.jit.JITFunction(_psa_fwd_kernel)
-    names = fn.arg_names
-    unit = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_ik", "stride_cl")
-    constexprs = dict(HEAD_DIM=head_dim, TABLE_BM=table_block, TABLE_BN=table_block,
-                      TILE1=pooled_tile(table_block, 1), TILE2=pooled_tile(table_block, 2),
-                      TILE3=pooled_tile(table_block, 3), EVEN_M=even, EVEN_N=even, STORE_LSE=True,
-                      DOT_PRECISION="tf32", DOT_F32=False, BLOCK_M=block_m, BLOCK_N=block_n, **{n: 1 for n in unit})
+    jit_helpers(globals(), "_walk_level")
     pointers = {n: "*bf16" for n in ("Q", "K0", "K1", "K2", "K3", "V0", "V1", "V2", "V3", "O")}
     pointers.update(LSE="*fp32", KV_IDX="*i32", LVL_CNT="*i32")
-    signature = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n == "qk_scale" else "i32")
-                 for n in names}
-    aligned = [n for n in names if n in pointers or (n.startswith("stride") and n not in unit)]
-    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
-                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+    return aot_compile_kernel(
+        _psa_fwd_kernel, unit=("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_ik", "stride_cl"),
+        constexprs=dict(HEAD_DIM=head_dim, TABLE_BM=table_block, TABLE_BN=table_block,
+                        TILE1=pooled_tile(table_block, 1), TILE2=pooled_tile(table_block, 2),
+                        TILE3=pooled_tile(table_block, 3), EVEN_M=even, EVEN_N=even, STORE_LSE=True,
+                        DOT_PRECISION="tf32", DOT_F32=False, BLOCK_M=block_m, BLOCK_N=block_n),
+        pointers=pointers, num_warps=num_warps, num_stages=num_stages, arch=arch)

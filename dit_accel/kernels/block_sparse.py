@@ -82,6 +82,16 @@ def dense_block_table(B: int, H: int, S: int, block_m: int, block_n: int,
     return idx, cnt
 
 
+def table_width(fn: str, name: str, requested: int | None, counts: torch.Tensor, nk: int) -> int:
+    """A block table's width: ``requested`` (argument ``name`` of ``fn``; ValueError outside ``[1, nk]``), else the
+    largest row count of ``counts``, at least 1 (a read-back: a host sync on CUDA)."""
+    if requested is None:
+        return max(int(counts.max()) if counts.numel() else 0, 1)
+    if not 1 <= int(requested) <= max(nk, 1):
+        raise ValueError(f"{fn}: {name} must lie in [1, {nk}], got {requested}")
+    return int(requested)
+
+
 def mask_to_block_table(block_mask: torch.Tensor, max_kv_blocks: int | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Convert a boolean block mask ``[B, H, nq, nk]`` into ``(kv_indices, kv_counts)``.
@@ -99,12 +109,7 @@ def mask_to_block_table(block_mask: torch.Tensor, max_kv_blocks: int | None = No
         raise ValueError(f"mask_to_block_table: block_mask must be torch.bool, got {block_mask.dtype}")
     nk = block_mask.shape[-1]
     counts = block_mask.sum(-1, dtype=torch.int32)
-    if max_kv_blocks is None:
-        max_kv = max(int(counts.max()) if counts.numel() else 0, 1)
-    elif not 1 <= int(max_kv_blocks) <= max(nk, 1):
-        raise ValueError(f"mask_to_block_table: max_kv_blocks must lie in [1, {nk}], got {max_kv_blocks}")
-    else:
-        max_kv = int(max_kv_blocks)
+    max_kv = table_width("mask_to_block_table", "max_kv_blocks", max_kv_blocks, counts, nk)
     if max_kv > nk:  # nk == 0 edge case: keep one padding column
         block_mask = torch.nn.functional.pad(block_mask, (0, max_kv - nk))
     # Stable sort puts kept blocks (key 0) first, in ascending block order.
@@ -139,13 +144,20 @@ def score_sorted_block_table(block_mask: torch.Tensor, scores: torch.Tensor, max
 
 def block_table_to_mask(kv_indices: torch.Tensor, kv_counts: torch.Tensor, num_kv_blocks: int) -> torch.Tensor:
     """The boolean block mask ``[B, H, nq, num_kv_blocks]`` a block table describes."""
-    max_kv = kv_indices.shape[-1]
-    valid = torch.arange(max_kv, device=kv_indices.device) < kv_counts.unsqueeze(-1).long()
+    return scatter_table(kv_indices, kv_counts, num_kv_blocks, True, False, torch.bool)
+
+
+def scatter_table(kv_indices: torch.Tensor, kv_counts: torch.Tensor, num_kv_blocks: int, value, fill,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """``[B, H, nq, num_kv_blocks]`` of ``dtype``: ``value`` (a scalar, or a tensor of ``kv_indices``' shape: one
+    value per entry) at each kv-block a row of the table lists, ``fill`` elsewhere."""
+    width = kv_indices.shape[-1]
+    valid = torch.arange(width, device=kv_indices.device) < kv_counts.unsqueeze(-1).long()
     # Invalid entries scatter into a spare column that is dropped afterwards.
     target = torch.where(valid, kv_indices.long(), torch.full_like(kv_indices, num_kv_blocks, dtype=torch.long))
-    mask = torch.zeros(*kv_indices.shape[:-1], num_kv_blocks + 1, dtype=torch.bool, device=kv_indices.device)
-    mask.scatter_(-1, target, True)
-    return mask[..., :num_kv_blocks]
+    out = torch.full((*kv_indices.shape[:-1], num_kv_blocks + 1), fill, dtype=dtype, device=kv_indices.device)
+    out.scatter_(-1, target, value)
+    return out[..., :num_kv_blocks]
 
 
 # ----------------------------------------------------------------------------- validation
@@ -175,6 +187,13 @@ def check_qkv(fn: str, q, k, v, dtypes: tuple, head_dims: tuple) -> None:
         raise ValueError(f"{fn}: head dim D={D} not supported; supported: {head_dims}")
     if S == 0 or B == 0 or H == 0:
         raise ValueError(f"{fn}: B, H and S must be positive, got shape {tuple(q.shape)}")
+
+
+def check_block_sizes(fn: str, block_m, block_n) -> None:
+    """``block_m`` and ``block_n`` are ints in :data:`SUPPORTED_BLOCK_SIZES`."""
+    for name, bs in (("block_m", block_m), ("block_n", block_n)):
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs not in SUPPORTED_BLOCK_SIZES:
+            raise ValueError(f"{fn}: {name}={bs!r} not supported; supported: {SUPPORTED_BLOCK_SIZES}")
 
 
 def check_sm_scale(fn: str, sm_scale) -> None:
@@ -207,9 +226,7 @@ def _check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, sm_scale):
     """Shape/dtype checks shared by the kernel and the reference (no device sync)."""
     fn = "block_sparse_attention"
     check_qkv(fn, q, k, v, _FLOAT_DTYPES, SUPPORTED_HEAD_DIMS)
-    for name, bs in (("block_m", block_m), ("block_n", block_n)):
-        if isinstance(bs, bool) or not isinstance(bs, int) or bs not in SUPPORTED_BLOCK_SIZES:
-            raise ValueError(f"{fn}: {name}={bs!r} not supported; supported: {SUPPORTED_BLOCK_SIZES}")
+    check_block_sizes(fn, block_m, block_n)
     check_sm_scale(fn, sm_scale)
     check_table_shapes(fn, q, kv_indices, kv_counts, block_m)
 
@@ -217,22 +234,34 @@ def _check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, sm_scale):
 def _check_table_values(kv_indices, kv_counts, S, block_n):
     """Value checks on the block table (these read the table back: a device sync on CUDA)."""
     fn = "block_sparse_attention"
+    valid, used = check_table_entries(fn, "max_kv_blocks", kv_indices, kv_counts, S, block_n)
+    if used.numel():
+        check_no_repeats(fn, kv_indices, valid, "a kv-block is listed twice in one row of kv_indices")
+
+
+def check_table_entries(fn: str, width_name: str, kv_indices, kv_counts, S: int, block_n: int):
+    """The value checks every block table shares (they read it back: a device sync on CUDA): counts in
+    ``[0, width]`` (the table width, argument ``width_name``), listed kv-blocks in ``[0, ceil(S / block_n))``.
+    Returns ``(valid, used)``: the mask of listed entries and their kv-blocks."""
     nk = _cdiv(S, block_n)
-    max_kv = kv_indices.shape[-1]
-    if kv_counts.numel() and (int(kv_counts.min()) < 0 or int(kv_counts.max()) > max_kv):
-        raise ValueError(f"{fn}: kv_counts must lie in [0, max_kv_blocks={max_kv}], got range "
+    width = kv_indices.shape[-1]
+    if kv_counts.numel() and (int(kv_counts.min()) < 0 or int(kv_counts.max()) > width):
+        raise ValueError(f"{fn}: kv_counts must lie in [0, {width_name}={width}], got range "
                          f"[{int(kv_counts.min())}, {int(kv_counts.max())}]")
-    valid = torch.arange(max_kv, device=kv_indices.device) < kv_counts.unsqueeze(-1)
+    valid = torch.arange(width, device=kv_indices.device) < kv_counts.unsqueeze(-1)
     used = kv_indices[valid]
     if used.numel() and (int(used.min()) < 0 or int(used.max()) >= nk):
         raise ValueError(f"{fn}: kv_indices must lie in [0, num_kv_blocks={nk}) for S={S}, block_n={block_n}; "
                          f"got range [{int(used.min())}, {int(used.max())}]")
-    if used.numel():
-        sentinel = torch.where(valid, kv_indices.long(), torch.full_like(kv_indices, -1, dtype=torch.long))
-        srt = torch.sort(sentinel, dim=-1).values
-        dup = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)
-        if bool(dup.any()):
-            raise ValueError(f"{fn}: a kv-block is listed twice in one row of kv_indices")
+    return valid, used
+
+
+def check_no_repeats(fn: str, kv_indices, valid, message: str) -> None:
+    """ValueError ``message`` where a row lists one kv-block twice among its ``valid`` entries."""
+    sentinel = torch.where(valid, kv_indices.long(), torch.full_like(kv_indices, -1, dtype=torch.long))
+    srt = torch.sort(sentinel, dim=-1).values
+    if bool(((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any()):
+        raise ValueError(f"{fn}: {message}")
 
 
 # ----------------------------------------------------------------------------- reference
@@ -263,26 +292,39 @@ def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
 def _reference(q, k, v, kv_indices, kv_counts, block_m: int, block_n: int, scale: float,
                max_chunk_elements: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference's arithmetic on checked inputs: ``(out in q's dtype, float32 lse)``."""
-    B, H, S, D = q.shape
-    nq, nk = _cdiv(S, block_m), _cdiv(S, block_n)
+    S = q.shape[2]
+    nk = _cdiv(S, block_n)
     block_mask = block_table_to_mask(kv_indices, kv_counts, nk)          # [B, H, nq, nk]
     col_mask = block_mask.repeat_interleave(block_n, dim=-1)[..., :S]     # [B, H, nq, S]
-    qf, kf, vf = q.float(), k.float(), v.float()
-    out = torch.empty(B, H, S, D, dtype=torch.float32, device=q.device)
-    lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
-    qb_per_chunk = max(1, max_chunk_elements // max(1, B * H * block_m * S))
+    out, lse = masked_softmax_attention(q.float(), k.float(), v.float(), col_mask, block_m, scale, max_chunk_elements)
+    return out.to(q.dtype), lse
+
+
+def masked_softmax_attention(qf: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, col_mask: torch.Tensor,
+                             block_m: int, scale: float, max_chunk_elements: int, bias: torch.Tensor | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 ``(out, lse)`` of ``softmax(scale * qf @ keys^T + bias) @ vals`` over the keys each q-block's
+    ``col_mask`` row keeps (``[B, H, nq, keys]``; rows keeping none: zeros, lse ``-inf``), ``qf`` ``[B, H, S, D]``,
+    in chunks of q-blocks of about ``max_chunk_elements`` scores (the references' arithmetic)."""
+    B, H, S, D = qf.shape
+    nq, total = col_mask.shape[2], keys.shape[2]
+    out = torch.empty(B, H, S, D, dtype=torch.float32, device=qf.device)
+    lse = torch.empty(B, H, S, dtype=torch.float32, device=qf.device)
+    qb_per_chunk = max(1, max_chunk_elements // max(1, B * H * block_m * total))
     for qb0 in range(0, nq, qb_per_chunk):
         qb1 = min(nq, qb0 + qb_per_chunk)
         r0, r1 = qb0 * block_m, min(S, qb1 * block_m)
-        mask = col_mask[:, :, qb0:qb1].repeat_interleave(block_m, dim=2)[:, :, : r1 - r0]  # [B, H, rows, S]
-        scores = torch.matmul(qf[:, :, r0:r1], kf.transpose(-1, -2)) * scale
+        mask = col_mask[:, :, qb0:qb1].repeat_interleave(block_m, dim=2)[:, :, : r1 - r0]  # [B, H, rows, keys]
+        scores = torch.matmul(qf[:, :, r0:r1], keys.transpose(-1, -2)) * scale
+        if bias is not None:
+            scores = scores + bias
         scores = scores.masked_fill(~mask, float("-inf"))
         row_lse = torch.logsumexp(scores, dim=-1)                        # -inf on empty rows
         p = torch.exp(scores - row_lse.unsqueeze(-1))
         p = torch.nan_to_num(p, nan=0.0)                                  # empty rows: exp(-inf + inf)
-        out[:, :, r0:r1] = torch.matmul(p, vf)
+        out[:, :, r0:r1] = torch.matmul(p, vals)
         lse[:, :, r0:r1] = row_lse
-    return out.to(q.dtype), lse
+    return out, lse
 
 
 # ----------------------------------------------------------------------------- dispatch

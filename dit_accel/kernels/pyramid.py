@@ -43,12 +43,12 @@ describes; forward only.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-from .block_sparse import (SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS, check_qkv, check_sm_scale,
-                           check_table_shapes, triton_available)
+from .block_sparse import (SUPPORTED_HEAD_DIMS, _cdiv, _interpret, _use_triton, check_block_sizes,
+                           check_no_repeats, check_qkv, check_sm_scale, check_table_entries, check_table_shapes,
+                           masked_softmax_attention, scatter_table, table_width)
 
 __all__ = [
     "PYRAMID_LEVELS",
@@ -64,19 +64,6 @@ __all__ = [
 PYRAMID_LEVELS = 4
 _FN = "pyramid_attention"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-def _use_triton(q: torch.Tensor) -> bool:
-    """The Triton kernel on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``."""
-    return triton_available() and (q.is_cuda or (q.device.type == "cpu" and _interpret()))
 
 
 # ----------------------------------------------------------------------------- pooling and tables
@@ -122,12 +109,7 @@ def pyramid_table(levels: torch.Tensor, max_entries: int | None = None
     lv = levels.long()
     visited = (lv >= 0) & (lv < PYRAMID_LEVELS)
     counts = visited.sum(-1, dtype=torch.int32)
-    if max_entries is None:
-        width = max(int(counts.max()) if counts.numel() else 0, 1)
-    elif not 1 <= int(max_entries) <= max(nk, 1):
-        raise ValueError(f"pyramid_table: max_entries must lie in [1, {nk}], got {max_entries}")
-    else:
-        width = int(max_entries)
+    width = table_width("pyramid_table", "max_entries", max_entries, counts, nk)
     blocks = torch.arange(nk, device=levels.device)
     key = torch.where(visited, lv * nk + blocks, torch.full_like(lv, PYRAMID_LEVELS * nk))  # skipped last
     key = torch.sort(key, dim=-1).values[..., :width]
@@ -142,12 +124,7 @@ def pyramid_table(levels: torch.Tensor, max_entries: int | None = None
 def pyramid_table_to_levels(kv_indices: torch.Tensor, kv_levels: torch.Tensor, kv_counts: torch.Tensor,
                             num_kv_blocks: int) -> torch.Tensor:
     """The int8 level map ``[B, H, nq, num_kv_blocks]`` (``-1`` = skipped) a pyramid table describes."""
-    width = kv_indices.shape[-1]
-    valid = torch.arange(width, device=kv_indices.device) < kv_counts.unsqueeze(-1).long()
-    target = torch.where(valid, kv_indices.long(), torch.full_like(kv_indices, num_kv_blocks, dtype=torch.long))
-    out = torch.full((*kv_indices.shape[:-1], num_kv_blocks + 1), -1, dtype=torch.int8, device=kv_indices.device)
-    out.scatter_(-1, target, kv_levels.to(torch.int8))
-    return out[..., :num_kv_blocks]
+    return scatter_table(kv_indices, kv_counts, num_kv_blocks, kv_levels.to(torch.int8), -1, torch.int8)
 
 
 def _level_counts(kv_levels: torch.Tensor, kv_counts: torch.Tensor) -> torch.Tensor:
@@ -179,9 +156,7 @@ def pyramid_pair_counts(levels: torch.Tensor, s: int, block_m: int, block_n: int
 def _check_inputs(q, k, v, kv_indices, kv_levels, kv_counts, block_m, block_n, sm_scale):
     """Shapes and dtypes (no device sync)."""
     check_qkv(_FN, q, k, v, _FLOAT_DTYPES, SUPPORTED_HEAD_DIMS)
-    for name, bs in (("block_m", block_m), ("block_n", block_n)):
-        if isinstance(bs, bool) or not isinstance(bs, int) or bs not in SUPPORTED_BLOCK_SIZES:
-            raise ValueError(f"{_FN}: {name}={bs!r} not supported; supported: {SUPPORTED_BLOCK_SIZES}")
+    check_block_sizes(_FN, block_m, block_n)
     check_sm_scale(_FN, sm_scale)
     check_table_shapes(_FN, q, kv_indices, kv_counts, block_m)
     if not isinstance(kv_levels, torch.Tensor) or kv_levels.dtype != torch.int32:
@@ -194,18 +169,10 @@ def _check_inputs(q, k, v, kv_indices, kv_levels, kv_counts, block_m, block_n, s
 
 def _check_table_values(kv_indices, kv_levels, kv_counts, s, block_n):
     """Value checks (they read the table back: a device sync on CUDA)."""
-    nk = _cdiv(s, block_n)
-    width = kv_indices.shape[-1]
-    if kv_counts.numel() and (int(kv_counts.min()) < 0 or int(kv_counts.max()) > width):
-        raise ValueError(f"{_FN}: kv_counts must lie in [0, max_entries={width}], got range "
-                         f"[{int(kv_counts.min())}, {int(kv_counts.max())}]")
-    valid = torch.arange(width, device=kv_indices.device) < kv_counts.unsqueeze(-1)
-    used, lv = kv_indices[valid], kv_levels[valid]
+    valid, used = check_table_entries(_FN, "max_entries", kv_indices, kv_counts, s, block_n)
     if not used.numel():
         return
-    if int(used.min()) < 0 or int(used.max()) >= nk:
-        raise ValueError(f"{_FN}: kv_indices must lie in [0, num_kv_blocks={nk}) for S={s}, block_n={block_n}; "
-                         f"got range [{int(used.min())}, {int(used.max())}]")
+    lv = kv_levels[valid]
     if int(lv.min()) < 0 or int(lv.max()) >= PYRAMID_LEVELS:
         raise ValueError(f"{_FN}: kv_levels must lie in [0, {PYRAMID_LEVELS - 1}], got range "
                          f"[{int(lv.min())}, {int(lv.max())}]")
@@ -214,10 +181,7 @@ def _check_table_values(kv_indices, kv_levels, kv_counts, s, block_n):
     if bool((lvl[..., 1:] < lvl[..., :-1]).any()):
         raise ValueError(f"{_FN}: each row's entries must be ordered by non-decreasing level "
                          "(pyramid_table writes them so)")
-    sentinel = torch.where(valid, kv_indices.long(), torch.full_like(kv_indices, -1, dtype=torch.long))
-    srt = torch.sort(sentinel, dim=-1).values
-    if bool(((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any()):
-        raise ValueError(f"{_FN}: a kv-block is listed twice in one row (at most one level per block)")
+    check_no_repeats(_FN, kv_indices, valid, "a kv-block is listed twice in one row (at most one level per block)")
 
 
 # ----------------------------------------------------------------------------- reference
@@ -242,29 +206,15 @@ def pyramid_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
 def _reference(q, k_levels, v_levels, kv_indices, kv_levels, kv_counts, block_m: int, block_n: int, scale: float,
                max_chunk_elements: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
-    B, H, S, D = q.shape
-    nq, nk = _cdiv(S, block_m), _cdiv(S, block_n)
+    S = q.shape[2]
+    nk = _cdiv(S, block_n)
     levels = pyramid_table_to_levels(kv_indices, kv_levels, kv_counts, nk)            # [B, H, nq, nk]
     keys = torch.cat([t.float() for t in k_levels], 2)                                 # [B, H, S_all, D]
     vals = torch.cat([t.float() for t in v_levels], 2)
     bias = torch.cat([_group_counts(S, lvl, q.device).log() for lvl in range(PYRAMID_LEVELS)])  # [S_all]
     col_mask = torch.cat([(levels == lvl).repeat_interleave(block_n >> lvl, dim=-1)[..., :_cdiv(S, 1 << lvl)]
                           for lvl in range(PYRAMID_LEVELS)], -1)                       # [B, H, nq, S_all]
-    total = keys.shape[2]
-    qf = q.float()
-    out = torch.empty(B, H, S, D, dtype=torch.float32, device=q.device)
-    lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
-    qb_per_chunk = max(1, max_chunk_elements // max(1, B * H * block_m * total))
-    for qb0 in range(0, nq, qb_per_chunk):
-        qb1 = min(nq, qb0 + qb_per_chunk)
-        r0, r1 = qb0 * block_m, min(S, qb1 * block_m)
-        mask = col_mask[:, :, qb0:qb1].repeat_interleave(block_m, dim=2)[:, :, : r1 - r0]
-        scores = torch.matmul(qf[:, :, r0:r1], keys.transpose(-1, -2)) * scale + bias
-        scores = scores.masked_fill(~mask, float("-inf"))
-        row_lse = torch.logsumexp(scores, dim=-1)
-        p = torch.exp(scores - row_lse.unsqueeze(-1)).nan_to_num(0.0)
-        out[:, :, r0:r1] = torch.matmul(p, vals)
-        lse[:, :, r0:r1] = row_lse
+    out, lse = masked_softmax_attention(q.float(), keys, vals, col_mask, block_m, scale, max_chunk_elements, bias)
     return out.to(q.dtype), lse
 
 
