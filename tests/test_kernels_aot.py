@@ -51,7 +51,7 @@ def _compile(script: str, *args: str) -> list[list[int]]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
-@pytest.mark.parametrize("block_size", [64, 128])
+@pytest.mark.parametrize("block_size", [64])  # the default table block; 128 needs the same shared memory per tile
 def test_block_scores_kernel_compiles_every_config_for_hopper(block_size):
     """Every (BLOCK_R, BLOCK_C, warps, stages) the autotuner tries at stride 8: wgmma, cp.async, in shared memory
     (the stride phases are a loop, so one phase of q and k is buffered per stage, not all of them)."""
@@ -70,7 +70,7 @@ def test_block_scores_kernel_compiles_every_config_for_hopper(block_size):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
-@pytest.mark.parametrize("table", [64, 128])
+@pytest.mark.parametrize("table", [128])  # the largest table: the largest tiles and shared memory
 def test_block_mass_kernel_compiles_every_config_for_hopper(table):
     """Every (BLOCK_N, warps, stages) left after pruning to the kv-block, with tail masks (and the largest one
     without): wgmma, cp.async, in shared memory."""
