@@ -64,15 +64,16 @@ def _kernel_manager(tmp_path: Path):
     return KernelManager(kernel_name="python3", kernel_spec_manager=ksm)
 
 
-def _execute(path: Path, tmp: Path) -> list:
-    """Run one notebook in a fresh kernel; its error outputs."""
+def _execute(path: Path, tmp: Path, environ: dict | None = None) -> list:
+    """Run one notebook in a fresh kernel; its error outputs. ``environ``: the environment to start from (a
+    snapshot, when notebooks run beside other tests that may set variables for a while)."""
     km = _kernel_manager(tmp)
     import nbformat
     from nbclient import NotebookClient
 
     work = tmp / "cwd"
     work.mkdir()
-    env = dict(os.environ)
+    env = dict(os.environ if environ is None else environ)
     env.pop("MPLBACKEND", None)  # the kernel's inline backend
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -83,22 +84,46 @@ def _execute(path: Path, tmp: Path) -> list:
     return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.get("output_type") == "error"]
 
 
+LONGEST_FIRST = ["05_tuning", "04_sweep_analysis", "02_caching_explorer", "03_attention_patterns", "01_quickstart"]
+
+
+def notebook_dependencies_present() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("nbclient", "nbformat", "ipykernel", "jupyter_client"))
+
+
+def start_executions(tmp_root: Path, workers: int) -> dict:
+    """Start every notebook (longest first) on ``workers`` threads, each a one-thread kernel; name -> future.
+    ``tests/conftest.py`` starts them with one worker as soon as collection is done, so they run on the second
+    core beside the (single-threaded) rest of the suite."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=workers)
+    environ = dict(os.environ)
+    futures = {}
+    for name in LONGEST_FIRST:
+        tmp = tmp_root / name
+        tmp.mkdir(parents=True)
+        futures[name] = pool.submit(_execute, NOTEBOOK_DIR / f"{name}.ipynb", tmp, environ)
+    futures["_pool"] = pool
+    return futures
+
+
 @pytest.fixture(scope="module")
-def executions(tmp_path_factory):
-    """Every notebook started at once, two kernels at a time (each kernel runs one thread; CI has two cores),
-    the longest first; each test waits for its own."""
+def executions(request, tmp_path_factory):
+    """The notebooks' executions: the ones conftest started in the background, else all at once here, two
+    kernels at a time (CI has two cores); each test waits for its own."""
     for module in ("nbclient", "nbformat", "ipykernel", "jupyter_client"):
         pytest.importorskip(module, reason=f"{module} is not installed (pip install -e '.[test]'): "
                                            "notebooks not executed")
-    from concurrent.futures import ThreadPoolExecutor
-
-    longest_first = ["05_tuning", "04_sweep_analysis", "02_caching_explorer", "03_attention_patterns",
-                     "01_quickstart"]
-    pool = ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1)))
-    futures = {name: pool.submit(_execute, NOTEBOOK_DIR / f"{name}.ipynb", tmp_path_factory.mktemp(name))
-               for name in longest_first}
+    futures = getattr(request.config, "notebook_executions", None)
+    own = futures is None
+    if own:
+        futures = start_executions(tmp_path_factory.mktemp("notebooks"), max(1, min(2, os.cpu_count() or 1)))
     yield futures
-    pool.shutdown(wait=True, cancel_futures=True)
+    if own:
+        futures["_pool"].shutdown(wait=True, cancel_futures=True)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
